@@ -1,0 +1,55 @@
+"""Time the tiny preset end to end on a CUDA GPU, resident and offloaded; prints one JSON line per run.
+
+    python bench/tiny_cuda.py
+"""
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from diffusers_helper.engine import FramePackEngine  # noqa: E402
+from diffusers_helper.events import Finished  # noqa: E402
+from diffusers_helper.images import example_image  # noqa: E402
+from diffusers_helper.loading import load_components  # noqa: E402
+from diffusers_helper.memory import plan_memory  # noqa: E402
+from diffusers_helper.outputs import JobPaths  # noqa: E402
+from diffusers_helper.settings import GenerationSettings  # noqa: E402
+from diffusers_helper.tiny_preset import TINY_RESOLUTION, ensure_tiny_models  # noqa: E402
+
+
+def run(variant: str, free_gb: float | None, teacache: bool, out: Path) -> dict:
+    plan = plan_memory("cuda", free_gb=free_gb)
+    engine = FramePackEngine(
+        load_components(variant, ensure_tiny_models(), plan.dtypes()), plan, write_video=lambda *args: None
+    )
+    settings = GenerationSettings(prompt="a cat walks", seconds=2, resolution=TINY_RESOLUTION, variant=variant, teacache=teacache)
+    timings = []
+    for _ in range(4):  # the first run warms up kernels
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        last = list(engine.generate(example_image(), settings, JobPaths.for_video(out / "bench.mp4")))[-1]
+        torch.cuda.synchronize()
+        timings.append(time.perf_counter() - started)
+        assert isinstance(last, Finished), last
+    return {
+        "variant": variant, "offload": plan.offload, "teacache": teacache, "frames": last.frames,
+        "seconds_per_video_median_after_warmup": round(statistics.median(timings[1:]), 3),
+        "first_run_s": round(timings[0], 3), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+    }  # fmt: skip
+
+
+def main() -> None:
+    out = Path("/tmp/bench-tiny")
+    out.mkdir(exist_ok=True)
+    for variant, free_gb, teacache in [("framepack", None, True), ("f1", None, True), ("framepack", None, False), ("framepack", 8.0, True)]:
+        print(json.dumps(run(variant, free_gb, teacache, out)), flush=True)
+
+
+if __name__ == "__main__":
+    main()

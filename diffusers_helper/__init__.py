@@ -1,0 +1,1 @@
+"""FramePack image-to-video with an optional TensorRT runtime."""

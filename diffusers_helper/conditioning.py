@@ -1,0 +1,94 @@
+"""Encode the prompt (LLaMA + CLIP), the image (SigLIP) and the start latent (VAE) once per job.
+
+The encoders are diffusers' own HunyuanVideo FramePack pipeline methods; this module only decides what to
+encode and keeps the results together.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import HunyuanVideoFramepackPipeline
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_framepack import DEFAULT_PROMPT_TEMPLATE
+
+from .loading import Components
+
+PROMPT_TEMPLATE: str = DEFAULT_PROMPT_TEMPLATE["template"]
+MAX_PROMPT_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class TextConditions:
+    embeds: torch.Tensor  # (1, prompt tokens, text_dim): real tokens only, at most MAX_PROMPT_TOKENS
+    mask: torch.Tensor  # (1, prompt tokens), all ones
+    pooled: torch.Tensor  # (1, clip_dim)
+
+    def transformer_kwargs(self) -> dict:
+        return {"encoder_hidden_states": self.embeds, "encoder_attention_mask": self.mask, "pooled_projections": self.pooled}
+
+
+@dataclass(frozen=True)
+class Conditions:
+    positive: TextConditions
+    negative: TextConditions | None  # only when real CFG is on
+    image_embeds: torch.Tensor  # (1, siglip tokens, siglip dim)
+    start_latent: torch.Tensor  # (1, 16, 1, h / 8, w / 8), float32
+
+
+def encoding_pipeline(components: Components, scheduler: object) -> HunyuanVideoFramepackPipeline:
+    """diffusers' pipeline over our components, used for its encoders; its own sampling loop is not used."""
+    return HunyuanVideoFramepackPipeline(
+        text_encoder=components.text_encoder,
+        tokenizer=components.tokenizer,
+        transformer=components.transformer,
+        vae=components.vae,
+        scheduler=scheduler,
+        text_encoder_2=components.text_encoder_2,
+        tokenizer_2=components.tokenizer_2,
+        image_encoder=components.image_encoder,
+        feature_extractor=components.feature_extractor,
+    )
+
+
+def template_crop_start(tokenizer: object) -> int:
+    """How many tokens the template puts before the prompt; they are cut from the LLaMA hidden states."""
+    prefix = PROMPT_TEMPLATE.split("{}")[0]
+    return len(tokenizer(prefix)["input_ids"])
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """uint8 HWC RGB -> float (1, 3, H, W) in [-1, 1], the range the VAE and the pipeline expect."""
+    return torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float() / 127.5 - 1.0
+
+
+def encode_text(
+    pipe: HunyuanVideoFramepackPipeline, prompt: str, device: torch.device, dtype: torch.dtype
+) -> TextConditions:
+    template = {"template": PROMPT_TEMPLATE, "crop_start": template_crop_start(pipe.tokenizer)}
+    embeds, pooled, mask = pipe.encode_prompt(
+        prompt=prompt, prompt_template=template, device=device, max_sequence_length=MAX_PROMPT_TOKENS
+    )
+    # Padding positions carry no meaning (and can hold NaN in half precision): keep the real tokens only,
+    # which with batch 1 is what the transformer would attend to anyway.
+    length = int(mask.sum())
+    return TextConditions(embeds=embeds[:, :length].to(dtype), mask=mask[:, :length].to(dtype), pooled=pooled.to(dtype))
+
+
+@torch.no_grad()
+def encode_conditions(
+    pipe: HunyuanVideoFramepackPipeline,
+    image: np.ndarray,
+    prompt: str,
+    negative_prompt: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+) -> Conditions:
+    """Everything the sampler needs besides noise; `negative_prompt` None means no real CFG."""
+    pixels = image_to_tensor(image)
+    return Conditions(
+        positive=encode_text(pipe, prompt, device, dtype),
+        negative=None if negative_prompt is None else encode_text(pipe, negative_prompt, device, dtype),
+        image_embeds=pipe.encode_image(pixels, device=device, dtype=dtype),
+        start_latent=pipe.prepare_image_latents(pixels, dtype=torch.float32, device=device, generator=generator),
+    )

@@ -1,0 +1,182 @@
+"""The FramePack engine: encode once, then sample, decode, append and write the MP4 section by section.
+
+`FramePackEngine.generate` is a generator of events (see events.py), so a UI can stream and a CLI can draw
+progress. A stop request (a threading.Event) is honoured between steps: the unfinished section is dropped and
+the video so far stays on disk.
+"""
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from .buckets import find_nearest_bucket, resize_and_center_crop
+from .conditioning import Conditions, encode_conditions, encoding_pipeline
+from .events import Event, Failed, Finished, SectionFinished, StepProgress
+from .loading import Components
+from .memory import MemoryPlan, place_components
+from .outputs import JobPaths, ensure_writable_dir, save_image, software_versions, write_sidecar
+from .preview import latent_preview
+from .sampling import Guidance, make_scheduler, sample_section
+from .sections import ORDERS, Section, SectionOrder
+from .settings import FPS, GenerationSettings
+from .teacache import TeaCache
+from .video import VideoWriter, pixels_to_frames, write_mp4
+
+logger = logging.getLogger(__name__)
+
+
+class FramePackEngine:
+    """Owns the placed components of one process and runs one job at a time."""
+
+    def __init__(self, components: Components, plan: MemoryPlan, write_video: VideoWriter = write_mp4) -> None:
+        self.components = components
+        self.plan = plan
+        self.write_video = write_video
+        self.scheduler = make_scheduler()
+        self.teacache = TeaCache(components.transformer)  # before offloading hooks, see teacache.py
+        place_components(components, plan)
+        logger.info("memory: %s", plan.describe())
+        self.pipe = encoding_pipeline(components, self.scheduler)
+
+    def generate(
+        self,
+        image: np.ndarray,
+        settings: GenerationSettings,
+        paths: JobPaths,
+        stop: threading.Event | None = None,
+    ) -> Iterator[Event]:
+        """Run one job; failures end it with a Failed event (and a logged traceback), never an exception."""
+        if settings.variant != self.components.variant:
+            yield Failed(f"variant {settings.variant!r} asked for, but the loaded transformer is {self.components.variant!r}")
+            return
+        record = self._record(settings, paths)
+        try:
+            ensure_writable_dir(paths.video.parent)
+            yield from self._generate(image, settings, paths, stop or threading.Event(), record)
+        except Exception as error:  # the job fails, the process (and any UI) goes on
+            logger.exception("generation failed")
+            message = _failure_message(error)
+            _record_failure(paths, record, message)
+            yield Failed(message)
+
+    def _record(self, settings: GenerationSettings, paths: JobPaths) -> dict:
+        return {
+            "settings": settings.to_dict(),
+            "video": paths.video.name,
+            "input_image": paths.image.name,
+            "models": self.components.model_ids(),
+            "model_source": self.components.source,
+            "memory": self.plan.describe(),
+            "versions": software_versions(),
+            "status": "running",
+        }
+
+    def _generate(
+        self, image: np.ndarray, settings: GenerationSettings, paths: JobPaths, stop: threading.Event, record: dict
+    ) -> Iterator[Event]:
+        started = time.perf_counter()
+        height, width = find_nearest_bucket(*image.shape[:2], resolution=settings.resolution)
+        image = resize_and_center_crop(image, height, width)
+        save_image(image, paths.image)
+        record.update(width=width, height=height, sections=settings.sections, sections_done=0)
+        write_sidecar(paths.sidecar, record)
+
+        generator = torch.Generator("cpu").manual_seed(settings.seed)
+        negative_prompt = settings.negative_prompt if settings.cfg > 1 else None
+        transformer_dtype = self.components.transformer.dtype
+        conditions = encode_conditions(
+            self.pipe, image, settings.prompt, negative_prompt, self.plan.device, transformer_dtype, generator
+        )
+        order = ORDERS[settings.variant]
+        history = order.initial_history(conditions.start_latent)
+        frames = None
+        self.teacache.computed = self.teacache.skipped = 0
+        for section in order.plan(settings.sections):
+            latents = yield from self._sample(section, history, conditions, settings, generator, stop)
+            if latents is None:
+                break
+            history = order.append(history, latents, conditions.start_latent, section)
+            frames = self._decode_and_join(order, history, frames, section, settings.latent_window)
+            self.write_video(frames.numpy(), paths.video, FPS, settings.crf)
+            record.update(sections_done=section.index + 1, frames=len(frames))
+            write_sidecar(paths.sidecar, record)
+            logger.info("section %d/%d done: %d frames, %.1fs elapsed", section.index + 1, section.count, len(frames), time.perf_counter() - started)
+            yield SectionFinished(section.index + 1, section.count, paths.video, len(frames))
+
+        stopped = stop.is_set() and record["sections_done"] < settings.sections
+        record.update(
+            status="stopped" if stopped else "complete",
+            seconds_elapsed=round(time.perf_counter() - started, 2),
+            teacache={"computed": self.teacache.computed, "skipped": self.teacache.skipped},
+        )
+        write_sidecar(paths.sidecar, record)
+        yield Finished(
+            video=paths.video if frames is not None else None,
+            frames=0 if frames is None else len(frames),
+            sections_done=record["sections_done"],
+            sections=settings.sections,
+            stopped=stopped,
+        )
+
+    def _sample(
+        self,
+        section: Section,
+        history: torch.Tensor,
+        conditions: Conditions,
+        settings: GenerationSettings,
+        generator: torch.Generator,
+        stop: threading.Event,
+    ) -> Iterator[Event]:
+        """Sample one section, yielding progress; returns its latents, or None when stopped."""
+        if stop.is_set():
+            return None
+        window = settings.latent_window
+        layout = ORDERS[settings.variant].layout(history, conditions.start_latent, section, window)
+        shape = (1, conditions.start_latent.shape[1], window, *conditions.start_latent.shape[3:])
+        noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.plan.device)
+        self.teacache.reset(settings.teacache_threshold if settings.teacache else None)
+        guidance = Guidance(distilled=settings.distilled_cfg, cfg=settings.cfg, rescale=settings.cfg_rescale)
+        steps = sample_section(
+            self.components.transformer, self.scheduler, noise, conditions, layout, guidance, settings.steps
+        )
+        while True:
+            try:
+                result = next(steps)
+            except StopIteration as done:
+                return done.value
+            yield StepProgress(section.index + 1, section.count, result.step, result.steps, latent_preview(result.denoised))
+            if stop.is_set():
+                return None
+
+    @torch.no_grad()
+    def _decode_and_join(
+        self, order: SectionOrder, history: torch.Tensor, frames: torch.Tensor | None, section: Section, window: int
+    ) -> torch.Tensor:
+        """Decode the whole video the first time, afterwards only the newest latents, crossfaded into the rest."""
+        video_latents = order.video_latents(history)
+        if frames is None:
+            return self._decode(video_latents)
+        decoded = self._decode(order.latents_to_decode(video_latents, section, window))
+        return order.join(frames, decoded, overlap=window * 4 - 3)
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.components.vae
+        scaled = latents.to(device=self.plan.device, dtype=vae.dtype) / vae.config.scaling_factor
+        return pixels_to_frames(vae.decode(scaled).sample)
+
+
+def _record_failure(paths: JobPaths, record: dict, message: str) -> None:
+    try:
+        write_sidecar(paths.sidecar, {**record, "status": "failed", "error": message})
+    except OSError as error:
+        logger.warning("could not record the failure in %s: %s", paths.sidecar, error)
+
+
+def _failure_message(error: Exception) -> str:
+    if isinstance(error, torch.OutOfMemoryError):
+        return "out of GPU memory: lower the resolution or raise 'GPU memory to preserve' to offload more"
+    return f"{type(error).__name__}: {error}"

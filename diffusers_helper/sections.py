@@ -1,0 +1,149 @@
+"""FramePack's two section orders: which history the transformer sees, where new latents go, what to decode.
+
+`InvertedAntiDrifting` (the original FramePack model) generates the video end to start; `Vanilla` (F1)
+generates it forward. Both keep a history of clean latents and show the transformer a fixed-size summary of
+it: 1 frame at full detail, 2 at 2x and 16 at 4x compression (the clean-x embedder does the compressing).
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+HISTORY_SIZES = (1, 2, 16)  # latent frames seen at 1x, 2x and 4x compression
+
+
+@dataclass(frozen=True)
+class Section:
+    index: int  # 0-based, in generation order
+    count: int
+    padding: int  # blank latent windows between the start frame and this section (end-to-start order only)
+
+    @property
+    def is_first(self) -> bool:
+        return self.index == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == self.count - 1
+
+
+@dataclass(frozen=True)
+class HistoryLayout:
+    """The transformer's view of one section: frame indices for rope and the clean latents they belong to."""
+
+    latent_indices: torch.Tensor  # frames being generated
+    clean_latents: torch.Tensor  # start frame + 1x history frame
+    clean_indices: torch.Tensor
+    clean_latents_2x: torch.Tensor
+    clean_indices_2x: torch.Tensor
+    clean_latents_4x: torch.Tensor
+    clean_indices_4x: torch.Tensor
+
+    def transformer_kwargs(self, dtype: torch.dtype) -> dict:
+        return {
+            "indices_latents": self.latent_indices,
+            "latents_clean": self.clean_latents.to(dtype),
+            "indices_latents_clean": self.clean_indices,
+            "latents_history_2x": self.clean_latents_2x.to(dtype),
+            "indices_latents_history_2x": self.clean_indices_2x,
+            "latents_history_4x": self.clean_latents_4x.to(dtype),
+            "indices_latents_history_4x": self.clean_indices_4x,
+        }
+
+
+def _split_indices(sizes: list[int]) -> list[torch.Tensor]:
+    return list(torch.arange(sum(sizes)).split(sizes))
+
+
+def soft_append(earlier: torch.Tensor, later: torch.Tensor, overlap: int) -> torch.Tensor:
+    """Join two uint8 clips (T, H, W, C) in time, crossfading linearly over `overlap` shared frames."""
+    if overlap <= 0:
+        return torch.cat([earlier, later])
+    weights = torch.linspace(1, 0, overlap).view(-1, 1, 1, 1)
+    blended = weights * earlier[-overlap:].float() + (1 - weights) * later[:overlap].float()
+    return torch.cat([earlier[:-overlap], blended.round().to(torch.uint8), later[overlap:]])
+
+
+class InvertedAntiDrifting:
+    """End-to-start order: every section is anchored to the start frame, so quality cannot drift away."""
+
+    def plan(self, count: int) -> list[Section]:
+        paddings = list(reversed(range(count))) if count <= 4 else [3] + [2] * (count - 3) + [1, 0]
+        return [Section(index, count, padding) for index, padding in enumerate(paddings)]
+
+    def initial_history(self, start_latent: torch.Tensor) -> torch.Tensor:
+        return start_latent.new_zeros(*start_latent.shape[:2], sum(HISTORY_SIZES), *start_latent.shape[3:])
+
+    def layout(self, history: torch.Tensor, start_latent: torch.Tensor, section: Section, window: int) -> HistoryLayout:
+        start, _blank, latent, post, two_x, four_x = _split_indices([1, section.padding * window, window, *HISTORY_SIZES])
+        post_latents, latents_2x, latents_4x = history[:, :, : sum(HISTORY_SIZES)].split(list(HISTORY_SIZES), dim=2)
+        return HistoryLayout(
+            latent_indices=latent,
+            clean_latents=torch.cat([start_latent.to(history), post_latents], dim=2),
+            clean_indices=torch.cat([start, post]),
+            clean_latents_2x=latents_2x,
+            clean_indices_2x=two_x,
+            clean_latents_4x=latents_4x,
+            clean_indices_4x=four_x,
+        )
+
+    def append(self, history: torch.Tensor, generated: torch.Tensor, start_latent: torch.Tensor, section: Section) -> torch.Tensor:
+        """New latents go in front; the last section (which ends at the start frame) also prepends the start latent."""
+        if section.is_last:
+            generated = torch.cat([start_latent.to(generated), generated], dim=2)
+        return torch.cat([generated.to(history), history], dim=2)
+
+    def video_latents(self, history: torch.Tensor) -> torch.Tensor:
+        """The history without the zero frames it started with."""
+        return history[:, :, : -sum(HISTORY_SIZES)]
+
+    def latents_to_decode(self, video_latents: torch.Tensor, section: Section, window: int) -> torch.Tensor:
+        """The newest two windows, enough to cover the overlap with what was decoded before."""
+        return video_latents[:, :, : window * 2 + (1 if section.is_last else 0)]
+
+    def join(self, video: torch.Tensor, decoded: torch.Tensor, overlap: int) -> torch.Tensor:
+        """The newly decoded frames come before the video so far."""
+        return soft_append(decoded, video, overlap)
+
+
+class Vanilla:
+    """Forward order (F1): the history's tail conditions the next window, which is appended at the end."""
+
+    def plan(self, count: int) -> list[Section]:
+        return [Section(index, count, 0) for index in range(count)]
+
+    def initial_history(self, start_latent: torch.Tensor) -> torch.Tensor:
+        zeros = start_latent.new_zeros(*start_latent.shape[:2], sum(HISTORY_SIZES), *start_latent.shape[3:])
+        return torch.cat([zeros, start_latent], dim=2)
+
+    def layout(self, history: torch.Tensor, start_latent: torch.Tensor, section: Section, window: int) -> HistoryLayout:
+        one_x, two_x, four_x = HISTORY_SIZES
+        start, idx_4x, idx_2x, idx_1x, latent = _split_indices([1, four_x, two_x, one_x, window])
+        latents_4x, latents_2x, latents_1x = history[:, :, -sum(HISTORY_SIZES) :].split([four_x, two_x, one_x], dim=2)
+        return HistoryLayout(
+            latent_indices=latent,
+            clean_latents=torch.cat([start_latent.to(history), latents_1x], dim=2),
+            clean_indices=torch.cat([start, idx_1x]),
+            clean_latents_2x=latents_2x,
+            clean_indices_2x=idx_2x,
+            clean_latents_4x=latents_4x,
+            clean_indices_4x=idx_4x,
+        )
+
+    def append(self, history: torch.Tensor, generated: torch.Tensor, start_latent: torch.Tensor, section: Section) -> torch.Tensor:
+        return torch.cat([history, generated.to(history)], dim=2)
+
+    def video_latents(self, history: torch.Tensor) -> torch.Tensor:
+        """The start latent and everything after it."""
+        return history[:, :, sum(HISTORY_SIZES) :]
+
+    def latents_to_decode(self, video_latents: torch.Tensor, section: Section, window: int) -> torch.Tensor:
+        return video_latents[:, :, -window * 2 :]
+
+    def join(self, video: torch.Tensor, decoded: torch.Tensor, overlap: int) -> torch.Tensor:
+        return soft_append(video, decoded, overlap)
+
+
+SectionOrder = InvertedAntiDrifting | Vanilla
+ORDERS: dict[str, SectionOrder] = {"framepack": InvertedAntiDrifting(), "f1": Vanilla()}
+

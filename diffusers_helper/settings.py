@@ -1,0 +1,74 @@
+"""Generation settings: one frozen, validated record shared by the CLI, the UI and the sidecar JSON."""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+VARIANTS = ("framepack", "f1")
+DEVICES = ("auto", "cpu", "cuda")
+FPS = 30
+QUICK_PROMPTS = (
+    "The girl dances gracefully, with clear movements, full of charm.",
+    "A character doing some simple body movements.",
+)
+
+
+class InvalidSettings(ValueError):
+    """A setting outside what the engine accepts; the message names the parameter, the value and the range."""
+
+
+def _check_range(name: str, value: float, low: float, high: float, *, low_open: bool = False) -> None:
+    below = value <= low if low_open else value < low
+    if not math.isfinite(value) or below or value > high:
+        allowed = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise InvalidSettings(f"{name} must be in {allowed}, got {value}")
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """Everything that decides a video besides the input image; defaults are FramePack's."""
+
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 31337
+    seconds: float = 5.0
+    steps: int = 25
+    cfg: float = 1.0
+    distilled_cfg: float = 10.0
+    cfg_rescale: float = 0.0
+    latent_window: int = 9
+    variant: str = "framepack"
+    resolution: int = 640
+    teacache: bool = True
+    teacache_threshold: float = 0.15
+    crf: int = 16
+    gpu_memory_preservation: float = 6.0
+
+    def __post_init__(self) -> None:
+        _check_range("seconds", self.seconds, 0, 120, low_open=True)
+        _check_range("steps", self.steps, 1, 100)
+        _check_range("cfg", self.cfg, 1, 32)
+        _check_range("distilled_cfg", self.distilled_cfg, 1, 32)
+        _check_range("cfg_rescale", self.cfg_rescale, 0, 1)
+        _check_range("latent_window", self.latent_window, 1, 33)
+        _check_range("resolution", self.resolution, 128, 1280)
+        _check_range("teacache_threshold", self.teacache_threshold, 0, 1, low_open=True)
+        _check_range("crf", self.crf, 0, 51)
+        _check_range("gpu_memory_preservation", self.gpu_memory_preservation, 0, 128)
+        if self.variant not in VARIANTS:
+            raise InvalidSettings(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if not 0 <= self.seed < 2**63:
+            raise InvalidSettings(f"seed must be in [0, 2**63), got {self.seed}")
+
+    @property
+    def sections(self) -> int:
+        """FramePack's section count: one section makes latent_window * 4 frames of the requested length."""
+        return max(round(self.seconds * FPS / (self.latent_window * 4)), 1)
+
+    @property
+    def frames(self) -> int:
+        """Frames of the finished video: each section adds `latent_window` latent frames, plus the start frame."""
+        return (self.sections * self.latent_window) * 4 + 1
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)

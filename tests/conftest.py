@@ -1,0 +1,49 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from diffusers_helper.images import example_image  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_root():
+    from diffusers_helper.tiny_preset import ensure_tiny_models
+
+    return ensure_tiny_models()
+
+
+@pytest.fixture(scope="session")
+def image_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("images") / "start.png"
+    Image.fromarray(example_image(320, 240)).save(path)
+    return path
+
+
+class FrameSink:
+    """A video writer that keeps frames in memory (and records every call)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, frames: np.ndarray, path: Path, fps: int, crf: int) -> None:
+        self.calls.append(frames.copy())
+
+    @property
+    def last(self) -> np.ndarray:
+        return self.calls[-1]
+
+
+@pytest.fixture(scope="session")
+def engines(tiny_root):
+    """One CPU engine per variant, shared by the tests (loading costs seconds)."""
+    from diffusers_helper.engine import FramePackEngine
+    from diffusers_helper.loading import load_components
+    from diffusers_helper.memory import plan_memory
+
+    plan = plan_memory("cpu")
+    return {variant: FramePackEngine(load_components(variant, tiny_root, plan.dtypes()), plan) for variant in ("framepack", "f1")}

@@ -1,0 +1,121 @@
+"""generate.py: validation with one-line errors and exit codes, and the README's tiny job end to end."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import pytest
+
+import generate
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_main(capsys, *args):
+    code = generate.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--seconds", "0"], "error: seconds must be in (0, 120], got 0.0"),
+        (["--seconds", "121"], "error: seconds must be in (0, 120], got 121.0"),
+        (["--steps", "0"], "error: steps must be in [1, 100], got 0"),
+        (["--steps", "101"], "error: steps must be in [1, 100], got 101"),
+        (["--latent-window", "40"], "error: latent_window must be in [1, 33], got 40"),
+    ],
+)
+def test_out_of_range_settings(capsys, image_file, tmp_path, extra, message):
+    code, err = run_main(capsys, "--preset", "tiny", "--image", image_file, "--output", tmp_path / "x.mp4", *extra)
+    assert code == 2
+    assert err.strip() == message
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_variant_and_preset_are_one_line_errors(capsys, image_file):
+    for args, expected in (
+        (["--variant", "sdxl"], "argument --variant: invalid choice: 'sdxl'"),
+        (["--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            generate.main(["--image", str(image_file), *args])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("error: ") and expected in err and "\n" not in err
+
+
+def test_bad_images(capsys, tmp_path):
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    tiny = tmp_path / "tiny.png"
+    from PIL import Image
+
+    Image.new("RGB", (20, 20)).save(tiny)
+    cases = [
+        (tmp_path / "missing.png", "error: image not found:"),
+        (text, "error: not a readable image file:"),
+        (tiny, "is 20x20; each side must be at least 64 pixels"),
+    ]
+    for image, expected in cases:
+        code, err = run_main(capsys, "--preset", "tiny", "--image", image, "--output", tmp_path / "out" / "x.mp4")
+        assert code == 2, err
+        assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_unwritable_output_directory(capsys, image_file, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code, err = run_main(capsys, "--preset", "tiny", "--image", image_file, "--output", blocker / "sub" / "x.mp4")
+    assert code == 2
+    assert err.startswith("error: output directory not writable:") and err.count("\n") == 1
+
+
+def test_output_must_be_mp4(capsys, image_file, tmp_path):
+    code, err = run_main(capsys, "--preset", "tiny", "--image", image_file, "--output", tmp_path / "x.gif")
+    assert code == 2 and "output must be an .mp4 file" in err
+
+
+def test_missing_local_models_name_the_component_and_the_tiny_preset(capsys, image_file, tmp_path):
+    (tmp_path / "models").mkdir()
+    code, err = run_main(capsys, "--models", tmp_path / "models", "--image", image_file, "--output", tmp_path / "x.mp4")
+    assert code == 1
+    assert err.startswith("error: cannot load tokenizer from") and "--preset tiny" in err and err.count("\n") == 1
+    code, err = run_main(capsys, "--models", tmp_path / "nowhere", "--image", image_file, "--output", tmp_path / "x.mp4")
+    assert code == 2 and "models directory not found" in err
+
+
+def test_unreachable_hub_is_one_clear_error(image_file, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run(
+        [sys.executable, "generate.py", "--image", str(image_file), "--output", str(tmp_path / "x.mp4")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "hunyuanvideo-community/HunyuanVideo" in errors[0] and "--preset tiny" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_readme_tiny_job_under_a_minute(image_file, tmp_path):
+    output = tmp_path / "x.mp4"
+    started = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "generate.py", "--preset", "tiny", "--image", str(image_file), "--prompt", "a cat walks",
+         "--seconds", "2", "--output", str(output)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    elapsed = time.perf_counter() - started
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert elapsed < 60
+    with av.open(str(output)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 73
+    assert result.stdout.strip() == f"{output}: 73 frames"
+    assert json.loads(output.with_suffix(".json").read_text())["status"] == "complete"
+    assert output.with_suffix(".png").exists()

@@ -1,0 +1,181 @@
+"""The section engine on the tiny preset, on the CPU."""
+
+import json
+import threading
+
+import av
+import numpy as np
+import pytest
+
+from diffusers_helper.engine import FramePackEngine
+from diffusers_helper.events import Failed, Finished, SectionFinished, StepProgress
+from diffusers_helper.images import example_image
+from diffusers_helper.outputs import JobPaths
+from diffusers_helper.settings import GenerationSettings
+from diffusers_helper.tiny_preset import TINY_RESOLUTION
+
+from .conftest import FrameSink
+
+
+def tiny_settings(**overrides) -> GenerationSettings:
+    values = {"prompt": "a cat walks", "seconds": 2.0, "resolution": TINY_RESOLUTION, "steps": 8}
+    return GenerationSettings(**{**values, **overrides})
+
+
+def run(engine, settings, paths, stop=None, sink=None, on_event=None):
+    engine.write_video = sink or engine.write_video
+    events = []
+    for event in engine.generate(example_image(256, 256), settings, paths, stop):
+        events.append(event)
+        if on_event:
+            on_event(event)
+    return events
+
+
+@pytest.fixture
+def with_sink(engines):
+    """Engines writing into memory; restores the MP4 writer afterwards."""
+    originals = {variant: engine.write_video for variant, engine in engines.items()}
+    yield engines
+    for variant, engine in engines.items():
+        engine.write_video = originals[variant]
+
+
+def decode_mp4(path):
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def test_two_section_video_end_to_end(engines, tmp_path):
+    paths = JobPaths.for_video(tmp_path / "job.mp4")
+    events = run(engines["framepack"], tiny_settings(), paths)
+    finished = events[-1]
+    assert isinstance(finished, Finished) and not finished.stopped
+    assert finished.frames == 73 and finished.sections_done == 2
+    assert [(e.section, e.frames) for e in events if isinstance(e, SectionFinished)] == [(1, 33), (2, 73)]
+    steps = [e for e in events if isinstance(e, StepProgress)]
+    assert len(steps) == 16 and steps[0].preview.dtype == np.uint8 and steps[0].preview.shape == (16, 9 * 16, 3)
+    frames = decode_mp4(paths.video)
+    assert frames.shape == (73, 128, 128, 3)
+    assert np.abs(np.diff(frames.astype(np.int16), axis=0)).mean() > 1  # frames change over time
+    assert frames.std() > 5  # and are not one flat colour
+    record = json.loads(paths.sidecar.read_text())
+    assert record["status"] == "complete" and record["frames"] == 73
+    assert record["settings"]["prompt"] == "a cat walks" and record["models"]["transformer"] == "lllyasviel/FramePackI2V_HY"
+    assert "torch" in record["versions"]
+    assert paths.image.exists()
+
+
+def test_f1_grows_forward(with_sink, tmp_path):
+    sink = FrameSink()
+    events = run(with_sink["f1"], tiny_settings(variant="f1"), JobPaths.for_video(tmp_path / "f1.mp4"), sink=sink)
+    assert [e.frames for e in events if isinstance(e, SectionFinished)] == [37, 73]
+    assert sink.last.shape == (73, 128, 128, 3)
+    # F1 appends: the first section's frames stay where they were, up to the crossfade
+    assert np.array_equal(sink.calls[1][:4], sink.calls[0][:4])
+
+
+def test_same_seed_same_video_other_seed_other_video(with_sink, tmp_path):
+    videos = []
+    for seed in (1, 1, 2):
+        sink = FrameSink()
+        run(with_sink["framepack"], tiny_settings(seconds=1.0, seed=seed), JobPaths.for_video(tmp_path / "s.mp4"), sink=sink)
+        videos.append(sink.last)
+    assert np.array_equal(videos[0], videos[1])
+    assert np.abs(videos[0].astype(int) - videos[2].astype(int)).mean() > 1
+
+
+def test_stop_after_first_section_keeps_a_playable_video_of_it(engines, tmp_path):
+    stop = threading.Event()
+    paths = JobPaths.for_video(tmp_path / "stopped.mp4")
+
+    def stop_after_first_section(event):
+        if isinstance(event, SectionFinished):
+            stop.set()
+
+    events = run(engines["framepack"], tiny_settings(seconds=4.0), paths, stop, on_event=stop_after_first_section)
+    finished = events[-1]
+    assert finished.stopped and finished.sections_done == 1 and finished.sections == 3
+    assert decode_mp4(paths.video).shape[0] == 33 == finished.frames
+    assert json.loads(paths.sidecar.read_text())["status"] == "stopped"
+
+
+def test_stop_during_the_first_section_writes_no_video(engines, tmp_path):
+    stop = threading.Event()
+    paths = JobPaths.for_video(tmp_path / "early.mp4")
+    events = run(engines["framepack"], tiny_settings(), paths, stop, on_event=lambda e: stop.set())
+    assert [type(e) for e in events] == [StepProgress, Finished]
+    assert events[-1].video is None and events[-1].stopped
+    assert not paths.video.exists()
+
+
+def test_history_layout_fed_to_the_transformer(with_sink, tmp_path, monkeypatch):
+    engine = with_sink["framepack"]
+    calls = []
+    original = engine.components.transformer.forward
+
+    def spy(**kwargs):
+        calls.append({k: v for k, v in kwargs.items() if k.startswith(("indices", "latents", "hidden"))})
+        return original(**kwargs)
+
+    monkeypatch.setattr(engine.components.transformer, "forward", spy)
+    run(engine, tiny_settings(steps=2, teacache=False), JobPaths.for_video(tmp_path / "l.mp4"), sink=FrameSink())
+    assert len(calls) == 4  # 2 sections x 2 steps, CFG off
+    first, last = calls[0], calls[-1]
+    assert first["hidden_states"].shape == (1, 16, 9, 16, 16)
+    assert first["indices_latents"].tolist() == list(range(10, 19))  # padding 1 window after the start frame
+    assert first["indices_latents_clean"].tolist() == [0, 19]
+    assert first["latents_history_4x"].shape[2] == 16 and first["latents_history_2x"].shape[2] == 2
+    assert first["latents_clean"][:, :, 1].abs().sum() == 0  # no history yet: zeros
+    assert last["indices_latents"].tolist() == list(range(1, 10))  # the last section touches the start frame
+    assert last["latents_clean"][:, :, 1].abs().sum() > 0  # now it sees the first section's latents
+
+
+def test_real_cfg_runs_a_negative_pass_and_changes_the_result(with_sink, tmp_path, monkeypatch):
+    engine = with_sink["framepack"]
+    count = {"calls": 0}
+    original = engine.components.transformer.forward
+
+    def counting(**kwargs):
+        count["calls"] += 1
+        return original(**kwargs)
+
+    monkeypatch.setattr(engine.components.transformer, "forward", counting)
+    videos = []
+    for cfg in (1.0, 4.0):
+        sink = FrameSink()
+        count["calls"] = 0
+        settings = tiny_settings(seconds=1.0, steps=3, cfg=cfg, cfg_rescale=0.5, negative_prompt="blurry", teacache=False)
+        events = run(engine, settings, JobPaths.for_video(tmp_path / "cfg.mp4"), sink=sink)
+        assert isinstance(events[-1], Finished)
+        assert count["calls"] == (3 if cfg == 1.0 else 6)
+        videos.append(sink.last)
+    assert np.abs(videos[0].astype(int) - videos[1].astype(int)).mean() > 0.5
+
+
+def test_teacache_skips_steps_but_never_the_first_or_last(with_sink, tmp_path):
+    engine = with_sink["framepack"]
+    run(engine, tiny_settings(seconds=1.0, steps=20), JobPaths.for_video(tmp_path / "t.mp4"), sink=FrameSink())
+    assert engine.teacache.computed + engine.teacache.skipped == 20
+    assert 2 <= engine.teacache.computed < 20
+    run(engine, tiny_settings(seconds=1.0, steps=20, teacache=False), JobPaths.for_video(tmp_path / "t.mp4"), sink=FrameSink())
+    assert engine.teacache.computed == engine.teacache.skipped == 0
+
+
+def test_a_failure_becomes_a_failed_event_and_is_recorded(with_sink, tmp_path, monkeypatch):
+    engine = with_sink["framepack"]
+
+    def broken(**kwargs):
+        raise RuntimeError("kernel exploded")
+
+    monkeypatch.setattr(engine.components.transformer, "forward", broken)
+    paths = JobPaths.for_video(tmp_path / "bad.mp4")
+    events = run(engine, tiny_settings(), paths, sink=FrameSink())
+    assert events == [Failed("RuntimeError: kernel exploded")]
+    assert not paths.video.exists()
+    assert json.loads(paths.sidecar.read_text())["status"] == "failed"
+
+
+def test_wrong_variant_for_the_loaded_transformer(engines, tmp_path):
+    events = run(engines["f1"], tiny_settings(variant="framepack"), JobPaths.for_video(tmp_path / "v.mp4"))
+    assert isinstance(events[0], Failed) and "loaded transformer is 'f1'" in events[0].message

@@ -1,0 +1,40 @@
+import pytest
+
+from diffusers_helper.settings import GenerationSettings, InvalidSettings
+
+
+@pytest.mark.parametrize(
+    ("seconds", "window", "sections", "frames"),
+    [(1, 9, 1, 37), (2, 9, 2, 73), (5, 9, 4, 145), (0.1, 9, 1, 37), (120, 9, 100, 3601), (2, 5, 3, 61)],
+)
+def test_section_arithmetic(seconds, window, sections, frames):
+    settings = GenerationSettings(prompt="", seconds=seconds, latent_window=window)
+    assert settings.sections == sections
+    assert settings.frames == frames
+
+
+def test_defaults_are_framepacks():
+    settings = GenerationSettings(prompt="")
+    assert (settings.seed, settings.seconds, settings.steps, settings.cfg, settings.distilled_cfg) == (31337, 5.0, 25, 1.0, 10.0)
+    assert (settings.latent_window, settings.crf, settings.gpu_memory_preservation, settings.teacache) == (9, 16, 6.0, True)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("seconds", 0, "seconds must be in (0, 120], got 0"),
+        ("seconds", 120.5, "seconds must be in (0, 120]"),
+        ("steps", 0, "steps must be in [1, 100], got 0"),
+        ("steps", 101, "steps must be in [1, 100]"),
+        ("latent_window", 34, "latent_window must be in [1, 33]"),
+        ("cfg", 0.5, "cfg must be in [1, 32]"),
+        ("cfg_rescale", 1.5, "cfg_rescale must be in [0, 1]"),
+        ("crf", 52, "crf must be in [0, 51]"),
+        ("variant", "sdxl", "variant must be one of framepack, f1, got 'sdxl'"),
+        ("seconds", float("nan"), "seconds must be in (0, 120]"),
+        ("seed", -1, "seed must be in [0, 2**63)"),
+    ],
+)
+def test_invalid_settings_name_parameter_value_and_range(field, value, message):
+    with pytest.raises(InvalidSettings, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]").replace("*", r"\*")):
+        GenerationSettings(prompt="", **{field: value})
