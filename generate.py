@@ -25,7 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = GenerationSettings(prompt="")
     parser = _Parser(description="Generate a FramePack video from one image and a prompt.")
-    parser.add_argument("--image", type=Path, required=True, help="the start image")
+    parser.add_argument("--image", type=Path, help="the start image (required unless --tensorrt-info)")
     parser.add_argument("--prompt", default="", help="what happens in the video")
     parser.add_argument("--negative-prompt", default=defaults.negative_prompt, help="used only when --cfg > 1")
     parser.add_argument("--seed", type=int, default=defaults.seed)
@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distilled-cfg", type=float, default=defaults.distilled_cfg, help="distilled guidance")
     parser.add_argument("--cfg-rescale", type=float, default=defaults.cfg_rescale, help="guidance rescale, 0-1")
     parser.add_argument("--latent-window", type=int, default=defaults.latent_window, help="latent frames per section")
-    parser.add_argument("--variant", choices=VARIANTS, default=defaults.variant, help="framepack: end to start; f1: forward")
+    parser.add_argument(
+        "--variant", choices=VARIANTS, default=defaults.variant, help="framepack: end to start; f1: forward"
+    )
     parser.add_argument("--resolution", type=int, help="bucket resolution (default 640, tiny preset 128)")
     parser.add_argument("--teacache", action=argparse.BooleanOptionalAction, default=defaults.teacache)
     parser.add_argument("--teacache-threshold", type=float, default=defaults.teacache_threshold)
@@ -46,8 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--output", type=Path, help="the MP4 to write (PNG and JSON go beside it)")
     target.add_argument("--outputs", type=Path, default=OUTPUTS_DIR, help="directory for an auto-named job")
+    tensorrt = parser.add_argument_group("TensorRT (see docs/tensorrt.md)")
+    tensorrt.add_argument(
+        "--enable-tensorrt", action="store_true", help="TensorRT engines for the VAE encoder and decoder"
+    )
+    tensorrt.add_argument("--tensorrt-text-encoders", action="store_true", help="also the LLaMA and CLIP text encoders")
+    tensorrt.add_argument("--tensorrt-transformer", action="store_true", help="also the transformer's block stack")
+    tensorrt.add_argument(
+        "--tensorrt-info", action="store_true", help="print GPU, versions and engine cache, then exit"
+    )
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--preset", choices=("tiny",), help="tiny: small random models built offline, for trying it out")
+    source.add_argument(
+        "--preset", choices=("tiny",), help="tiny: small random models built offline, for trying it out"
+    )
     source.add_argument("--models", type=Path, help="a local copy of the models in the hub layout <owner>/<repo>")
     return parser
 
@@ -115,8 +128,22 @@ def _run(engine, image, settings, paths, stop: threading.Event) -> int:
     return EXIT_FAILURE
 
 
+def _print_tensorrt_info() -> int:
+    import json
+
+    from diffusers_helper.tensorrt_runtime import TensorRTRuntime
+
+    print(json.dumps(TensorRTRuntime().environment(), indent=2))
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.tensorrt_info:
+        return _print_tensorrt_info()
+    if args.image is None:
+        parser.error("the following arguments are required: --image")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers_helper").setLevel(logging.INFO)
     _quiet_libraries()
@@ -127,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers_helper.memory import plan_memory
     from diffusers_helper.outputs import JobPaths, ensure_writable_dir
     from diffusers_helper.settings import InvalidSettings
+    from diffusers_helper.tensorrt_runtime import TensorRTOptions, TensorRTRuntime, accelerate
     from diffusers_helper.tiny_preset import ensure_tiny_models
 
     try:
+        tensorrt = TensorRTOptions(args.enable_tensorrt, args.tensorrt_text_encoders, args.tensorrt_transformer)
         settings = _settings(args)
         image = load_input_image(args.image)
         paths = JobPaths.for_video(args.output) if args.output else JobPaths.new_job(args.outputs)
@@ -147,10 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     except ModelsUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILURE
+    runtime = TensorRTRuntime() if tensorrt.enabled else None
+    if runtime:
+        accelerate(components, tensorrt, runtime, offloading=plan.offload)
     engine = FramePackEngine(components, plan)
     stop = threading.Event()
     _stop_on_ctrl_c(stop)
-    return _run(engine, image, settings, paths, stop)
+    code = _run(engine, image, settings, paths, stop)
+    for line in runtime.report() if runtime else []:
+        print(f"tensorrt: {line}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

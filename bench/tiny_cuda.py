@@ -1,6 +1,6 @@
 """Time the tiny preset end to end on a CUDA GPU, resident and offloaded; prints one JSON line per run.
 
-    python bench/tiny_cuda.py
+python bench/tiny_cuda.py
 """
 
 import json
@@ -13,14 +13,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusers_helper.engine import FramePackEngine  # noqa: E402
-from diffusers_helper.events import Finished  # noqa: E402
-from diffusers_helper.images import example_image  # noqa: E402
-from diffusers_helper.loading import load_components  # noqa: E402
-from diffusers_helper.memory import plan_memory  # noqa: E402
-from diffusers_helper.outputs import JobPaths  # noqa: E402
-from diffusers_helper.settings import GenerationSettings  # noqa: E402
-from diffusers_helper.tiny_preset import TINY_RESOLUTION, ensure_tiny_models  # noqa: E402
+from diffusers_helper.engine import FramePackEngine
+from diffusers_helper.events import Finished
+from diffusers_helper.images import example_image
+from diffusers_helper.loading import load_components
+from diffusers_helper.memory import plan_memory
+from diffusers_helper.outputs import JobPaths
+from diffusers_helper.settings import GenerationSettings
+from diffusers_helper.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
 
 
 def run(variant: str, free_gb: float | None, teacache: bool, out: Path) -> dict:
@@ -28,7 +28,9 @@ def run(variant: str, free_gb: float | None, teacache: bool, out: Path) -> dict:
     engine = FramePackEngine(
         load_components(variant, ensure_tiny_models(), plan.dtypes()), plan, write_video=lambda *args: None
     )
-    settings = GenerationSettings(prompt="a cat walks", seconds=2, resolution=TINY_RESOLUTION, variant=variant, teacache=teacache)
+    settings = GenerationSettings(
+        prompt="a cat walks", seconds=2, resolution=TINY_RESOLUTION, variant=variant, teacache=teacache
+    )
     timings = []
     for _ in range(4):  # the first run warms up kernels
         torch.cuda.synchronize()
@@ -47,7 +49,12 @@ def run(variant: str, free_gb: float | None, teacache: bool, out: Path) -> dict:
 def main() -> None:
     out = Path("/tmp/bench-tiny")
     out.mkdir(exist_ok=True)
-    for variant, free_gb, teacache in [("framepack", None, True), ("f1", None, True), ("framepack", None, False), ("framepack", 8.0, True)]:
+    for variant, free_gb, teacache in [
+        ("framepack", None, True),
+        ("f1", None, True),
+        ("framepack", None, False),
+        ("framepack", 8.0, True),
+    ]:
         print(json.dumps(run(variant, free_gb, teacache, out)), flush=True)
 
 

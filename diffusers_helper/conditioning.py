@@ -24,7 +24,11 @@ class TextConditions:
     pooled: torch.Tensor  # (1, clip_dim)
 
     def transformer_kwargs(self) -> dict:
-        return {"encoder_hidden_states": self.embeds, "encoder_attention_mask": self.mask, "pooled_projections": self.pooled}
+        return {
+            "encoder_hidden_states": self.embeds,
+            "encoder_attention_mask": self.mask,
+            "pooled_projections": self.pooled,
+        }
 
 
 @dataclass(frozen=True)

@@ -51,7 +51,9 @@ class FramePackEngine:
     ) -> Iterator[Event]:
         """Run one job; failures end it with a Failed event (and a logged traceback), never an exception."""
         if settings.variant != self.components.variant:
-            yield Failed(f"variant {settings.variant!r} asked for, but the loaded transformer is {self.components.variant!r}")
+            yield Failed(
+                f"variant {settings.variant!r} asked for, but the loaded transformer is {self.components.variant!r}"
+            )
             return
         record = self._record(settings, paths)
         try:
@@ -104,7 +106,13 @@ class FramePackEngine:
             self.write_video(frames.numpy(), paths.video, FPS, settings.crf)
             record.update(sections_done=section.index + 1, frames=len(frames))
             write_sidecar(paths.sidecar, record)
-            logger.info("section %d/%d done: %d frames, %.1fs elapsed", section.index + 1, section.count, len(frames), time.perf_counter() - started)
+            logger.info(
+                "section %d/%d done: %d frames, %.1fs elapsed",
+                section.index + 1,
+                section.count,
+                len(frames),
+                time.perf_counter() - started,
+            )
             yield SectionFinished(section.index + 1, section.count, paths.video, len(frames))
 
         stopped = stop.is_set() and record["sections_done"] < settings.sections
@@ -148,7 +156,9 @@ class FramePackEngine:
                 result = next(steps)
             except StopIteration as done:
                 return done.value
-            yield StepProgress(section.index + 1, section.count, result.step, result.steps, latent_preview(result.denoised))
+            yield StepProgress(
+                section.index + 1, section.count, result.step, result.steps, latent_preview(result.denoised)
+            )
             if stop.is_set():
                 return None
 

@@ -45,7 +45,9 @@ SHARED_COMPONENTS = (
 
 
 def component_specs(variant: str) -> tuple[ComponentSpec, ...]:
-    transformer = ComponentSpec("transformer", HunyuanVideoFramepackTransformer3DModel, TRANSFORMER_REPOS[variant], None)
+    transformer = ComponentSpec(
+        "transformer", HunyuanVideoFramepackTransformer3DModel, TRANSFORMER_REPOS[variant], None
+    )
     return (*SHARED_COMPONENTS, transformer)
 
 
@@ -69,7 +71,10 @@ class Components:
     source: str
 
     def model_ids(self) -> dict[str, str]:
-        return {spec.name: spec.repo + (f"/{spec.subfolder}" if spec.subfolder else "") for spec in component_specs(self.variant)}
+        return {
+            spec.name: spec.repo + (f"/{spec.subfolder}" if spec.subfolder else "")
+            for spec in component_specs(self.variant)
+        }
 
 
 def _dtype_argument(loader: type, dtype: torch.dtype) -> dict:
@@ -102,7 +107,7 @@ def load_components(variant: str, models_dir: Path | None, dtypes: dict[str, tor
     for spec in component_specs(variant):
         logger.info("loading %s from %s", spec.name, models_dir / spec.repo if models_dir else spec.repo)
         loaded[spec.name] = load_component(spec, models_dir, dtypes.get(spec.name, torch.float32))
-    for name, module in loaded.items():
+    for module in loaded.values():
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
     return Components(**loaded, variant=variant, source=str(models_dir) if models_dir else "huggingface hub")

@@ -75,7 +75,9 @@ class InvertedAntiDrifting:
         return start_latent.new_zeros(*start_latent.shape[:2], sum(HISTORY_SIZES), *start_latent.shape[3:])
 
     def layout(self, history: torch.Tensor, start_latent: torch.Tensor, section: Section, window: int) -> HistoryLayout:
-        start, _blank, latent, post, two_x, four_x = _split_indices([1, section.padding * window, window, *HISTORY_SIZES])
+        start, _blank, latent, post, two_x, four_x = _split_indices(
+            [1, section.padding * window, window, *HISTORY_SIZES]
+        )
         post_latents, latents_2x, latents_4x = history[:, :, : sum(HISTORY_SIZES)].split(list(HISTORY_SIZES), dim=2)
         return HistoryLayout(
             latent_indices=latent,
@@ -87,7 +89,9 @@ class InvertedAntiDrifting:
             clean_indices_4x=four_x,
         )
 
-    def append(self, history: torch.Tensor, generated: torch.Tensor, start_latent: torch.Tensor, section: Section) -> torch.Tensor:
+    def append(
+        self, history: torch.Tensor, generated: torch.Tensor, start_latent: torch.Tensor, section: Section
+    ) -> torch.Tensor:
         """New latents go in front; the last section (which ends at the start frame) also prepends the start latent."""
         if section.is_last:
             generated = torch.cat([start_latent.to(generated), generated], dim=2)
@@ -130,7 +134,9 @@ class Vanilla:
             clean_indices_4x=idx_4x,
         )
 
-    def append(self, history: torch.Tensor, generated: torch.Tensor, start_latent: torch.Tensor, section: Section) -> torch.Tensor:
+    def append(
+        self, history: torch.Tensor, generated: torch.Tensor, start_latent: torch.Tensor, section: Section
+    ) -> torch.Tensor:
         return torch.cat([history, generated.to(history)], dim=2)
 
     def video_latents(self, history: torch.Tensor) -> torch.Tensor:
@@ -146,4 +152,3 @@ class Vanilla:
 
 SectionOrder = InvertedAntiDrifting | Vanilla
 ORDERS: dict[str, SectionOrder] = {"framepack": InvertedAntiDrifting(), "f1": Vanilla()}
-

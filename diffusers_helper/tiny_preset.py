@@ -91,25 +91,41 @@ def _write_hunyuan_video(root: Path) -> None:
     torch.manual_seed(1)
     LlamaModel(
         LlamaConfig(
-            vocab_size=len(llama_tokenizer), hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=4,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-            pad_token_id=llama_tokenizer.pad_token_id, bos_token_id=llama_tokenizer.bos_token_id,
+            vocab_size=len(llama_tokenizer),
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=1024,
+            pad_token_id=llama_tokenizer.pad_token_id,
+            bos_token_id=llama_tokenizer.bos_token_id,
             eos_token_id=llama_tokenizer.eos_token_id,
         )
     ).save_pretrained(root / "text_encoder")
     torch.manual_seed(2)
     CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(clip_tokenizer), hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=2, max_position_embeddings=77, projection_dim=HIDDEN,
-            bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id,
+            vocab_size=len(clip_tokenizer),
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+            projection_dim=HIDDEN,
+            bos_token_id=clip_tokenizer.bos_token_id,
+            eos_token_id=clip_tokenizer.eos_token_id,
             pad_token_id=clip_tokenizer.pad_token_id,
         )
     ).save_pretrained(root / "text_encoder_2")
     torch.manual_seed(3)
     AutoencoderKLHunyuanVideo(
-        latent_channels=16, block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=4,
-        spatial_compression_ratio=8, temporal_compression_ratio=4,
+        latent_channels=16,
+        block_out_channels=(8, 8, 16, 16),
+        layers_per_block=1,
+        norm_num_groups=4,
+        spatial_compression_ratio=8,
+        temporal_compression_ratio=4,
     ).save_pretrained(root / "vae")
 
 
@@ -120,8 +136,12 @@ def _write_flux_redux(root: Path) -> None:
     torch.manual_seed(4)
     SiglipVisionModel(
         SiglipVisionConfig(
-            hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-            image_size=32, patch_size=8,
+            hidden_size=HIDDEN,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=32,
+            patch_size=8,
         )
     ).save_pretrained(root / "image_encoder")
 
@@ -129,10 +149,23 @@ def _write_flux_redux(root: Path) -> None:
 def _write_transformer(root: Path, seed: int) -> None:
     torch.manual_seed(seed)
     HunyuanVideoFramepackTransformer3DModel(
-        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=2,
-        num_single_layers=2, num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
-        guidance_embeds=True, text_embed_dim=HIDDEN, pooled_projection_dim=HIDDEN, rope_axes_dim=(4, 6, 6),
-        has_image_proj=True, image_proj_dim=HIDDEN, has_clean_x_embedder=True,
+        in_channels=16,
+        out_channels=16,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        num_layers=2,
+        num_single_layers=2,
+        num_refiner_layers=1,
+        mlp_ratio=2.0,
+        patch_size=2,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=HIDDEN,
+        pooled_projection_dim=HIDDEN,
+        rope_axes_dim=(4, 6, 6),
+        has_image_proj=True,
+        image_proj_dim=HIDDEN,
+        has_clean_x_embedder=True,
     ).save_pretrained(root)
 
 

@@ -25,11 +25,10 @@ def write_mp4(frames: np.ndarray, path: Path, fps: int = 30, crf: int = 16) -> N
     count, height, width, _ = frames.shape
     if count == 0 or height % 2 or width % 2:
         raise ValueError(f"cannot encode {count} frames of {width}x{height}: need frames with even sides")
-    with replacing(Path(path)) as temporary:
-        with av.open(str(temporary), mode="w", format="mp4") as container:
-            stream = container.add_stream("libx264", rate=fps)
-            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-            stream.options = {"crf": str(crf)}
-            for frame in frames:
-                container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
-            container.mux(stream.encode())
+    with replacing(Path(path)) as temporary, av.open(str(temporary), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
+        container.mux(stream.encode())

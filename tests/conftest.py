@@ -7,7 +7,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusers_helper.images import example_image  # noqa: E402
+from diffusers_helper.images import example_image
 
 
 @pytest.fixture(scope="session")
@@ -46,4 +46,7 @@ def engines(tiny_root):
     from diffusers_helper.memory import plan_memory
 
     plan = plan_memory("cpu")
-    return {variant: FramePackEngine(load_components(variant, tiny_root, plan.dtypes()), plan) for variant in ("framepack", "f1")}
+    return {
+        variant: FramePackEngine(load_components(variant, tiny_root, plan.dtypes()), plan)
+        for variant in ("framepack", "f1")
+    }

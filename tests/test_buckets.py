@@ -14,7 +14,13 @@ def test_the_640_set_has_fourteen_buckets_of_about_640_squared():
 
 @pytest.mark.parametrize(
     ("size", "bucket"),
-    [((1080, 1920), (480, 832)), ((1920, 1080), (832, 480)), ((512, 512), (640, 608)), ((400, 1000), (416, 960)), ((1000, 400), (960, 416))],
+    [
+        ((1080, 1920), (480, 832)),
+        ((1920, 1080), (832, 480)),
+        ((512, 512), (640, 608)),
+        ((400, 1000), (416, 960)),
+        ((1000, 400), (960, 416)),
+    ],
 )
 def test_nearest_bucket_by_aspect_ratio(size, bucket):
     assert find_nearest_bucket(*size) == bucket

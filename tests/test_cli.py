@@ -9,6 +9,7 @@ from pathlib import Path
 
 import av
 import pytest
+import torch
 
 import generate
 
@@ -87,7 +88,9 @@ def test_missing_local_models_name_the_component_and_the_tiny_preset(capsys, ima
     code, err = run_main(capsys, "--models", tmp_path / "models", "--image", image_file, "--output", tmp_path / "x.mp4")
     assert code == 1
     assert err.startswith("error: cannot load tokenizer from") and "--preset tiny" in err and err.count("\n") == 1
-    code, err = run_main(capsys, "--models", tmp_path / "nowhere", "--image", image_file, "--output", tmp_path / "x.mp4")
+    code, err = run_main(
+        capsys, "--models", tmp_path / "nowhere", "--image", image_file, "--output", tmp_path / "x.mp4"
+    )
     assert code == 2 and "models directory not found" in err
 
 
@@ -119,3 +122,26 @@ def test_readme_tiny_job_under_a_minute(image_file, tmp_path):
     assert result.stdout.strip() == f"{output}: 73 frames"
     assert json.loads(output.with_suffix(".json").read_text())["status"] == "complete"
     assert output.with_suffix(".png").exists()
+
+
+def test_tensorrt_flags_need_enable_tensorrt(capsys, image_file, tmp_path):
+    code, err = run_main(
+        capsys, "--preset", "tiny", "--image", image_file, "--output", tmp_path / "x.mp4", "--tensorrt-transformer"
+    )
+    assert code == 2
+    assert err.strip() == "error: --tensorrt-transformer needs --enable-tensorrt"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on machines without CUDA")
+def test_tensorrt_without_a_gpu_falls_back_and_the_video_completes(image_file, tmp_path):
+    output = tmp_path / "x.mp4"
+    result = subprocess.run(
+        [sys.executable, "generate.py", "--preset", "tiny", "--image", str(image_file), "--seconds", "1", "--steps", "3",
+         "--output", str(output), "--enable-tensorrt", "--tensorrt-text-encoders", "--tensorrt-transformer"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "FRAMEPACK_TENSORRT_CACHE_DIR": str(tmp_path / "engines")},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tensorrt: transformer: PyTorch (fell back: no CUDA GPU)" in result.stderr
+    assert result.stderr.count("TensorRT transformer: no CUDA GPU; running it in PyTorch") == 1
+    assert output.exists()

@@ -7,7 +7,6 @@ import av
 import numpy as np
 import pytest
 
-from diffusers_helper.engine import FramePackEngine
 from diffusers_helper.events import Failed, Finished, SectionFinished, StepProgress
 from diffusers_helper.images import example_image
 from diffusers_helper.outputs import JobPaths
@@ -61,7 +60,10 @@ def test_two_section_video_end_to_end(engines, tmp_path):
     assert frames.std() > 5  # and are not one flat colour
     record = json.loads(paths.sidecar.read_text())
     assert record["status"] == "complete" and record["frames"] == 73
-    assert record["settings"]["prompt"] == "a cat walks" and record["models"]["transformer"] == "lllyasviel/FramePackI2V_HY"
+    assert (
+        record["settings"]["prompt"] == "a cat walks"
+        and record["models"]["transformer"] == "lllyasviel/FramePackI2V_HY"
+    )
     assert "torch" in record["versions"]
     assert paths.image.exists()
 
@@ -79,7 +81,12 @@ def test_same_seed_same_video_other_seed_other_video(with_sink, tmp_path):
     videos = []
     for seed in (1, 1, 2):
         sink = FrameSink()
-        run(with_sink["framepack"], tiny_settings(seconds=1.0, seed=seed), JobPaths.for_video(tmp_path / "s.mp4"), sink=sink)
+        run(
+            with_sink["framepack"],
+            tiny_settings(seconds=1.0, seed=seed),
+            JobPaths.for_video(tmp_path / "s.mp4"),
+            sink=sink,
+        )
         videos.append(sink.last)
     assert np.array_equal(videos[0], videos[1])
     assert np.abs(videos[0].astype(int) - videos[2].astype(int)).mean() > 1
@@ -145,7 +152,9 @@ def test_real_cfg_runs_a_negative_pass_and_changes_the_result(with_sink, tmp_pat
     for cfg in (1.0, 4.0):
         sink = FrameSink()
         count["calls"] = 0
-        settings = tiny_settings(seconds=1.0, steps=3, cfg=cfg, cfg_rescale=0.5, negative_prompt="blurry", teacache=False)
+        settings = tiny_settings(
+            seconds=1.0, steps=3, cfg=cfg, cfg_rescale=0.5, negative_prompt="blurry", teacache=False
+        )
         events = run(engine, settings, JobPaths.for_video(tmp_path / "cfg.mp4"), sink=sink)
         assert isinstance(events[-1], Finished)
         assert count["calls"] == (3 if cfg == 1.0 else 6)
@@ -158,7 +167,12 @@ def test_teacache_skips_steps_but_never_the_first_or_last(with_sink, tmp_path):
     run(engine, tiny_settings(seconds=1.0, steps=20), JobPaths.for_video(tmp_path / "t.mp4"), sink=FrameSink())
     assert engine.teacache.computed + engine.teacache.skipped == 20
     assert 2 <= engine.teacache.computed < 20
-    run(engine, tiny_settings(seconds=1.0, steps=20, teacache=False), JobPaths.for_video(tmp_path / "t.mp4"), sink=FrameSink())
+    run(
+        engine,
+        tiny_settings(seconds=1.0, steps=20, teacache=False),
+        JobPaths.for_video(tmp_path / "t.mp4"),
+        sink=FrameSink(),
+    )
     assert engine.teacache.computed == engine.teacache.skipped == 0
 
 

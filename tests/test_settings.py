@@ -15,8 +15,19 @@ def test_section_arithmetic(seconds, window, sections, frames):
 
 def test_defaults_are_framepacks():
     settings = GenerationSettings(prompt="")
-    assert (settings.seed, settings.seconds, settings.steps, settings.cfg, settings.distilled_cfg) == (31337, 5.0, 25, 1.0, 10.0)
-    assert (settings.latent_window, settings.crf, settings.gpu_memory_preservation, settings.teacache) == (9, 16, 6.0, True)
+    assert (settings.seed, settings.seconds, settings.steps, settings.cfg, settings.distilled_cfg) == (
+        31337,
+        5.0,
+        25,
+        1.0,
+        10.0,
+    )
+    assert (settings.latent_window, settings.crf, settings.gpu_memory_preservation, settings.teacache) == (
+        9,
+        16,
+        6.0,
+        True,
+    )
 
 
 @pytest.mark.parametrize(
@@ -36,5 +47,12 @@ def test_defaults_are_framepacks():
     ],
 )
 def test_invalid_settings_name_parameter_value_and_range(field, value, message):
-    with pytest.raises(InvalidSettings, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[").replace("]", r"\]").replace("*", r"\*")):
+    with pytest.raises(
+        InvalidSettings,
+        match=message.replace("(", r"\(")
+        .replace(")", r"\)")
+        .replace("[", r"\[")
+        .replace("]", r"\]")
+        .replace("*", r"\*"),
+    ):
         GenerationSettings(prompt="", **{field: value})

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -50,7 +50,7 @@ def test_tiny_generation_on_gpu(variant, tmp_path):
 def test_tiny_generation_offloaded_on_gpu(tmp_path):
     plan = plan_memory("cuda", free_gb=8.0)  # as on a small card: group offloading and model CPU offload
     assert plan.offload
-    settings, events, sink, components = run_tiny("framepack", plan, tmp_path, seconds=1.0)
+    settings, events, _, components = run_tiny("framepack", plan, tmp_path, seconds=1.0)
     assert isinstance(events[-1], Finished), events[-1]
     assert events[-1].frames == settings.frames == 37
     assert next(components.transformer.transformer_blocks[0].parameters()).device.type == "cpu"

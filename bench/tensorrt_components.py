@@ -1,0 +1,104 @@
+"""Per-component TensorRT figures on a CUDA GPU: compile time, load-from-cache time (a second process),
+speed against PyTorch (same inputs, warm-up, median), and which components fell back and why.
+
+    python bench/tensorrt_components.py            # prints JSON lines
+"""
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from diffusers_helper.engine import FramePackEngine
+from diffusers_helper.engine_cache import EngineCache
+from diffusers_helper.images import example_image
+from diffusers_helper.loading import load_components
+from diffusers_helper.memory import plan_memory
+from diffusers_helper.outputs import JobPaths
+from diffusers_helper.settings import GenerationSettings
+from diffusers_helper.tensorrt_runtime import (
+    TensorRTOptions,
+    TensorRTRuntime,
+    TensorRTTransformer,
+    accelerate,
+    relative_error,
+)
+from diffusers_helper.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
+from tests.gpu.midsize import mid_size_transformer, stack_inputs
+
+
+def median_ms(function, runs: int = 20, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        function()
+    timings = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        function()
+        torch.cuda.synchronize()
+        timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings)
+
+
+def environment(runtime: TensorRTRuntime) -> dict:
+    info = runtime.environment()
+    return {key: info.get(key) for key in ("gpu", "compute_capability", "torch", "torch_tensorrt", "build", "tensorrt")}
+
+
+def mid_size_stack(cache_dir: Path) -> dict:
+    transformer = mid_size_transformer()
+    runtime = TensorRTRuntime(EngineCache(cache_dir))
+    stack = TensorRTTransformer(transformer, runtime)
+    hidden, text, temb, cos, sin = stack_inputs(transformer)
+    with torch.no_grad():
+        engine_out = stack(hidden, text, temb, None, (cos, sin))[0]
+        pytorch_out = stack.stack(hidden, text, temb, cos, sin)[0]
+        status = runtime.status["transformer"]
+        pytorch_ms = median_ms(lambda: stack.stack(hidden, text, temb, cos, sin))
+        engine_ms = median_ms(lambda: stack(hidden, text, temb, None, (cos, sin)))
+    second = subprocess.run([sys.executable, "-m", "tests.gpu.midsize", str(cache_dir)], cwd=REPO,
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    reloaded = json.loads(second.stdout.strip().splitlines()[-1])
+    return {
+        "component": "transformer block stack, mid-size (2 dual + 4 single blocks, width 3072, 4400 + 750 tokens, bf16)",
+        "engine": status.engine, "reason": status.reason,
+        "compile_s": round(status.compile_seconds[0], 1) if status.compile_seconds else None,
+        "second_process": {"compiles": reloaded["compiles"], "loads": reloaded["loads"], "load_s": [round(s, 2) for s in reloaded["load_seconds"]]},
+        "pytorch_ms": round(pytorch_ms, 2), "tensorrt_ms": round(engine_ms, 2), "speedup": round(pytorch_ms / engine_ms, 3),
+        "relative_error": round(relative_error(engine_out, pytorch_out), 5), **environment(runtime),
+    }  # fmt: skip
+
+
+def tiny_components(cache_dir: Path) -> dict:
+    plan = plan_memory("cuda")
+    components = load_components("framepack", ensure_tiny_models(), plan.dtypes())
+    runtime = TensorRTRuntime(EngineCache(cache_dir))
+    accelerate(components, TensorRTOptions(vae=True, text_encoders=True, transformer=True), runtime, offloading=False)
+    engine = FramePackEngine(components, plan, write_video=lambda *args: None)
+    settings = GenerationSettings(prompt="a cat walks", seconds=2.0, steps=6, resolution=TINY_RESOLUTION)
+    started = time.perf_counter()
+    last = list(engine.generate(example_image(256, 256), settings, JobPaths.for_video(cache_dir / "x.mp4")))[-1]
+    return {
+        "component": "tiny preset, every flag, 2 s video", "result": type(last).__name__, "frames": getattr(last, "frames", None),
+        "seconds_with_compiles": round(time.perf_counter() - started, 1),
+        "components": {name: {"engine": s.engine, "reason": s.reason, "compiles": s.compiles,
+                              "compile_s": [round(t, 1) for t in s.compile_seconds]} for name, s in runtime.status.items()},
+    }  # fmt: skip
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        print(json.dumps(mid_size_stack(Path(directory) / "stack")), flush=True)
+        print(json.dumps(tiny_components(Path(directory) / "tiny")), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""A stand-in for Torch-TensorRT on the CPU, for testing the runtime's own cache and fallback logic.
+
+"Compiling" is torch.export alone (so the wrappers' modules must export, as they must for TensorRT); an "engine
+file" is the saved ExportedProgram. Failure modes reproduce what the
+real compiler does wrong, one at a time. It proves nothing about TensorRT itself: GPU tests do that.
+"""
+
+import time
+
+import torch
+
+from diffusers_helper.tensorrt_runtime import TensorRTUnavailable
+
+FAILURES = ("unavailable", "export", "oom", "save", "load", "run")
+
+
+class FakeEngine(torch.nn.Module):
+    def __init__(self, exported: torch.export.ExportedProgram, scale: float, fail_run: bool) -> None:
+        super().__init__()
+        self.exported = exported
+        self.module = exported.module()
+        self.scale = scale
+        self.fail_run = fail_run
+
+    def forward(self, *args):
+        if self.fail_run:
+            raise RuntimeError("engine execution failed: illegal memory access")
+        output = self.module(*args)
+        if isinstance(output, tuple):
+            return tuple(o * self.scale if o.is_floating_point() else o for o in output)
+        return output * self.scale
+
+
+class FakeBackend:
+    def __init__(
+        self, fail: str | None = None, scale: float = 1.0, compile_delay: float = 0.0, version: str = "fake-1"
+    ) -> None:
+        assert fail in (None, *FAILURES)
+        self.fail, self.scale, self.compile_delay, self.version = fail, scale, compile_delay, version
+        self.compiled = 0
+        self.loaded = 0
+
+    def check_available(self) -> None:
+        if self.fail == "unavailable":
+            raise TensorRTUnavailable("no CUDA GPU")
+
+    def versions(self) -> dict:
+        return {"torch": torch.__version__, "torch_tensorrt": self.version, "build": "fake", "tensorrt": "0"}
+
+    def compile(self, module, args, settings):
+        if self.fail == "export":
+            raise RuntimeError("torch.export: could not guard on data-dependent expression")
+        if self.fail == "oom":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        exported = torch.export.export(module, args, strict=False)
+        time.sleep(self.compile_delay)
+        self.compiled += 1
+        return FakeEngine(exported, self.scale, self.fail == "run")
+
+    def save(self, compiled, args, path):
+        if self.fail == "save":
+            path.write_bytes(b"half an engi")
+            raise OSError(28, "No space left on device")
+        torch.export.save(compiled.exported, path)
+
+    def load(self, path):
+        if self.fail == "load":
+            raise RuntimeError("Compatible cubin or ptx module for device target '90' not found")
+        self.loaded += 1
+        return FakeEngine(torch.export.load(path), self.scale, False)

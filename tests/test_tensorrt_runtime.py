@@ -1,0 +1,334 @@
+"""The TensorRT runtime's own logic on the CPU, with a test double for Torch-TensorRT (tests/tensorrt_double.py).
+
+What TensorRT itself does (engines that build, load and match PyTorch) is tested in tests/gpu.
+"""
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffusers_helper.engine_cache import EngineCache, cache_key
+from diffusers_helper.settings import InvalidSettings
+from diffusers_helper.tensorrt_runtime import (
+    CACHE_DIR_VARIABLE,
+    TensorRTOptions,
+    TensorRTRuntime,
+    accelerate,
+    default_cache_dir,
+    weights_fingerprint,
+)
+from tests.tensorrt_double import FakeBackend
+from tests.tensorrt_worker import seeded_mlp
+
+REPO = Path(__file__).resolve().parent.parent
+COMPONENT = "vae_decoder"
+
+
+def make_runtime(tmp_path, **backend_options) -> tuple[TensorRTRuntime, FakeBackend]:
+    backend = FakeBackend(**backend_options)
+    runtime = TensorRTRuntime(EngineCache(tmp_path / "engines"), backend)
+    runtime.register(COMPONENT)
+    return runtime, backend
+
+
+def call(runtime, module=None, shape=(2, 8)):
+    module = module or seeded_mlp()
+    return runtime.run(COMPONENT, module, (torch.ones(*shape),)), module(torch.ones(*shape))
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(
+        p.name for p in directory.iterdir() if p.name.startswith(".") or p.suffix not in (".pt2", ".json", ".lock")
+    )
+
+
+# -- keys ----------------------------------------------------------------------------------------------------------
+
+BASE = {"component": "transformer", "inputs": [[[1, 4400, 3072], "bfloat16"]], "weights": "abc", "settings": {"a": 1},
+        "gpu": "NVIDIA H200", "compute_capability": "9.0", "versions": {"torch": "2.11", "torch_tensorrt": "2.11", "tensorrt": "1.4"}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"component": "vae_decoder"},
+        {"inputs": [[[1, 4400, 3072], "float16"]]},
+        {"inputs": [[[1, 4401, 3072], "bfloat16"]]},
+        {"weights": "abd"},
+        {"settings": {"a": 2}},
+        {"gpu": "NVIDIA GeForce RTX 4090"},
+        {"compute_capability": "8.9"},
+        {"versions": {"torch": "2.12", "torch_tensorrt": "2.11", "tensorrt": "1.4"}},
+        {"versions": {"torch": "2.11", "torch_tensorrt": "2.12", "tensorrt": "1.4"}},
+        {"versions": {"torch": "2.11", "torch_tensorrt": "2.11", "tensorrt": "1.5"}},
+    ],
+)
+def test_every_ingredient_changes_the_key(change):
+    assert cache_key({**BASE, **change}) != cache_key(BASE)
+    assert cache_key(dict(reversed(list(BASE.items())))) == cache_key(BASE)  # order does not matter
+
+
+def test_runtime_key_follows_shapes_dtypes_weights_and_versions(tmp_path):
+    runtime, backend = make_runtime(tmp_path)
+    module = seeded_mlp()
+    key = runtime._key(COMPONENT, module, (torch.ones(2, 8),))[0]
+    assert runtime._key(COMPONENT, module, (torch.ones(3, 8),))[0] != key
+    assert runtime._key(COMPONENT, module, (torch.ones(2, 8, dtype=torch.float64),))[0] != key
+    backend.version = "fake-2"
+    assert runtime._key(COMPONENT, module, (torch.ones(2, 8),))[0] != key
+    other = seeded_mlp()
+    with torch.no_grad():
+        other[0].weight.add_(0.01)
+    assert weights_fingerprint(other) != weights_fingerprint(seeded_mlp())
+
+
+def test_cache_dir_comes_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"
+    monkeypatch.delenv(CACHE_DIR_VARIABLE)
+    assert default_cache_dir().parts[-2:] == ("Cache", "tensorrt_engines")
+
+
+# -- hits, misses and the disk cache -------------------------------------------------------------------------------
+
+
+def test_first_call_compiles_then_memory_then_disk_then_new_shape(tmp_path):
+    runtime, backend = make_runtime(tmp_path)
+    module = seeded_mlp()
+    actual, expected = call(runtime, module)
+    assert torch.equal(actual, expected) and backend.compiled == 1
+    call(runtime, module)
+    assert backend.compiled == 1 and backend.loaded == 0  # in memory
+    second, second_backend = make_runtime(tmp_path)
+    call(second)
+    assert second_backend.compiled == 0 and second_backend.loaded == 1  # from disk
+    call(second, shape=(5, 8))
+    assert second_backend.compiled == 1  # a new shape is a new engine
+    assert runtime.status[COMPONENT].engine == "tensorrt"
+    assert len(EngineCache(tmp_path / "engines").entries()) == 2
+    assert leftovers(tmp_path / "engines") == []
+
+
+def test_a_second_process_loads_from_disk_without_compiling(tmp_path):
+    worker = [sys.executable, "-m", "tests.tensorrt_worker", str(tmp_path / "engines")]
+    first = json.loads(subprocess.run(worker, cwd=REPO, capture_output=True, text=True, check=True).stdout)
+    second = json.loads(subprocess.run(worker, cwd=REPO, capture_output=True, text=True, check=True).stdout)
+    assert (first["compiles"], first["loads"]) == (1, 0)
+    assert (second["compiles"], second["loads"]) == (0, 1)
+    assert first["sum"] == second["sum"] and second["engine"] == "tensorrt"
+
+
+def test_concurrent_builders_compile_once(tmp_path):
+    worker = [sys.executable, "-m", "tests.tensorrt_worker", str(tmp_path / "engines"), "2.0"]
+    processes = [subprocess.Popen(worker, cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [json.loads(p.communicate(timeout=120)[0]) for p in processes]
+    assert sorted(r["compiles"] for r in results) == [0, 1]
+    assert sorted(r["loads"] for r in results) == [0, 1]
+    assert results[0]["sum"] == results[1]["sum"]
+    assert len(EngineCache(tmp_path / "engines").entries()) == 1
+    assert leftovers(tmp_path / "engines") == []
+
+
+def test_deleting_the_cache_forces_a_rebuild(tmp_path):
+    runtime, _ = make_runtime(tmp_path)
+    call(runtime)
+    for path in (tmp_path / "engines").iterdir():
+        path.unlink()
+    (tmp_path / "engines").rmdir()
+    fresh, backend = make_runtime(tmp_path)
+    call(fresh)
+    assert backend.compiled == 1
+
+
+# -- broken entries ------------------------------------------------------------------------------------------------
+
+
+def _engine_file(tmp_path) -> Path:
+    return next((tmp_path / "engines").glob("*.pt2"))
+
+
+def test_truncated_engine_is_removed_and_rebuilt(tmp_path, caplog):
+    call(make_runtime(tmp_path)[0])
+    engine = _engine_file(tmp_path)
+    engine.write_bytes(engine.read_bytes()[:100])
+    runtime, backend = make_runtime(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        actual, expected = call(runtime)
+    assert torch.equal(actual, expected)
+    assert backend.compiled == 1 and "truncated or corrupt" in caplog.text
+    assert _engine_file(tmp_path).stat().st_size > 100
+
+
+def test_corrupt_engine_that_will_not_load_is_rebuilt(tmp_path, caplog):
+    call(make_runtime(tmp_path)[0])
+    engine = _engine_file(tmp_path)
+    engine.write_bytes(b"\0" * engine.stat().st_size)  # right size, garbage inside
+    runtime, backend = make_runtime(tmp_path)
+    with caplog.at_level(logging.WARNING):
+        actual, expected = call(runtime)
+    assert torch.equal(actual, expected) and backend.compiled == 1
+    assert "will not load" in caplog.text
+    assert runtime.status[COMPONENT].engine == "tensorrt"
+
+
+def test_a_failed_save_leaves_no_entry_and_no_temporary_files(tmp_path):
+    runtime, _ = make_runtime(tmp_path, fail="save")
+    actual, expected = call(runtime)
+    assert torch.equal(actual, expected)
+    assert "No space left on device" in runtime.status[COMPONENT].reason
+    assert EngineCache(tmp_path / "engines").entries() == []
+    assert leftovers(tmp_path / "engines") == []
+
+
+def test_size_cap_evicts_the_least_recently_used(tmp_path):
+    cache = EngineCache(tmp_path / "engines", max_bytes=2500)
+    for index, name in enumerate("abc"):
+        source = tmp_path / f"{name}.bin"
+        source.write_bytes(b"x" * 1000)
+        cache.store(name, source, {"n": index})
+        os.utime(cache._metadata(name), (index, index))  # a, then b, then c were last used
+    assert [key for key, _, _ in cache.entries()] == ["b", "c"]
+    assert cache.lookup("a") is None and cache.lookup("b") is not None
+
+
+# -- fallbacks ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fail", "reason"),
+    [
+        ("unavailable", "no CUDA GPU"),
+        ("export", "data-dependent"),
+        ("oom", "out of GPU memory"),
+        ("run", "illegal memory access"),
+    ],
+)
+def test_each_failure_falls_back_to_pytorch_with_one_warning(tmp_path, caplog, fail, reason):
+    runtime, _ = make_runtime(tmp_path, fail=fail)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            actual, expected = call(runtime)
+            assert torch.equal(actual, expected)
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "TensorRT vae_decoder" in r.getMessage()]
+    assert len(warnings) == 1 and reason in warnings[0].getMessage()
+    assert runtime.status[COMPONENT].engine == "pytorch" and reason in runtime.status[COMPONENT].reason
+
+
+def test_an_engine_that_will_not_load_falls_back_when_it_cannot_be_rebuilt_either(tmp_path):
+    call(make_runtime(tmp_path)[0])
+    runtime, backend = make_runtime(tmp_path, fail="load")
+    actual, expected = call(runtime)
+    assert torch.equal(actual, expected)
+    assert backend.compiled == 1  # removed and rebuilt; the rebuilt engine serves in this process
+
+
+def test_other_components_keep_their_engines(tmp_path):
+    runtime, _ = make_runtime(tmp_path)
+    runtime.register("text_encoder_2")
+    call(runtime)
+    runtime.fall_back("text_encoder_2", "something broke")
+    runtime.run("text_encoder_2", seeded_mlp(), (torch.ones(2, 8),))
+    assert runtime.status[COMPONENT].engine == "tensorrt"
+    assert runtime.status["text_encoder_2"].engine == "pytorch"
+    assert any(line.startswith("vae_decoder: TensorRT") for line in runtime.report())
+
+
+def test_unwritable_cache_directory_falls_back(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    runtime = TensorRTRuntime(EngineCache(blocker / "engines"), FakeBackend())
+    runtime.register(COMPONENT)
+    actual, expected = runtime.run(COMPONENT, seeded_mlp(), (torch.ones(2, 8),)), seeded_mlp()(torch.ones(2, 8))
+    assert torch.equal(actual, expected)
+    assert "not writable" in runtime.status[COMPONENT].reason
+
+
+def test_a_wrong_engine_is_rejected_and_not_rebuilt_by_later_processes(tmp_path, caplog):
+    runtime, _ = make_runtime(tmp_path, scale=1.5)
+    with caplog.at_level(logging.WARNING):
+        actual, expected = call(runtime)
+    assert torch.equal(actual, expected)  # the PyTorch result, not the wrong one
+    assert "differs from PyTorch" in caplog.text
+    later, later_backend = make_runtime(tmp_path, scale=1.5)
+    call(later)
+    assert later_backend.compiled == 0 and "rejected" in later.status[COMPONENT].reason
+
+
+# -- options and incompatibilities ---------------------------------------------------------------------------------
+
+
+def test_flags_that_need_enable_tensorrt():
+    with pytest.raises(InvalidSettings, match="--tensorrt-transformer needs --enable-tensorrt"):
+        TensorRTOptions(transformer=True)
+    with pytest.raises(
+        InvalidSettings, match="--tensorrt-text-encoders and --tensorrt-transformer need --enable-tensorrt"
+    ):
+        TensorRTOptions(text_encoders=True, transformer=True)
+    assert TensorRTOptions(vae=True, text_encoders=True, transformer=True).enabled
+
+
+@pytest.mark.parametrize("setup", ["offload", "bitsandbytes"])
+def test_incompatible_setups_keep_the_transformer_in_pytorch(tmp_path, caplog, tiny_root, setup):
+    from diffusers_helper.loading import load_components
+
+    runtime, _ = make_runtime(tmp_path)
+    components = load_components("framepack", tiny_root, {})
+    if setup == "bitsandbytes":
+        components.transformer.hf_quantizer = object()
+    with caplog.at_level(logging.WARNING):
+        accelerate(components, TensorRTOptions(vae=True, transformer=True), runtime, offloading=setup == "offload")
+    assert ("CPU offload" if setup == "offload" else "BitsAndBytes") in caplog.text
+    assert not hasattr(components.transformer.transformer_blocks[0], "_diffusers_hook")
+    assert runtime.status["transformer"].engine == "pytorch"
+    assert type(components.vae.decoder).__name__ == "TensorRTLatentDecoder"  # the VAE is still accelerated
+
+
+# -- the wrappers in a whole generation ----------------------------------------------------------------------------
+
+
+def test_tiny_generation_with_every_wrapper_matches_pytorch(tmp_path, tiny_root, engines):
+    """All five wrappers drop in (the double's engines compute exactly what PyTorch does): same video, and
+    every component reports TensorRT."""
+    import numpy as np
+
+    from diffusers_helper.engine import FramePackEngine
+    from diffusers_helper.events import Finished
+    from diffusers_helper.images import example_image
+    from diffusers_helper.loading import load_components
+    from diffusers_helper.memory import plan_memory
+    from diffusers_helper.outputs import JobPaths
+    from diffusers_helper.settings import GenerationSettings
+    from tests.conftest import FrameSink
+
+    settings = GenerationSettings(prompt="a cat walks", seconds=1.0, resolution=128, steps=4, teacache=True)
+    plan = plan_memory("cpu")
+    runtime, _ = make_runtime(tmp_path)
+    components = load_components("framepack", tiny_root, plan.dtypes())
+    accelerate(components, TensorRTOptions(vae=True, text_encoders=True, transformer=True), runtime, offloading=False)
+    accelerated, plain = FrameSink(), FrameSink()
+    events = list(
+        FramePackEngine(components, plan, write_video=accelerated).generate(
+            example_image(256, 256), settings, JobPaths.for_video(tmp_path / "trt.mp4")
+        )
+    )
+    assert isinstance(events[-1], Finished), events[-1]
+    reference = engines["framepack"]
+    reference.write_video, original = plain, reference.write_video
+    try:
+        list(reference.generate(example_image(256, 256), settings, JobPaths.for_video(tmp_path / "pt.mp4")))
+    finally:
+        reference.write_video = original
+    assert np.abs(accelerated.last.astype(int) - plain.last.astype(int)).max() <= 1
+    assert {c: s.engine for c, s in runtime.status.items()} == {
+        "vae_encoder": "tensorrt", "vae_decoder": "tensorrt", "text_encoder": "tensorrt",
+        "text_encoder_2": "tensorrt", "transformer": "tensorrt",
+    }  # fmt: skip
+    compiles = {component: status.compiles for component, status in runtime.status.items()}
+    # the VAE decodes in temporal chunks (diffusers' frame-wise decoding): one engine per chunk shape
+    assert compiles == {"vae_encoder": 1, "vae_decoder": 3, "text_encoder": 1, "text_encoder_2": 1, "transformer": 1}
