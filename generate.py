@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-memory-preservation", type=float, default=defaults.gpu_memory_preservation,
                         help="GB to keep free when offloading")  # fmt: skip
     parser.add_argument("--device", choices=DEVICES, default="auto")
+    parser.add_argument("--verbose", action="store_true", help="debug logging, with tracebacks of fallbacks")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--output", type=Path, help="the MP4 to write (PNG and JSON go beside it)")
     target.add_argument("--outputs", type=Path, default=OUTPUTS_DIR, help="directory for an auto-named job")
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.image is None:
         parser.error("the following arguments are required: --image")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("diffusers_helper").setLevel(logging.INFO)
+    logging.getLogger("diffusers_helper").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     _quiet_libraries()
 
     from diffusers_helper.engine import FramePackEngine

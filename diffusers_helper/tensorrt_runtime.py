@@ -255,32 +255,27 @@ class TensorRTRuntime:
 
     # -- the core -----------------------------------------------------------------------------------------------
 
-    def run(self, component: str, module: torch.nn.Module, args: tuple, pytorch: Callable | None = None):
+    def run(self, component: str, module: torch.nn.Module, args: tuple):
         """`module(*args)` through the component's engine for this signature, or in PyTorch when it cannot.
 
-        `module` is what gets exported (tensors in, a tensor or tuple of tensors out); `pytorch` is the
-        reference it must match (defaults to `module` itself).
+        `module` is what gets exported (tensors in, a tensor or tuple of tensors out) and the PyTorch reference
+        each new engine must match.
         """
-        pytorch = pytorch or module
         if not self.is_active(component):
-            return pytorch(*args)
+            return module(*args)
         unavailable = self._check()
         if unavailable:
             self.fall_back(component, unavailable)
-            return pytorch(*args)
+            return module(*args)
         args = tuple(a.contiguous() for a in args)  # engines take dense inputs only
         signature = (component, tuple(tuple(a.shape) for a in args), tuple(a.dtype for a in args))
         try:
-            engine = self._engines.get(signature)
-            if engine is None:
-                engine = self._prepare(component, module, args, pytorch, signature)
-                if engine is None:
-                    return pytorch(*args)
-            return engine(*args)
+            engine = self._engines.get(signature) or self._prepare(component, module, args, signature)
+            return module(*args) if engine is None else engine(*args)
         except Exception as error:  # any TensorRT failure: this component continues in PyTorch
             logger.debug("TensorRT %s failed", component, exc_info=True)
             self.fall_back(component, _describe(error))
-            return pytorch(*args)
+            return module(*args)
 
     def _key(self, component: str, module: torch.nn.Module, args: tuple) -> tuple[str, dict]:
         if id(module) not in self._fingerprints:
@@ -298,7 +293,7 @@ class TensorRTRuntime:
         }
         return cache_key(ingredients), ingredients
 
-    def _prepare(self, component: str, module, args: tuple, pytorch: Callable, signature: tuple):
+    def _prepare(self, component: str, module: torch.nn.Module, args: tuple, signature: tuple) -> Callable | None:
         key, ingredients = self._key(component, module, args)
         status = self.status[component]
         with self._lock, self.cache.lock(key):
@@ -310,7 +305,7 @@ class TensorRTRuntime:
             fresh = engine is None
             if fresh:
                 engine = self._build(component, key, module, args, ingredients)
-        expected = pytorch(*args)
+        expected = module(*args)
         actual = engine(*args)
         error = max(relative_error(a, e) for a, e in zip(_outputs(actual), _outputs(expected), strict=True))
         if error > TOLERANCES[component]:
@@ -331,7 +326,8 @@ class TensorRTRuntime:
         started = time.perf_counter()
         try:
             engine = self.backend.load(path)
-        except Exception as error:
+        except Exception as error:  # whatever the reason, an engine that will not load is rebuilt
+            logger.debug("TensorRT %s engine %s will not load", component, path, exc_info=True)
             self.cache.remove(key, f"it will not load ({_describe(error)}); rebuilding")
             return None
         elapsed = time.perf_counter() - started
