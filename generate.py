@@ -21,7 +21,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from diffusers_helper.paths import OUTPUTS_DIR
-    from diffusers_helper.settings import DEVICES, VARIANTS, GenerationSettings
+    from diffusers_helper.settings import GenerationSettings
+    from diffusers_helper.startup import add_model_arguments
 
     defaults = GenerationSettings(prompt="")
     parser = _Parser(description="Generate a FramePack video from one image and a prompt.")
@@ -35,34 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--distilled-cfg", type=float, default=defaults.distilled_cfg, help="distilled guidance")
     parser.add_argument("--cfg-rescale", type=float, default=defaults.cfg_rescale, help="guidance rescale, 0-1")
     parser.add_argument("--latent-window", type=int, default=defaults.latent_window, help="latent frames per section")
-    parser.add_argument(
-        "--variant", choices=VARIANTS, default=defaults.variant, help="framepack: end to start; f1: forward"
-    )
     parser.add_argument("--resolution", type=int, help="bucket resolution (default 640, tiny preset 128)")
     parser.add_argument("--teacache", action=argparse.BooleanOptionalAction, default=defaults.teacache)
     parser.add_argument("--teacache-threshold", type=float, default=defaults.teacache_threshold)
     parser.add_argument("--crf", type=int, default=defaults.crf, help="H.264 quality, 0 (lossless) to 51")
     parser.add_argument("--gpu-memory-preservation", type=float, default=defaults.gpu_memory_preservation,
                         help="GB to keep free when offloading")  # fmt: skip
-    parser.add_argument("--device", choices=DEVICES, default="auto")
     parser.add_argument("--verbose", action="store_true", help="debug logging, with tracebacks of fallbacks")
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--output", type=Path, help="the MP4 to write (PNG and JSON go beside it)")
     target.add_argument("--outputs", type=Path, default=OUTPUTS_DIR, help="directory for an auto-named job")
-    tensorrt = parser.add_argument_group("TensorRT (see docs/tensorrt.md)")
-    tensorrt.add_argument(
-        "--enable-tensorrt", action="store_true", help="TensorRT engines for the VAE encoder and decoder"
-    )
-    tensorrt.add_argument("--tensorrt-text-encoders", action="store_true", help="also the LLaMA and CLIP text encoders")
-    tensorrt.add_argument("--tensorrt-transformer", action="store_true", help="also the transformer's block stack")
-    tensorrt.add_argument(
-        "--tensorrt-info", action="store_true", help="print GPU, versions and engine cache, then exit"
-    )
-    source = parser.add_mutually_exclusive_group()
-    source.add_argument(
-        "--preset", choices=("tiny",), help="tiny: small random models built offline, for trying it out"
-    )
-    source.add_argument("--models", type=Path, help="a local copy of the models in the hub layout <owner>/<repo>")
+    add_model_arguments(parser)
     return parser
 
 
@@ -149,38 +133,32 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("diffusers_helper").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     _quiet_libraries()
 
-    from diffusers_helper.engine import FramePackEngine
     from diffusers_helper.images import load_input_image
-    from diffusers_helper.loading import ModelsUnavailable, load_components
+    from diffusers_helper.loading import ModelsUnavailable
     from diffusers_helper.memory import plan_memory
     from diffusers_helper.outputs import JobPaths, ensure_writable_dir
     from diffusers_helper.settings import InvalidSettings
-    from diffusers_helper.tensorrt_runtime import TensorRTOptions, TensorRTRuntime, accelerate
-    from diffusers_helper.tiny_preset import ensure_tiny_models
+    from diffusers_helper.startup import load_engine, models_dir, tensorrt_options
+    from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
     try:
-        tensorrt = TensorRTOptions(args.enable_tensorrt, args.tensorrt_text_encoders, args.tensorrt_transformer)
+        tensorrt = tensorrt_options(args)
         settings = _settings(args)
         image = load_input_image(args.image)
         paths = JobPaths.for_video(args.output) if args.output else JobPaths.new_job(args.outputs)
         ensure_writable_dir(paths.video.parent)
-        if args.models and not args.models.is_dir():
-            raise InvalidSettings(f"models directory not found: {args.models}")
+        source = models_dir(args)
         plan = plan_memory(args.device, settings.gpu_memory_preservation)
     except (InvalidSettings, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    models_dir = ensure_tiny_models() if args.preset == "tiny" else args.models
+    runtime = TensorRTRuntime() if tensorrt.enabled else None
     try:
-        components = load_components(settings.variant, models_dir, plan.dtypes())
+        engine = load_engine(settings.variant, source, plan, tensorrt, runtime)
     except ModelsUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    runtime = TensorRTRuntime() if tensorrt.enabled else None
-    if runtime:
-        accelerate(components, tensorrt, runtime, offloading=plan.offload)
-    engine = FramePackEngine(components, plan)
     stop = threading.Event()
     _stop_on_ctrl_c(stop)
     code = _run(engine, image, settings, paths, stop)
