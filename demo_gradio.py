@@ -1,0 +1,250 @@
+"""FramePack in the browser: Gradio controls in, engine events out. No generation logic lives here.
+
+    python demo_gradio.py --preset tiny          # offline, on the CPU
+    python demo_gradio.py --enable-tensorrt      # real models (see README.md)
+
+Jobs queue (one generation at a time); each page sees its own progress, queue position and End button.
+"""
+
+import argparse
+import html
+import logging
+import sys
+import threading
+from pathlib import Path
+
+QUICK_PROMPT_LABEL = "Quick prompts"
+
+
+def progress_html(fraction: float, text: str) -> str:
+    return (
+        f'<progress value="{fraction * 100:.0f}" max="100" style="width:100%"></progress><div>{html.escape(text)}</div>'
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from diffusers_helper.paths import OUTPUTS_DIR
+    from diffusers_helper.startup import add_model_arguments
+
+    parser = argparse.ArgumentParser(description="The FramePack app.")
+    parser.add_argument("--server", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    parser.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
+    parser.add_argument("--share", action="store_true", help="also publish a public Gradio link (off by default)")
+    parser.add_argument("--inbrowser", action="store_true", help="open a browser tab")
+    parser.add_argument("--outputs", type=Path, default=OUTPUTS_DIR, help="where videos go; the only folder served")
+    add_model_arguments(parser)
+    return parser
+
+
+class App:
+    """The engine behind the page: one per process, switching the loaded variant when a job asks for another."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from diffusers_helper.memory import plan_memory
+        from diffusers_helper.startup import load_engine, models_dir, tensorrt_options
+        from diffusers_helper.tensorrt_runtime import TensorRTRuntime
+
+        self.outputs = args.outputs
+        self.options = tensorrt_options(args)
+        self.source = models_dir(args)
+        self.runtime = TensorRTRuntime() if self.options.enabled else None
+        self.plan = plan_memory(args.device)
+        self._load_engine = load_engine
+        self.engine = load_engine(args.variant, self.source, self.plan, self.options, self.runtime)
+        self.resolution = 128 if args.preset == "tiny" else 640
+        self._stops: dict[str, threading.Event] = {}
+
+    def stop_event(self, session: str) -> threading.Event:
+        """Each page (session) has its own End button: its event stops only its own job."""
+        return self._stops.setdefault(session, threading.Event())
+
+    def forget(self, session: str) -> None:
+        self._stops.pop(session, None)
+
+    def engine_for(self, variant: str):
+        """The engine with `variant` loaded (reloading the models when the page asks for the other variant)."""
+        if self.engine.components.variant != variant:
+            self.engine = None  # let the old models go before the new ones load
+            self.engine = self._load_engine(variant, self.source, self.plan, self.options, self.runtime)
+        return self.engine
+
+    def acceleration(self) -> str:
+        if self.runtime is None:
+            return "TensorRT: off (start with --enable-tensorrt)"
+        lines = self.runtime.report() or ["no component has run yet"]
+        return "TensorRT:\n" + "\n".join(f"- {line}" for line in lines)
+
+
+def build_ui(app: App):
+    import gradio as gr
+
+    from diffusers_helper.events import Failed, Finished, SectionFinished, StepProgress
+    from diffusers_helper.images import load_input_image
+    from diffusers_helper.jobs import ProgressText, events_with_ticks
+    from diffusers_helper.outputs import JobPaths
+    from diffusers_helper.settings import QUICK_PROMPTS, VARIANTS, GenerationSettings, InvalidSettings
+
+    defaults = GenerationSettings(prompt="")
+
+    def start(request: gr.Request) -> tuple:
+        app.stop_event(request.session_hash).clear()
+        return gr.update(interactive=False), gr.update(interactive=True)
+
+    def end(request: gr.Request) -> dict:
+        app.stop_event(request.session_hash).set()
+        return gr.update(interactive=False)
+
+    def forget(request: gr.Request) -> None:
+        app.forget(request.session_hash)
+
+    def generate(image_path, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale,
+                 preserve, teacache, crf, variant, resolution, request: gr.Request):  # fmt: skip
+        idle = gr.update(interactive=True), gr.update(interactive=False)  # start, end
+        running = gr.update(interactive=False), gr.update(interactive=True)
+        try:
+            if not image_path:
+                raise InvalidSettings("upload a start image first")
+            image = load_input_image(Path(image_path))
+            settings = GenerationSettings(
+                prompt=prompt, negative_prompt=negative_prompt, seed=int(seed), seconds=float(seconds),
+                steps=int(steps), cfg=float(cfg), distilled_cfg=float(distilled_cfg), cfg_rescale=float(rescale),
+                latent_window=int(window), variant=variant, resolution=int(resolution), teacache=bool(teacache),
+                crf=int(crf), gpu_memory_preservation=float(preserve),
+            )  # fmt: skip
+        except InvalidSettings as error:
+            yield None, None, progress_html(0, f"error: {error}"), app.acceleration(), gr.update(), *idle
+            return
+        engine = app.engine_for(settings.variant)
+        paths = JobPaths.new_job(app.outputs)
+        progress = ProgressText(settings.sections, settings.steps)
+        video = preview = None
+        yield video, preview, progress_html(0, progress.text()), app.acceleration(), gr.update(visible=False), *running
+        stop = app.stop_event(request.session_hash)
+        for event in events_with_ticks(engine.generate(image, settings, paths, stop)):
+            progress.update(event)
+            if isinstance(event, StepProgress):
+                preview = event.preview
+            elif isinstance(event, SectionFinished):
+                video = str(event.video)
+            elif isinstance(event, Finished | Failed):
+                stop.clear()  # the next job of this page starts fresh
+                download = gr.update(value=video, visible=video is not None)
+                done = progress_html(1 if isinstance(event, Finished) else progress.fraction, progress.final(event))
+                yield video, preview, done, app.acceleration(), download, *idle
+                return
+            yield (
+                video,
+                preview,
+                progress_html(progress.fraction, progress.text()),
+                app.acceleration(),
+                gr.update(),
+                *running,
+            )
+
+    with gr.Blocks(title="FramePack") as ui:
+        gr.Markdown("# FramePack\nOne image and a prompt in; a video out, a section at a time.")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(label="Start image", type="filepath", sources=["upload"], height=320)
+                prompt = gr.Textbox(label="Prompt", value="")
+                quick = gr.Dataset(samples=[[p] for p in QUICK_PROMPTS], label=QUICK_PROMPT_LABEL, components=[prompt])
+                quick.click(
+                    lambda sample: sample[0], inputs=[quick], outputs=prompt, show_progress="hidden", api_name=False
+                )
+                with gr.Row():
+                    start_button = gr.Button("Start Generation", variant="primary")
+                    end_button = gr.Button("End Generation", interactive=False)
+                negative_prompt = gr.Textbox(
+                    label="Negative prompt (used when CFG > 1)", value=defaults.negative_prompt
+                )
+                seed = gr.Number(label="Seed", value=defaults.seed, precision=0)
+                seconds = gr.Slider(
+                    label="Total video length (seconds)", minimum=1, maximum=120, step=0.1, value=defaults.seconds
+                )
+                steps = gr.Slider(label="Steps", minimum=1, maximum=100, step=1, value=defaults.steps)
+                distilled_cfg = gr.Slider(
+                    label="Distilled CFG scale", minimum=1, maximum=32, step=0.01, value=defaults.distilled_cfg
+                )
+                with gr.Accordion("Advanced", open=False):
+                    window = gr.Slider(
+                        label="Latent window size", minimum=1, maximum=33, step=1, value=defaults.latent_window
+                    )
+                    cfg = gr.Slider(label="CFG scale (real)", minimum=1, maximum=32, step=0.01, value=defaults.cfg)
+                    rescale = gr.Slider(
+                        label="CFG rescale", minimum=0, maximum=1, step=0.01, value=defaults.cfg_rescale
+                    )
+                    preserve = gr.Slider(
+                        label="GPU memory to preserve (GB)",
+                        minimum=6,
+                        maximum=128,
+                        step=0.1,
+                        value=defaults.gpu_memory_preservation,
+                    )
+                    teacache = gr.Checkbox(
+                        label="Use TeaCache (faster, slightly different hands and fingers)", value=defaults.teacache
+                    )
+                    crf = gr.Slider(
+                        label="MP4 compression (CRF, lower is better; 16 if you get black outputs)",
+                        minimum=0,
+                        maximum=51,
+                        step=1,
+                        value=defaults.crf,
+                    )
+                    variant = gr.Radio(label="Model", choices=list(VARIANTS), value=app.engine.components.variant)
+                    resolution = gr.Slider(
+                        label="Resolution bucket", minimum=128, maximum=1280, step=16, value=app.resolution
+                    )
+            with gr.Column():
+                preview = gr.Image(label="Next latents", height=200, interactive=False)
+                video = gr.Video(label="Finished frames", autoplay=True, loop=True, height=512, interactive=False)
+                progress = gr.HTML(elem_id="progress-text")
+                download = gr.DownloadButton("Download video", visible=False)
+                acceleration = gr.Markdown(app.acceleration(), elem_id="acceleration-status")
+        inputs = [image, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale, preserve,
+                  teacache, crf, variant, resolution]  # fmt: skip
+        outputs = [video, preview, progress, acceleration, download, start_button, end_button]
+        start_button.click(start, outputs=[start_button, end_button], queue=False, api_name=False).then(
+            generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_id="gpu"
+        )
+        end_button.click(end, outputs=[end_button], queue=False, api_name="end")
+        ui.unload(forget)
+    return ui
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("diffusers_helper").setLevel(logging.INFO)
+    from diffusers_helper.loading import ModelsUnavailable
+    from diffusers_helper.outputs import ensure_writable_dir
+    from diffusers_helper.settings import InvalidSettings
+
+    if args.tensorrt_info:
+        import json
+
+        from diffusers_helper.tensorrt_runtime import TensorRTRuntime
+
+        print(json.dumps(TensorRTRuntime().environment(), indent=2))
+        return 0
+    try:
+        ensure_writable_dir(args.outputs)
+        app = App(args)
+    except (InvalidSettings, ValueError, ModelsUnavailable) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2 if not isinstance(error, ModelsUnavailable) else 1
+    ui = build_ui(app)
+    ui.queue(default_concurrency_limit=1)
+    ui.launch(
+        server_name=args.server,
+        server_port=args.port,
+        share=args.share,
+        inbrowser=args.inbrowser,
+        allowed_paths=[str(Path(args.outputs).resolve())],
+        max_file_size="50mb",
+        show_error=True,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

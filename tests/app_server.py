@@ -1,0 +1,45 @@
+"""Start the app (tiny preset) on a free loopback port in a child process, for the API and browser tests."""
+
+import contextlib
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_app(outputs: Path, log: Path) -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    with open(log, "w") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "demo_gradio.py", "--preset", "tiny", "--port", str(port), "--outputs", str(outputs)],
+            cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                if process.poll() is not None:
+                    raise RuntimeError(f"the app exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+                try:
+                    with urllib.request.urlopen(url, timeout=2):
+                        break
+                except OSError:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.5)
+            yield url
+        finally:
+            process.terminate()
+            process.wait(timeout=30)

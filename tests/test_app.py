@@ -1,0 +1,100 @@
+"""The app through its HTTP API (gradio_client against 127.0.0.1, tiny preset)."""
+
+import re
+import threading
+import time
+
+import av
+import pytest
+from gradio_client import Client, handle_file
+from PIL import Image
+
+from tests.app_server import running_app
+
+# image, prompt, negative prompt, seed, seconds, steps, distilled CFG, window, CFG, rescale, preserve, TeaCache, CRF,
+# variant, resolution
+ARGUMENTS = ["a cat walks", "", 31337, 2.0, 6, 10.0, 9, 1.0, 0.0, 6.0, True, 16, "framepack", 128]
+
+
+def with_seconds(seconds: float, steps: int = 6) -> list:
+    return [*ARGUMENTS[:3], seconds, steps, *ARGUMENTS[5:]]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("app")
+    with running_app(directory / "outputs", directory / "app.log") as url:
+        yield url
+
+
+def text(progress_html: str) -> str:
+    return re.sub(r"<[^>]+>", "", progress_html).replace("&#x27;", "'")
+
+
+def frame_count(path: str) -> int:
+    with av.open(path) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def test_a_complete_job_returns_a_playable_video(app_url, image_file):
+    client = Client(app_url, verbose=False)
+    video, _, progress, acceleration, download = client.predict(
+        handle_file(str(image_file)), *ARGUMENTS, api_name="/generate"
+    )
+    assert frame_count(video) == 73
+    assert text(progress).startswith("done: 73 frames") and 'value="100"' in progress
+    assert acceleration.startswith("TensorRT: off")
+    assert download["visible"] is True and frame_count(download["value"]) == 73
+
+
+def test_end_after_the_first_section_returns_the_partial_video(app_url, image_file):
+    client = Client(app_url, verbose=False)
+    job = client.submit(handle_file(str(image_file)), *with_seconds(4.0, steps=30), api_name="/generate")
+    deadline = time.monotonic() + 120
+    while not any("33 frames so far" in text(output[2]) for output in job.outputs()):
+        assert time.monotonic() < deadline and not job.done()
+        time.sleep(0.1)
+    client.predict(api_name="/end")
+    video, _, progress, _, _ = job.result(timeout=120)
+    assert frame_count(video) == 33
+    assert "stopped after 1 of 3 sections" in text(progress)
+
+
+def test_bad_uploads_get_their_message_and_the_app_keeps_serving(app_url, image_file, tmp_path):
+    client = Client(app_url, verbose=False)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (20, 20)).save(small)
+    truncated = tmp_path / "truncated.png"
+    truncated.write_bytes(image_file.read_bytes()[:300])
+    (tmp_path / "notes.png").write_text("not an image")
+    progress = text(client.predict(handle_file(str(small)), *ARGUMENTS, api_name="/generate")[2])
+    assert progress.startswith("error:") and "each side must be at least 64 pixels" in progress
+    progress = text(client.predict(handle_file(str(truncated)), *ARGUMENTS, api_name="/generate")[2])
+    assert progress.startswith("error: not a readable image file")
+    with pytest.raises(Exception, match="image"):  # not an image at all: Gradio itself refuses the upload
+        client.predict(handle_file(str(tmp_path / "notes.png")), *ARGUMENTS, api_name="/generate")
+    assert text(client.predict(handle_file(str(image_file)), *with_seconds(1.0), api_name="/generate")[2]).startswith(
+        "done"
+    )
+
+
+def test_two_clients_at_once_both_finish_in_turn(app_url, image_file):
+    clients = [Client(app_url, verbose=False) for _ in range(2)]
+    jobs = [client.submit(handle_file(str(image_file)), *with_seconds(1.0), api_name="/generate") for client in clients]
+    seen_waiting = threading.Event()
+    while not all(job.done() for job in jobs):
+        statuses = {job.status().code.name for job in jobs}
+        if statuses & {"PROCESSING", "ITERATING", "PROGRESS"} and "IN_QUEUE" in statuses:
+            seen_waiting.set()
+        time.sleep(0.05)
+    assert seen_waiting.is_set()  # one ran while the other waited its turn
+    for job in jobs:
+        video, _, progress, _, _ = job.result()
+        assert text(progress).startswith("done: 37 frames") and frame_count(video) == 37
+
+
+def test_the_other_variant_loads_on_demand(app_url, image_file):
+    client = Client(app_url, verbose=False)
+    arguments = [*with_seconds(1.0)[:-2], "f1", 128]
+    video, _, progress, _, _ = client.predict(handle_file(str(image_file)), *arguments, api_name="/generate")
+    assert text(progress).startswith("done: 37 frames") and frame_count(video) == 37
