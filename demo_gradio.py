@@ -45,12 +45,14 @@ class App:
         from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
         self.outputs = args.outputs
+        self.device = args.device
         self.options = tensorrt_options(args)
         self.source = models_dir(args)
         self.runtime = TensorRTRuntime() if self.options.enabled else None
-        self.plan = plan_memory(args.device)
-        self._load_engine = load_engine
-        self.engine = load_engine(args.variant, self.source, self.plan, self.options, self.runtime)
+        self._plan_memory, self._load_engine = plan_memory, load_engine
+        plan = plan_memory(args.device)
+        self.free_gb = plan.free_gb  # measured once, before the models take their share
+        self.engine = load_engine(args.variant, self.source, plan, self.options, self.runtime)
         self.resolution = 128 if args.preset == "tiny" else 640
         self._stops: dict[str, threading.Event] = {}
 
@@ -61,11 +63,14 @@ class App:
     def forget(self, session: str) -> None:
         self._stops.pop(session, None)
 
-    def engine_for(self, variant: str):
-        """The engine with `variant` loaded (reloading the models when the page asks for the other variant)."""
-        if self.engine.components.variant != variant:
-            self.engine = None  # let the old models go before the new ones load
-            self.engine = self._load_engine(variant, self.source, self.plan, self.options, self.runtime)
+    def engine_for(self, variant: str, preserve_gb: float):
+        """The engine for this job's variant and memory setting, reloading the models when either changes what
+        is loaded or where it lives."""
+        plan = self._plan_memory(self.device, preserve_gb, free_gb=self.free_gb if self.free_gb else None)
+        engine = self.engine
+        if engine is None or engine.components.variant != variant or engine.plan.offload != plan.offload:
+            self.engine = engine = None  # let the old models go before the new ones load
+            self.engine = self._load_engine(variant, self.source, plan, self.options, self.runtime)
         return self.engine
 
     def acceleration(self) -> str:
@@ -81,6 +86,7 @@ def build_ui(app: App):
     from diffusers_helper.events import Failed, Finished, SectionFinished, StepProgress
     from diffusers_helper.images import load_input_image
     from diffusers_helper.jobs import ProgressText, events_with_ticks
+    from diffusers_helper.loading import ModelsUnavailable
     from diffusers_helper.outputs import JobPaths
     from diffusers_helper.settings import QUICK_PROMPTS, VARIANTS, GenerationSettings, InvalidSettings
 
@@ -114,7 +120,11 @@ def build_ui(app: App):
         except InvalidSettings as error:
             yield None, None, progress_html(0, f"error: {error}"), app.acceleration(), gr.update(), *idle
             return
-        engine = app.engine_for(settings.variant)
+        try:
+            engine = app.engine_for(settings.variant, settings.gpu_memory_preservation)
+        except ModelsUnavailable as error:
+            yield None, None, progress_html(0, f"error: {error}"), app.acceleration(), gr.update(), *idle
+            return
         paths = JobPaths.new_job(app.outputs)
         progress = ProgressText(settings.sections, settings.steps)
         video = preview = None
