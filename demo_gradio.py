@@ -117,12 +117,8 @@ def build_ui(app: App):
                 latent_window=int(window), variant=variant, resolution=int(resolution), teacache=bool(teacache),
                 crf=int(crf), gpu_memory_preservation=float(preserve),
             )  # fmt: skip
-        except InvalidSettings as error:
-            yield None, None, progress_html(0, f"error: {error}"), app.acceleration(), gr.update(), *idle
-            return
-        try:
             engine = app.engine_for(settings.variant, settings.gpu_memory_preservation)
-        except ModelsUnavailable as error:
+        except (InvalidSettings, ModelsUnavailable) as error:
             yield None, None, progress_html(0, f"error: {error}"), app.acceleration(), gr.update(), *idle
             return
         paths = JobPaths.new_job(app.outputs)
