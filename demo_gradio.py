@@ -41,7 +41,7 @@ class App:
 
     def __init__(self, args: argparse.Namespace) -> None:
         from diffusers_helper.memory import plan_memory
-        from diffusers_helper.startup import load_engine, models_dir, tensorrt_options
+        from diffusers_helper.startup import default_resolution, load_engine, models_dir, tensorrt_options
         from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
         self.outputs = args.outputs
@@ -53,7 +53,7 @@ class App:
         plan = plan_memory(args.device)
         self.free_gb = plan.free_gb  # measured once, before the models take their share
         self.engine = load_engine(args.variant, self.source, plan, self.options, self.runtime)
-        self.resolution = 128 if args.preset == "tiny" else 640
+        self.resolution = default_resolution(args.preset)
         self._stops: dict[str, threading.Event] = {}
 
     def stop_event(self, session: str) -> threading.Event:

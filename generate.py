@@ -52,9 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace):
     from diffusers_helper.settings import GenerationSettings
-    from diffusers_helper.tiny_preset import TINY_RESOLUTION
+    from diffusers_helper.startup import default_resolution
 
-    resolution = args.resolution or (TINY_RESOLUTION if args.preset == "tiny" else 640)
+    resolution = args.resolution or default_resolution(args.preset)
     return GenerationSettings(
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, seconds=args.seconds,
         steps=args.steps, cfg=args.cfg, distilled_cfg=args.distilled_cfg, cfg_rescale=args.cfg_rescale,

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .settings import DEVICES, VARIANTS, InvalidSettings
+from .settings import DEVICES, VARIANTS, GenerationSettings, InvalidSettings
 
 if TYPE_CHECKING:
     from .engine import FramePackEngine
@@ -38,6 +38,13 @@ def tensorrt_options(args: argparse.Namespace) -> "TensorRTOptions":
     from .tensorrt_runtime import TensorRTOptions
 
     return TensorRTOptions(args.enable_tensorrt, args.tensorrt_text_encoders, args.tensorrt_transformer)
+
+
+def default_resolution(preset: str | None) -> int:
+    """The bucket resolution a preset is made for: the tiny models are cheap at 128, real ones want 640."""
+    from .tiny_preset import TINY_RESOLUTION
+
+    return TINY_RESOLUTION if preset == "tiny" else GenerationSettings(prompt="").resolution
 
 
 def models_dir(args: argparse.Namespace) -> Path | None:
