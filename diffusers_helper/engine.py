@@ -98,7 +98,7 @@ class FramePackEngine:
         frames = None
         self.teacache.computed = self.teacache.skipped = 0
         for section in order.plan(settings.sections):
-            latents = yield from self._sample(section, history, conditions, settings, generator, stop)
+            latents = yield from self._sample(order, section, history, conditions, settings, generator, stop)
             if latents is None:
                 break
             history = order.append(history, latents, conditions.start_latent, section)
@@ -132,6 +132,7 @@ class FramePackEngine:
 
     def _sample(
         self,
+        order: SectionOrder,
         section: Section,
         history: torch.Tensor,
         conditions: Conditions,
@@ -143,7 +144,7 @@ class FramePackEngine:
         if stop.is_set():
             return None
         window = settings.latent_window
-        layout = ORDERS[settings.variant].layout(history, conditions.start_latent, section, window)
+        layout = order.layout(history, conditions.start_latent, section, window)
         shape = (1, conditions.start_latent.shape[1], window, *conditions.start_latent.shape[3:])
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.plan.device)
         self.teacache.reset(settings.teacache_threshold if settings.teacache else None)

@@ -467,14 +467,13 @@ class TensorRTTextEncoder(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, runtime: TensorRTRuntime) -> None:
         super().__init__()
-        self.model = model
-        self.hidden_states = _HiddenStates(model)
+        self.hidden_states = _HiddenStates(model)  # the one registered copy of the model
         self.runtime = runtime
         runtime.register(self.component)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.dtype
+        return self.hidden_states.model.dtype
 
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
@@ -483,7 +482,9 @@ class TensorRTTextEncoder(torch.nn.Module):
             attention_mask = torch.ones_like(input_ids)
         length = input_ids.shape[1]
         padding = -length % TEXT_LENGTH_BUCKET
-        padded_ids = torch.nn.functional.pad(input_ids, (0, padding), value=self.model.config.pad_token_id or 0)
+        padded_ids = torch.nn.functional.pad(
+            input_ids, (0, padding), value=self.hidden_states.model.config.pad_token_id or 0
+        )
         padded_mask = torch.nn.functional.pad(attention_mask, (0, padding), value=0)
         stacked = self.runtime.run(self.component, self.hidden_states, (padded_ids, padded_mask))[:, :, :length]
         return BaseModelOutputWithPast(last_hidden_state=stacked[-1], hidden_states=tuple(stacked))
@@ -506,14 +507,13 @@ class TensorRTCLIPTextEncoder(torch.nn.Module):
 
     def __init__(self, model: torch.nn.Module, runtime: TensorRTRuntime) -> None:
         super().__init__()
-        self.model = model
-        self.pooled = _Pooled(model)
+        self.pooled = _Pooled(model)  # the one registered copy of the model
         self.runtime = runtime
         runtime.register(self.component)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.dtype
+        return self.pooled.model.dtype
 
     def forward(self, input_ids: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
         last_hidden_state, pooled = self.runtime.run(self.component, self.pooled, (input_ids,))
