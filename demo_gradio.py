@@ -23,8 +23,8 @@ def progress_html(fraction: float, text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffusers_helper.paths import OUTPUTS_DIR
-    from diffusers_helper.startup import add_model_arguments
+    from diffusers_helper.frontend.startup import add_model_arguments
+    from diffusers_helper.settings import OUTPUTS_DIR
 
     parser = argparse.ArgumentParser(description="The FramePack app.")
     parser.add_argument("--server", default="127.0.0.1", help="address to listen on (default: loopback only)")
@@ -40,8 +40,8 @@ class App:
     """The engine behind the page: one per process, switching the loaded variant when a job asks for another."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from diffusers_helper.memory import plan_memory
-        from diffusers_helper.startup import default_resolution, load_engine, models_dir, tensorrt_options
+        from diffusers_helper.frontend.startup import default_resolution, load_engine, models_dir, tensorrt_options
+        from diffusers_helper.models.placement import plan_memory
         from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
         self.outputs = args.outputs
@@ -83,11 +83,12 @@ class App:
 def build_ui(app: App):
     import gradio as gr
 
-    from diffusers_helper.events import Failed, Finished, SectionFinished, StepProgress
-    from diffusers_helper.images import load_input_image
-    from diffusers_helper.jobs import ProgressText, events_with_ticks
-    from diffusers_helper.loading import ModelsUnavailable
-    from diffusers_helper.outputs import JobPaths
+    from diffusers_helper.frontend.progress import ProgressText
+    from diffusers_helper.frontend.worker import events_with_ticks
+    from diffusers_helper.media.images import load_input_image
+    from diffusers_helper.media.job_files import JobPaths
+    from diffusers_helper.models.components import ModelsUnavailable
+    from diffusers_helper.pipeline.events import Failed, Finished, SectionFinished, StepProgress
     from diffusers_helper.settings import QUICK_PROMPTS, VARIANTS, GenerationSettings, InvalidSettings
 
     defaults = GenerationSettings(prompt="")
@@ -221,8 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers_helper").setLevel(logging.INFO)
-    from diffusers_helper.loading import ModelsUnavailable
-    from diffusers_helper.outputs import ensure_writable_dir
+    from diffusers_helper.media.job_files import ensure_writable_dir
+    from diffusers_helper.models.components import ModelsUnavailable
     from diffusers_helper.settings import InvalidSettings
 
     if args.tensorrt_info:

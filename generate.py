@@ -20,9 +20,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffusers_helper.paths import OUTPUTS_DIR
-    from diffusers_helper.settings import GenerationSettings
-    from diffusers_helper.startup import add_model_arguments
+    from diffusers_helper.frontend.startup import add_model_arguments
+    from diffusers_helper.settings import OUTPUTS_DIR, GenerationSettings
 
     defaults = GenerationSettings(prompt="")
     parser = _Parser(description="Generate a FramePack video from one image and a prompt.")
@@ -51,8 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace):
+    from diffusers_helper.frontend.startup import default_resolution
     from diffusers_helper.settings import GenerationSettings
-    from diffusers_helper.startup import default_resolution
 
     resolution = args.resolution or default_resolution(args.preset)
     return GenerationSettings(
@@ -89,7 +88,7 @@ def _stop_on_ctrl_c(stop: threading.Event) -> None:
 def _run(engine, image, settings, paths, stop: threading.Event) -> int:
     from tqdm import tqdm
 
-    from diffusers_helper.events import Failed, Finished, SectionFinished, StepProgress
+    from diffusers_helper.pipeline.events import Failed, Finished, SectionFinished, StepProgress
 
     with tqdm(total=settings.sections * settings.steps, unit="step", dynamic_ncols=True) as bar:
         for event in engine.generate(image, settings, paths, stop):
@@ -133,12 +132,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("diffusers_helper").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     _quiet_libraries()
 
-    from diffusers_helper.images import load_input_image
-    from diffusers_helper.loading import ModelsUnavailable
-    from diffusers_helper.memory import plan_memory
-    from diffusers_helper.outputs import JobPaths, ensure_writable_dir
+    from diffusers_helper.frontend.startup import load_engine, models_dir, tensorrt_options
+    from diffusers_helper.media.images import load_input_image
+    from diffusers_helper.media.job_files import JobPaths, ensure_writable_dir
+    from diffusers_helper.models.components import ModelsUnavailable
+    from diffusers_helper.models.placement import plan_memory
     from diffusers_helper.settings import InvalidSettings
-    from diffusers_helper.startup import load_engine, models_dir, tensorrt_options
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
     try:

@@ -17,21 +17,20 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from diffusers_helper.engine import FramePackEngine
-from diffusers_helper.engine_cache import EngineCache
-from diffusers_helper.images import example_image
-from diffusers_helper.loading import load_components
-from diffusers_helper.memory import plan_memory
-from diffusers_helper.outputs import JobPaths
-from diffusers_helper.settings import GenerationSettings
+from diffusers_helper.acceleration.engine_cache import EngineCache
+from diffusers_helper.media.images import example_image
+from diffusers_helper.media.job_files import JobPaths
+from diffusers_helper.models.assembly import assemble
+from diffusers_helper.models.components import load_components
+from diffusers_helper.models.placement import plan_memory
+from diffusers_helper.models.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
+from diffusers_helper.pipeline.engine import FramePackEngine
+from diffusers_helper.settings import GenerationSettings, TensorRTOptions
 from diffusers_helper.tensorrt_runtime import (
-    TensorRTOptions,
     TensorRTRuntime,
     TensorRTTransformer,
-    accelerate,
     relative_error,
 )
-from diffusers_helper.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
 from tests.gpu.midsize import mid_size_transformer, stack_inputs
 
 
@@ -81,11 +80,8 @@ def tiny_engine(cache_dir: Path | None) -> tuple[FramePackEngine, TensorRTRuntim
     plan = plan_memory("cuda")
     components = load_components("framepack", ensure_tiny_models(), plan.dtypes())
     runtime = TensorRTRuntime(EngineCache(cache_dir)) if cache_dir else None
-    if runtime:
-        accelerate(
-            components, TensorRTOptions(vae=True, text_encoders=True, transformer=True), runtime, offloading=False
-        )
-    return FramePackEngine(components, plan, write_video=lambda *args: None), runtime
+    models = assemble(components, plan, TensorRTOptions(vae=True, text_encoders=True, transformer=True), runtime)
+    return FramePackEngine(models, write_video=lambda *args: None), runtime
 
 
 def generate_seconds(engine: FramePackEngine, out: Path) -> float:

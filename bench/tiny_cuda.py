@@ -13,21 +13,21 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusers_helper.engine import FramePackEngine
-from diffusers_helper.events import Finished
-from diffusers_helper.images import example_image
-from diffusers_helper.loading import load_components
-from diffusers_helper.memory import plan_memory
-from diffusers_helper.outputs import JobPaths
+from diffusers_helper.media.images import example_image
+from diffusers_helper.media.job_files import JobPaths
+from diffusers_helper.models.assembly import assemble
+from diffusers_helper.models.components import load_components
+from diffusers_helper.models.placement import plan_memory
+from diffusers_helper.models.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
+from diffusers_helper.pipeline.engine import FramePackEngine
+from diffusers_helper.pipeline.events import Finished
 from diffusers_helper.settings import GenerationSettings
-from diffusers_helper.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
 
 
 def run(variant: str, free_gb: float | None, teacache: bool, out: Path) -> dict:
     plan = plan_memory("cuda", free_gb=free_gb)
-    engine = FramePackEngine(
-        load_components(variant, ensure_tiny_models(), plan.dtypes()), plan, write_video=lambda *args: None
-    )
+    components = load_components(variant, ensure_tiny_models(), plan.dtypes())
+    engine = FramePackEngine(assemble(components, plan), write_video=lambda *args: None)
     settings = GenerationSettings(
         prompt="a cat walks", seconds=2, resolution=TINY_RESOLUTION, variant=variant, teacache=teacache
     )

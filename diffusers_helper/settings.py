@@ -1,8 +1,14 @@
-"""Generation settings: one frozen, validated record shared by the CLI, the UI and the sidecar JSON."""
+"""Settings as validated data: where runtime files live, what one job asks for (`GenerationSettings`, shared by
+the CLI, the UI and the sidecar JSON) and what the process accelerates (`TensorRTOptions`)."""
 
 import dataclasses
 import math
 from dataclasses import dataclass
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CACHE_DIR = REPO_ROOT / "Cache"  # like FramePack's own folders, relative to the checkout
+OUTPUTS_DIR = REPO_ROOT / "outputs"
 
 VARIANTS = ("framepack", "f1")
 DEVICES = ("auto", "cpu", "cuda")
@@ -72,3 +78,28 @@ class GenerationSettings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """Which components to accelerate; validated like the generation settings."""
+
+    vae: bool = False
+    text_encoders: bool = False
+    transformer: bool = False
+
+    def __post_init__(self) -> None:
+        if (self.text_encoders or self.transformer) and not self.vae:
+            flags = [
+                flag
+                for flag, on in (
+                    ("--tensorrt-text-encoders", self.text_encoders),
+                    ("--tensorrt-transformer", self.transformer),
+                )
+                if on
+            ]
+            raise InvalidSettings(f"{' and '.join(flags)} {'needs' if len(flags) == 1 else 'need'} --enable-tensorrt")
+
+    @property
+    def enabled(self) -> bool:
+        return self.vae

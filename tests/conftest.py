@@ -7,12 +7,12 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from diffusers_helper.images import example_image
+from diffusers_helper.media.images import example_image
 
 
 @pytest.fixture(scope="session")
 def tiny_root():
-    from diffusers_helper.tiny_preset import ensure_tiny_models
+    from diffusers_helper.models.tiny_preset import ensure_tiny_models
 
     return ensure_tiny_models()
 
@@ -41,12 +41,13 @@ class FrameSink:
 @pytest.fixture(scope="session")
 def engines(tiny_root):
     """One CPU engine per variant, shared by the tests (loading costs seconds)."""
-    from diffusers_helper.engine import FramePackEngine
-    from diffusers_helper.loading import load_components
-    from diffusers_helper.memory import plan_memory
+    from diffusers_helper.models.assembly import assemble
+    from diffusers_helper.models.components import load_components
+    from diffusers_helper.models.placement import plan_memory
+    from diffusers_helper.pipeline.engine import FramePackEngine
 
     plan = plan_memory("cpu")
     return {
-        variant: FramePackEngine(load_components(variant, tiny_root, plan.dtypes()), plan)
+        variant: FramePackEngine(assemble(load_components(variant, tiny_root, plan.dtypes()), plan))
         for variant in ("framepack", "f1")
     }

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from diffusers_helper.engine_cache import EngineCache
+from diffusers_helper.acceleration.engine_cache import EngineCache
 from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 from tests.tensorrt_double import FakeBackend
 

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from diffusers_helper.buckets import BUCKETS_640, bucket_options, find_nearest_bucket, resize_and_center_crop
+from diffusers_helper.media.buckets import BUCKETS_640, bucket_options, find_nearest_bucket, resize_and_center_crop
 
 
 def test_the_640_set_has_fourteen_buckets_of_about_640_squared():

@@ -7,11 +7,11 @@ import av
 import numpy as np
 import pytest
 
-from diffusers_helper.events import Failed, Finished, SectionFinished, StepProgress
-from diffusers_helper.images import example_image
-from diffusers_helper.outputs import JobPaths
+from diffusers_helper.media.images import example_image
+from diffusers_helper.media.job_files import JobPaths
+from diffusers_helper.models.tiny_preset import TINY_RESOLUTION
+from diffusers_helper.pipeline.events import Failed, Finished, SectionFinished, StepProgress
 from diffusers_helper.settings import GenerationSettings
-from diffusers_helper.tiny_preset import TINY_RESOLUTION
 
 from .conftest import FrameSink
 

@@ -2,8 +2,9 @@ import time
 
 import numpy as np
 
-from diffusers_helper.events import Finished, SectionFinished, StepProgress
-from diffusers_helper.jobs import ProgressText, Tick, events_with_ticks
+from diffusers_helper.frontend.progress import ProgressText
+from diffusers_helper.frontend.worker import Tick, events_with_ticks
+from diffusers_helper.pipeline.events import Finished, SectionFinished, StepProgress
 
 
 def slow_events():

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffusers_helper.memory import needs_offload, plan_memory
+from diffusers_helper.models.placement import needs_offload, plan_memory
 
 
 def test_cpu_plan_is_float32_without_offloading():

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusers_helper.sections import HISTORY_SIZES, InvertedAntiDrifting, Vanilla, soft_append
+from diffusers_helper.pipeline.sections import HISTORY_SIZES, InvertedAntiDrifting, Vanilla, soft_append
 
 EXPECTED_PADDINGS = {
     1: [0], 2: [1, 0], 3: [2, 1, 0], 4: [3, 2, 1, 0], 5: [3, 2, 2, 1, 0],

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusers_helper.engine_cache import EngineCache, cache_key
-from diffusers_helper.settings import InvalidSettings
+from diffusers_helper.acceleration.engine_cache import EngineCache, cache_key
+from diffusers_helper.models.assembly import accelerate, assemble
+from diffusers_helper.settings import InvalidSettings, TensorRTOptions
 from diffusers_helper.tensorrt_runtime import (
     CACHE_DIR_VARIABLE,
-    TensorRTOptions,
     TensorRTRuntime,
-    accelerate,
     default_cache_dir,
     weights_fingerprint,
 )
@@ -275,7 +274,7 @@ def test_flags_that_need_enable_tensorrt():
 
 @pytest.mark.parametrize("setup", ["offload", "bitsandbytes"])
 def test_incompatible_setups_keep_the_transformer_in_pytorch(tmp_path, caplog, tiny_root, setup):
-    from diffusers_helper.loading import load_components
+    from diffusers_helper.models.components import load_components
 
     runtime, _ = make_runtime(tmp_path)
     components = load_components("framepack", tiny_root, {})
@@ -297,12 +296,12 @@ def test_tiny_generation_with_every_wrapper_matches_pytorch(tmp_path, tiny_root,
     every component reports TensorRT."""
     import numpy as np
 
-    from diffusers_helper.engine import FramePackEngine
-    from diffusers_helper.events import Finished
-    from diffusers_helper.images import example_image
-    from diffusers_helper.loading import load_components
-    from diffusers_helper.memory import plan_memory
-    from diffusers_helper.outputs import JobPaths
+    from diffusers_helper.media.images import example_image
+    from diffusers_helper.media.job_files import JobPaths
+    from diffusers_helper.models.components import load_components
+    from diffusers_helper.models.placement import plan_memory
+    from diffusers_helper.pipeline.engine import FramePackEngine
+    from diffusers_helper.pipeline.events import Finished
     from diffusers_helper.settings import GenerationSettings
     from tests.conftest import FrameSink
 
@@ -310,10 +309,10 @@ def test_tiny_generation_with_every_wrapper_matches_pytorch(tmp_path, tiny_root,
     plan = plan_memory("cpu")
     runtime, _ = make_runtime(tmp_path)
     components = load_components("framepack", tiny_root, plan.dtypes())
-    accelerate(components, TensorRTOptions(vae=True, text_encoders=True, transformer=True), runtime, offloading=False)
+    models = assemble(components, plan, TensorRTOptions(vae=True, text_encoders=True, transformer=True), runtime)
     accelerated, plain = FrameSink(), FrameSink()
     events = list(
-        FramePackEngine(components, plan, write_video=accelerated).generate(
+        FramePackEngine(models, write_video=accelerated).generate(
             example_image(256, 256), settings, JobPaths.for_video(tmp_path / "trt.mp4")
         )
     )

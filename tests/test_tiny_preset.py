@@ -2,8 +2,8 @@ import torch
 from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
 from transformers import CLIPTextModel, LlamaModel, SiglipVisionModel
 
-from diffusers_helper.loading import load_components
-from diffusers_helper.tiny_preset import ensure_tiny_models
+from diffusers_helper.models.components import load_components
+from diffusers_helper.models.tiny_preset import ensure_tiny_models
 
 
 def test_tiny_models_are_the_real_classes_loaded_like_real_weights(tiny_root):

@@ -2,7 +2,7 @@ import av
 import numpy as np
 import pytest
 
-from diffusers_helper.video import write_mp4
+from diffusers_helper.media.video import write_mp4
 
 
 def _frames(count=12, height=64, width=96):

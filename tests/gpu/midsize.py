@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from diffusers import HunyuanVideoFramepackTransformer3DModel
 
-from diffusers_helper.engine_cache import EngineCache
+from diffusers_helper.acceleration.engine_cache import EngineCache
 from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer
 
 FRAMES, HEIGHT, WIDTH, TEXT_TOKENS = 11, 40, 40, 750  # 11 * 20 * 20 = 4400 latent tokens after 2x2 patches

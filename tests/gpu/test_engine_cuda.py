@@ -4,14 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from diffusers_helper.engine import FramePackEngine
-from diffusers_helper.events import Finished, SectionFinished
-from diffusers_helper.images import example_image
-from diffusers_helper.loading import load_components
-from diffusers_helper.memory import plan_memory
-from diffusers_helper.outputs import JobPaths
+from diffusers_helper.media.images import example_image
+from diffusers_helper.media.job_files import JobPaths
+from diffusers_helper.models.assembly import assemble
+from diffusers_helper.models.components import load_components
+from diffusers_helper.models.placement import plan_memory
+from diffusers_helper.models.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
+from diffusers_helper.pipeline.engine import FramePackEngine
+from diffusers_helper.pipeline.events import Finished, SectionFinished
 from diffusers_helper.settings import GenerationSettings
-from diffusers_helper.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
 
 
 class FrameSink:
@@ -27,7 +28,7 @@ class FrameSink:
 def run_tiny(variant, plan, tmp_path, seconds=2.0):
     components = load_components(variant, ensure_tiny_models(), plan.dtypes())
     sink = FrameSink()
-    engine = FramePackEngine(components, plan, write_video=sink)
+    engine = FramePackEngine(assemble(components, plan), write_video=sink)
     settings = GenerationSettings(prompt="a cat walks", seconds=seconds, resolution=TINY_RESOLUTION, variant=variant)
     events = list(engine.generate(example_image(), settings, JobPaths.for_video(tmp_path / "x.mp4")))
     return settings, events, sink, components

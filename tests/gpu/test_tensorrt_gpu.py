@@ -11,23 +11,22 @@ import pytest
 import torch
 
 from diffusers_helper import tensorrt_runtime
-from diffusers_helper.engine import FramePackEngine
-from diffusers_helper.engine_cache import EngineCache
-from diffusers_helper.events import Finished
-from diffusers_helper.images import example_image
-from diffusers_helper.loading import load_components
-from diffusers_helper.memory import plan_memory
-from diffusers_helper.outputs import JobPaths
-from diffusers_helper.settings import GenerationSettings
+from diffusers_helper.acceleration.engine_cache import EngineCache
+from diffusers_helper.media.images import example_image
+from diffusers_helper.media.job_files import JobPaths
+from diffusers_helper.models.assembly import assemble
+from diffusers_helper.models.components import load_components
+from diffusers_helper.models.placement import plan_memory
+from diffusers_helper.models.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
+from diffusers_helper.pipeline.engine import FramePackEngine
+from diffusers_helper.pipeline.events import Finished
+from diffusers_helper.settings import GenerationSettings, TensorRTOptions
 from diffusers_helper.tensorrt_runtime import (
     TensorRTLatentDecoder,
-    TensorRTOptions,
     TensorRTRuntime,
     TensorRTTransformer,
-    accelerate,
     relative_error,
 )
-from diffusers_helper.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
 
 from .midsize import mid_size_transformer, stack_inputs
 
@@ -136,11 +135,9 @@ def test_tiny_generation_with_every_flag_completes(tmp_path):
     plan = plan_memory("cuda")
     components = load_components("framepack", ensure_tiny_models(), plan.dtypes())
     runtime = TensorRTRuntime(EngineCache(tmp_path / "engines"))
-    accelerate(
-        components, TensorRTOptions(vae=True, text_encoders=True, transformer=True), runtime, offloading=plan.offload
-    )
+    models = assemble(components, plan, TensorRTOptions(vae=True, text_encoders=True, transformer=True), runtime)
     frames = []
-    engine = FramePackEngine(components, plan, write_video=lambda f, *rest: frames.append(f))
+    engine = FramePackEngine(models, write_video=lambda f, *rest: frames.append(f))
     settings = GenerationSettings(prompt="a cat walks", seconds=2.0, steps=6, resolution=TINY_RESOLUTION)
     events = list(engine.generate(example_image(256, 256), settings, JobPaths.for_video(tmp_path / "x.mp4")))
     assert isinstance(events[-1], Finished) and events[-1].frames == 73, events[-1]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
+from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_framepack import DEFAULT_PROMPT_TEMPLATE
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     CLIPTextConfig,
@@ -27,10 +28,8 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from .conditioning import PROMPT_TEMPLATE
-from .loading import FLUX_REDUX, HUNYUAN_VIDEO, TRANSFORMER_REPOS
-from .paths import CACHE_DIR
-from .settings import QUICK_PROMPTS
+from ..settings import CACHE_DIR, QUICK_PROMPTS
+from .components import FLUX_REDUX, HUNYUAN_VIDEO, TRANSFORMER_REPOS
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +46,7 @@ def _corpus() -> list[str]:
         "slowly quickly gracefully in on at under over with through forest city street room beach sky sea "
         "light dark red green blue yellow white black camera moves pans zooms close wide shot scene video"
     )
-    return [*QUICK_PROMPTS, PROMPT_TEMPLATE, words] * 4
+    return [*QUICK_PROMPTS, DEFAULT_PROMPT_TEMPLATE["template"], words] * 4
 
 
 def _train_tokenizer(specials: tuple[str, ...], vocab_size: int) -> Tokenizer:

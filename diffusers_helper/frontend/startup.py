@@ -7,12 +7,12 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .settings import DEVICES, VARIANTS, GenerationSettings, InvalidSettings
+from ..settings import DEVICES, VARIANTS, GenerationSettings, InvalidSettings, TensorRTOptions
 
 if TYPE_CHECKING:
-    from .engine import FramePackEngine
-    from .memory import MemoryPlan
-    from .tensorrt_runtime import TensorRTOptions, TensorRTRuntime
+    from ..models.placement import MemoryPlan
+    from ..pipeline.engine import FramePackEngine
+    from ..tensorrt_runtime import TensorRTRuntime
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,22 +34,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def tensorrt_options(args: argparse.Namespace) -> "TensorRTOptions":
-    from .tensorrt_runtime import TensorRTOptions
-
+def tensorrt_options(args: argparse.Namespace) -> TensorRTOptions:
     return TensorRTOptions(args.enable_tensorrt, args.tensorrt_text_encoders, args.tensorrt_transformer)
 
 
 def default_resolution(preset: str | None) -> int:
     """The bucket resolution a preset is made for: the tiny models are cheap at 128, real ones want 640."""
-    from .tiny_preset import TINY_RESOLUTION
+    from ..models.tiny_preset import TINY_RESOLUTION
 
     return TINY_RESOLUTION if preset == "tiny" else GenerationSettings(prompt="").resolution
 
 
 def models_dir(args: argparse.Namespace) -> Path | None:
     """Where to load from: the tiny preset (written on first use), a local copy, or None for the hub."""
-    from .tiny_preset import ensure_tiny_models
+    from ..models.tiny_preset import ensure_tiny_models
 
     if args.models and not args.models.is_dir():
         raise InvalidSettings(f"models directory not found: {args.models}")
@@ -57,14 +55,12 @@ def models_dir(args: argparse.Namespace) -> Path | None:
 
 
 def load_engine(
-    variant: str, source: Path | None, plan: "MemoryPlan", options: "TensorRTOptions", runtime: "TensorRTRuntime | None"
+    variant: str, source: Path | None, plan: "MemoryPlan", options: TensorRTOptions, runtime: "TensorRTRuntime | None"
 ) -> "FramePackEngine":
     """Load the components, swap in the TensorRT wrappers the options ask for, and place everything."""
-    from .engine import FramePackEngine
-    from .loading import load_components
-    from .tensorrt_runtime import accelerate
+    from ..models.assembly import assemble
+    from ..models.components import load_components
+    from ..pipeline.engine import FramePackEngine
 
     components = load_components(variant, source, plan.dtypes())
-    if runtime:
-        accelerate(components, options, runtime, offloading=plan.offload)
-    return FramePackEngine(components, plan)
+    return FramePackEngine(assemble(components, plan, options, runtime))

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .settings import InvalidSettings
+from ..settings import InvalidSettings
 
 MIN_IMAGE_SIDE = 64
 

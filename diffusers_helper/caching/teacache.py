@@ -4,8 +4,8 @@ When the first block's modulated input has changed little since the last compute
 rescaled by a polynomial fitted for HunyuanVideo, accumulated), all blocks are skipped and the residual they
 added last time is reused. First and last steps are always computed. State is kept per cache context
 ("cond"/"uncond"), so real CFG's two passes each have their own; the sampler opens the context with the step
-index and step count, and resets the state every section. The hooks are installed once, before any
-offloading hooks (so weights are on the GPU when they run), and switched per job by `threshold`.
+index and step count, and resets the state every section. `apply_teacache` installs the hooks once (models/assembly.py
+decides where they sit among the transformer's other hooks); `threshold` switches them per job.
 """
 
 import numpy as np
@@ -92,21 +92,28 @@ class _BlockHook(ModelHook):
 
 
 class TeaCache:
-    """TeaCache hooks on a transformer; active while `threshold` is set. Counts computed and skipped passes."""
+    """TeaCache's state and switch, shared by its hooks; active while `threshold` is set. Counts computed and
+    skipped passes."""
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
+    def __init__(self) -> None:
         self.threshold: float | None = None
         self.state = StateManager(TeaCacheState)
         self.computed = 0
         self.skipped = 0
-        head, *rest = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
-        HookRegistry.check_if_exists_or_initialize(head).register_hook(_HeadHook(self), HEAD_HOOK)
-        for index, block in enumerate(rest):
-            hook = _BlockHook(self, is_tail=index == len(rest) - 1)
-            HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, BLOCK_HOOK)
-        HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
 
     def reset(self, threshold: float | None) -> None:
         """Forget cached residuals (a new section starts from fresh noise) and set the threshold (None: off)."""
         self.state.reset()
         self.threshold = threshold
+
+
+def apply_teacache(transformer: torch.nn.Module) -> TeaCache:
+    """Install TeaCache's hooks on the transformer's blocks, switched off until `reset` sets a threshold."""
+    cache = TeaCache()
+    head, *rest = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    HookRegistry.check_if_exists_or_initialize(head).register_hook(_HeadHook(cache), HEAD_HOOK)
+    for index, block in enumerate(rest):
+        hook = _BlockHook(cache, is_tail=index == len(rest) - 1)
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, BLOCK_HOOK)
+    HookRegistry.check_if_exists_or_initialize(transformer).invalidate_child_registries_cache()
+    return cache

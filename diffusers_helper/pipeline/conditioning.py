@@ -11,7 +11,7 @@ import torch
 from diffusers import HunyuanVideoFramepackPipeline
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_framepack import DEFAULT_PROMPT_TEMPLATE
 
-from .loading import Components
+from ..models.components import Components
 
 PROMPT_TEMPLATE: str = DEFAULT_PROMPT_TEMPLATE["template"]
 MAX_PROMPT_TOKENS = 256

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 from accelerate import cpu_offload_with_hook
 
-from .loading import Components
-from .settings import DEVICES
+from ..settings import DEVICES
+from .components import Components
 
 RESIDENT_WEIGHTS_GB = 54.0  # all FramePack weights (bf16 transformer, fp16 encoders) with some headroom
 GIB = 1024**3

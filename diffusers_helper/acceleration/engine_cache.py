@@ -17,7 +17,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .atomic_files import write_bytes
+from ..media.atomic_files import write_bytes
 
 logger = logging.getLogger(__name__)
 

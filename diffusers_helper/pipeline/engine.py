@@ -13,34 +13,31 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from .buckets import find_nearest_bucket, resize_and_center_crop
+from ..media.buckets import find_nearest_bucket, resize_and_center_crop
+from ..media.job_files import JobPaths, ensure_writable_dir, save_image, software_versions, write_sidecar
+from ..media.preview import latent_preview
+from ..media.video import VideoWriter, pixels_to_frames, write_mp4
+from ..models.assembly import AssembledModels
+from ..settings import FPS, GenerationSettings
 from .conditioning import Conditions, encode_conditions, encoding_pipeline
 from .events import Event, Failed, Finished, SectionFinished, StepProgress
-from .loading import Components
-from .memory import MemoryPlan, place_components
-from .outputs import JobPaths, ensure_writable_dir, save_image, software_versions, write_sidecar
-from .preview import latent_preview
 from .sampling import Guidance, make_scheduler, sample_section
 from .sections import ORDERS, Section, SectionOrder
-from .settings import FPS, GenerationSettings
-from .teacache import TeaCache
-from .video import VideoWriter, pixels_to_frames, write_mp4
 
 logger = logging.getLogger(__name__)
 
 
 class FramePackEngine:
-    """Owns the placed components of one process and runs one job at a time."""
+    """Runs jobs, one at a time, on the assembled models of one process."""
 
-    def __init__(self, components: Components, plan: MemoryPlan, write_video: VideoWriter = write_mp4) -> None:
-        self.components = components
-        self.plan = plan
+    def __init__(self, models: AssembledModels, write_video: VideoWriter = write_mp4) -> None:
+        self.components = models.components
+        self.plan = models.plan
+        self.teacache = models.teacache
         self.write_video = write_video
         self.scheduler = make_scheduler()
-        self.teacache = TeaCache(components.transformer)  # before offloading hooks, see teacache.py
-        place_components(components, plan)
-        logger.info("memory: %s", plan.describe())
-        self.pipe = encoding_pipeline(components, self.scheduler)
+        logger.info("memory: %s", self.plan.describe())
+        self.pipe = encoding_pipeline(self.components, self.scheduler)
 
     def generate(
         self,

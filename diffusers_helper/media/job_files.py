@@ -14,8 +14,8 @@ import torch
 import transformers
 from PIL import Image
 
+from ..settings import InvalidSettings
 from .atomic_files import replacing, write_bytes
-from .settings import InvalidSettings
 
 
 def job_id() -> str:

@@ -1,0 +1,124 @@
+"""The Torch-TensorRT compiler behind the runtime: availability, versions, compile settings, build, save, load.
+
+Settings are data; options the installed Torch-TensorRT does not know are dropped (2.13 removed
+`enabled_precisions` and `use_explicit_typing`; `attn_bias_is_causal` appeared in 2.11).
+"""
+
+import inspect
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = (
+    "install Torch-TensorRT matching your torch: `pip install torch-tensorrt` (TensorRT, datacenter GPUs) or "
+    "`pip install torch-tensorrt-rtx` (TensorRT-RTX, GeForce RTX cards)"
+)
+
+
+class TensorRTUnavailable(RuntimeError):
+    """TensorRT cannot serve at all in this process (no torch_tensorrt, no CUDA)."""
+
+
+SDPA_OPS = (
+    "aten.scaled_dot_product_attention.default",
+    "aten._scaled_dot_product_flash_attention.default",
+    "aten._scaled_dot_product_efficient_attention.default",
+    "aten._scaled_dot_product_cudnn_attention.default",
+)
+BASE_SETTINGS = {
+    "use_explicit_typing": True,  # precision follows the model's dtypes (TensorRT-RTX is always strongly typed)
+    "min_block_size": 1,
+    "truncate_double": True,
+    "optimization_level": 3,
+    "attn_bias_is_causal": False,  # FramePack's attention is never causal
+    # Attention stays in PyTorch's fused kernels: faster than TensorRT's for the transformer, and Torch-TensorRT
+    # 2.11 cannot convert attention with a constant mask (the VAE mid-block's, CLIP's causal one).
+    "torch_executed_ops": SDPA_OPS,
+}
+COMPONENT_SETTINGS = {
+    "vae_encoder": {},
+    "vae_decoder": {},
+    "text_encoder": {},
+    "text_encoder_2": {},
+    "transformer": {},
+}
+TOLERANCES = {
+    "vae_encoder": 0.05,
+    "vae_decoder": 0.05,
+    "text_encoder": 0.05,
+    "text_encoder_2": 0.05,
+    "transformer": 0.05,
+}
+
+
+class TorchTensorRTBackend:
+    """The real compiler: torch.export, then torch_tensorrt.dynamo.compile; engines saved as ExportedPrograms."""
+
+    def __init__(self) -> None:
+        self._trt = None
+
+    def check_available(self) -> None:
+        if not torch.cuda.is_available():
+            raise TensorRTUnavailable("no CUDA GPU")
+        try:
+            import torch_tensorrt
+        except ImportError as error:
+            raise TensorRTUnavailable(f"torch_tensorrt is not installed ({error}); {INSTALL_HINT}") from error
+        self._trt = torch_tensorrt
+
+    def versions(self) -> dict:
+        trt = self._trt
+        features = getattr(trt, "ENABLED_FEATURES", None)
+        rtx = bool(getattr(features, "tensorrt_rtx", False))
+        version_module = getattr(trt, "_version", None)
+        tensorrt_version = getattr(version_module, "__tensorrt_rtx_version__" if rtx else "__tensorrt_version__", "?")
+        return {
+            "torch": torch.__version__,
+            "torch_tensorrt": trt.__version__,
+            "build": "TensorRT-RTX" if rtx else "TensorRT",
+            "tensorrt": _installed_tensorrt_version(rtx) or tensorrt_version,
+        }
+
+    def _options(self, settings: dict) -> dict:
+        accepted = inspect.signature(self._trt.dynamo.compile).parameters
+        options = {name: value for name, value in settings.items() if name in accepted}
+        dropped = sorted(set(settings) - set(options))
+        if dropped:
+            logger.debug("this Torch-TensorRT does not take %s; compiling without them", ", ".join(dropped))
+        if "torch_executed_ops" in options:
+            options["torch_executed_ops"] = {op for name in options["torch_executed_ops"] if (op := _aten_op(name))}
+        return options
+
+    def compile(self, module: torch.nn.Module, args: tuple, settings: dict) -> Callable:
+        exported = torch.export.export(module, args, strict=False)
+        return self._trt.dynamo.compile(exported, arg_inputs=list(args), **self._options(settings))
+
+    def save(self, compiled: Callable, args: tuple, path: Path) -> None:
+        self._trt.save(compiled, str(path), output_format="exported_program", arg_inputs=list(args))
+
+    def load(self, path: Path) -> Callable:
+        return self._trt.load(str(path)).module()
+
+
+def _aten_op(name: str):
+    target = torch.ops
+    for part in name.split("."):
+        target = getattr(target, part, None)
+        if target is None:
+            return None
+    return target
+
+
+def _installed_tensorrt_version(rtx: bool) -> str | None:
+    try:
+        if rtx:
+            import tensorrt_rtx as tensorrt
+        else:
+            import tensorrt
+        return tensorrt.__version__
+    except ImportError:
+        return None

@@ -1,0 +1,182 @@
+"""Drop-in modules that route FramePack's models through the TensorRT runtime.
+
+Each has the call signature of what it replaces: `TensorRTLatentEncoder` / `TensorRTLatentDecoder` the VAE's
+`encoder` / `decoder`, `TensorRTTextEncoder` the LLaMA text encoder, `TensorRTCLIPTextEncoder` the CLIP one, and
+`TensorRTTransformer` the transformer's stack of dual- and single-stream blocks (installed with diffusers hooks,
+so embedders, rope and history packing stay in PyTorch and cache hooks like TeaCache still wrap the stack).
+"""
+
+from typing import TYPE_CHECKING
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
+
+if TYPE_CHECKING:
+    from ..tensorrt_runtime import TensorRTRuntime
+
+TEXT_LENGTH_BUCKET = 64  # LLaMA token counts are padded up to a multiple of this: one engine serves many prompts
+STACK_HOOK = "tensorrt_block_stack"
+SKIP_HOOK = "tensorrt_block_skip"
+
+
+class TensorRTLatentEncoder(torch.nn.Module):
+    """Drop-in for the VAE's `encoder`: pixels (B, 3, T, H, W) -> latent moments; one engine per input shape."""
+
+    component = "vae_encoder"
+
+    def __init__(self, encoder: torch.nn.Module, runtime: "TensorRTRuntime") -> None:
+        super().__init__()
+        self.module = encoder
+        self.runtime = runtime
+        runtime.register(self.component)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.runtime.run(self.component, self.module, (hidden_states,))
+
+
+class TensorRTLatentDecoder(TensorRTLatentEncoder):
+    """Drop-in for the VAE's `decoder`: latents (B, 16, T, h, w) -> pixels; one engine per latent shape."""
+
+    component = "vae_decoder"
+
+
+class _HiddenStates(torch.nn.Module):
+    """LLaMA with every hidden state stacked into one tensor: what the export sees."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.stack(
+            self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True).hidden_states
+        )
+
+
+class TensorRTTextEncoder(torch.nn.Module):
+    """Drop-in for the LLaMA text encoder as the prompt encoder calls it (ids and mask in, hidden states out).
+
+    Token counts are padded to a multiple of TEXT_LENGTH_BUCKET (masked, after the prompt, so the causal model
+    gives the real tokens the same states) and the output cropped back.
+    """
+
+    component = "text_encoder"
+
+    def __init__(self, model: torch.nn.Module, runtime: "TensorRTRuntime") -> None:
+        super().__init__()
+        self.hidden_states = _HiddenStates(model)  # the one registered copy of the model
+        self.runtime = runtime
+        runtime.register(self.component)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.hidden_states.model.dtype
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPast:
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        length = input_ids.shape[1]
+        padding = -length % TEXT_LENGTH_BUCKET
+        padded_ids = torch.nn.functional.pad(
+            input_ids, (0, padding), value=self.hidden_states.model.config.pad_token_id or 0
+        )
+        padded_mask = torch.nn.functional.pad(attention_mask, (0, padding), value=0)
+        stacked = self.runtime.run(self.component, self.hidden_states, (padded_ids, padded_mask))[:, :, :length]
+        return BaseModelOutputWithPast(last_hidden_state=stacked[-1], hidden_states=tuple(stacked))
+
+
+class _Pooled(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        output = self.model(input_ids=input_ids)
+        return output.last_hidden_state, output.pooler_output
+
+
+class TensorRTCLIPTextEncoder(torch.nn.Module):
+    """Drop-in for the CLIP text encoder: ids (always 77 of them) in, last hidden state and pooled output out."""
+
+    component = "text_encoder_2"
+
+    def __init__(self, model: torch.nn.Module, runtime: "TensorRTRuntime") -> None:
+        super().__init__()
+        self.pooled = _Pooled(model)  # the one registered copy of the model
+        self.runtime = runtime
+        runtime.register(self.component)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pooled.model.dtype
+
+    def forward(self, input_ids: torch.Tensor, **kwargs) -> BaseModelOutputWithPooling:
+        last_hidden_state, pooled = self.runtime.run(self.component, self.pooled, (input_ids,))
+        return BaseModelOutputWithPooling(last_hidden_state=last_hidden_state, pooler_output=pooled)
+
+
+class _BlockStack(torch.nn.Module):
+    """FramePack's 20 dual- and 40 single-stream blocks as one module (batch 1: no attention mask)."""
+
+    def __init__(self, dual: torch.nn.ModuleList, single: torch.nn.ModuleList) -> None:
+        super().__init__()
+        self.dual = dual
+        self.single = single
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin, attention_mask=None):
+        rope = (rope_cos, rope_sin)
+        for block in [*self.dual, *self.single]:
+            # the class's forward, not the instance's: the blocks carry the hooks that route into this stack
+            hidden_states, encoder_hidden_states = type(block).forward(
+                block, hidden_states, encoder_hidden_states, temb, attention_mask, rope
+            )
+        return hidden_states, encoder_hidden_states
+
+
+class TensorRTTransformer(torch.nn.Module):
+    """Drop-in for the transformer's block stack, called like one block: one engine per (latent tokens, text
+    tokens) shape, i.e. per resolution bucket, latent window and prompt length."""
+
+    component = "transformer"
+
+    def __init__(self, transformer: torch.nn.Module, runtime: "TensorRTRuntime") -> None:
+        super().__init__()
+        self.stack = _BlockStack(transformer.transformer_blocks, transformer.single_transformer_blocks)
+        self.runtime = runtime
+        runtime.register(self.component)
+
+    def forward(self, hidden_states, encoder_hidden_states, temb, attention_mask=None, image_rotary_emb=None):
+        if attention_mask is not None:  # only batches > 1 carry a mask; FramePack runs batch 1, engines too
+            return self.stack(hidden_states, encoder_hidden_states, temb, *image_rotary_emb, attention_mask)
+        args = (hidden_states, encoder_hidden_states, temb, *image_rotary_emb)
+        return self.runtime.run(self.component, self.stack, args)
+
+
+class _RunStackHook(ModelHook):
+    def __init__(self, stack: TensorRTTransformer) -> None:
+        super().__init__()
+        self.stack = stack
+
+    def new_forward(
+        self, module, hidden_states, encoder_hidden_states, temb, attention_mask=None, image_rotary_emb=None
+    ):
+        return self.stack(hidden_states, encoder_hidden_states, temb, attention_mask, image_rotary_emb)
+
+
+class _SkipBlockHook(ModelHook):
+    def new_forward(self, module, hidden_states, encoder_hidden_states, *args, **kwargs):
+        return hidden_states, encoder_hidden_states
+
+
+def install_transformer_stack(transformer: torch.nn.Module, runtime: "TensorRTRuntime") -> TensorRTTransformer:
+    """Route the transformer's block loop through one TensorRTTransformer: the first block runs the whole stack,
+    the others pass their inputs through. Install before cache hooks (TeaCache) so those wrap the stack."""
+    stack = TensorRTTransformer(transformer, runtime)
+    first, *rest = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    HookRegistry.check_if_exists_or_initialize(first).register_hook(_RunStackHook(stack), STACK_HOOK)
+    for block in rest:
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(_SkipBlockHook(), SKIP_HOOK)
+    return stack

@@ -1,0 +1,1 @@
+"""Step caches as diffusers-style hooks on the transformer, one `apply_*` entry each."""

@@ -1,0 +1,1 @@
+"""The models: the component table and loading, presets, placement (the memory policy) and assembly."""

@@ -1,0 +1,86 @@
+"""Assembly: the one place that decides what wraps the transformer, and in which order.
+
+Hooks on the transformer's blocks nest in registration order, so the order is the design:
+1. the TensorRT block stack (innermost: the first block runs the whole compiled stack),
+2. the step cache (TeaCache decides around the stack, compiled or not),
+3. offloading (outermost: weights arrive on the GPU before anything inside runs).
+The VAE and text-encoder wrappers are swapped in first, then everything is placed where the memory plan says.
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from ..caching.teacache import TeaCache, apply_teacache
+from ..settings import TensorRTOptions
+from ..tensorrt_runtime import (
+    TensorRTCLIPTextEncoder,
+    TensorRTLatentDecoder,
+    TensorRTLatentEncoder,
+    TensorRTRuntime,
+    TensorRTTextEncoder,
+    install_transformer_stack,
+)
+from .components import Components
+from .placement import MemoryPlan, place_components
+
+
+@dataclass
+class AssembledModels:
+    """The loaded, wrapped and placed models of one process: what the engine runs."""
+
+    components: Components
+    plan: MemoryPlan
+    teacache: TeaCache
+
+
+def assemble(
+    components: Components,
+    plan: MemoryPlan,
+    options: TensorRTOptions = TensorRTOptions(),
+    runtime: TensorRTRuntime | None = None,
+) -> AssembledModels:
+    """Wrap and place freshly loaded components; call once per load."""
+    if runtime is not None:
+        accelerate(components, options, runtime, offloading=plan.offload)
+    teacache = apply_teacache(components.transformer)
+    place_components(components, plan)
+    return AssembledModels(components, plan, teacache)
+
+
+def accelerate(components: Components, options: TensorRTOptions, runtime: TensorRTRuntime, offloading: bool) -> None:
+    """Swap in the TensorRT wrappers the options ask for."""
+    if options.vae:
+        components.vae.encoder = TensorRTLatentEncoder(components.vae.encoder, runtime)
+        components.vae.decoder = TensorRTLatentDecoder(components.vae.decoder, runtime)
+    if options.text_encoders:
+        components.text_encoder = TensorRTTextEncoder(components.text_encoder, runtime)
+        components.text_encoder_2 = TensorRTCLIPTextEncoder(components.text_encoder_2, runtime)
+    if options.transformer:
+        reason = _transformer_engine_obstacle(components.transformer, offloading)
+        if reason:
+            runtime.fall_back("transformer", f"not compatible with this setup: {reason}")
+        else:
+            install_transformer_stack(components.transformer, runtime)
+
+
+def _transformer_engine_obstacle(transformer: torch.nn.Module, offloading: bool) -> str | None:
+    """Why the transformer cannot run as a TensorRT engine in this setup, if it cannot."""
+    if offloading:
+        return "CPU offload / low-VRAM offloading streams weights in and out; an engine holds all of them"
+    if getattr(transformer, "hf_quantizer", None) is not None or getattr(
+        transformer.config, "quantization_config", None
+    ):
+        return "BitsAndBytes (or other load-time) quantization is not supported by the TensorRT export"
+    fsdp_types = tuple(t for t in (_fsdp_class("FullyShardedDataParallel"), _fsdp_class("FSDPModule")) if t)
+    if fsdp_types and any(isinstance(m, fsdp_types) for m in transformer.modules()):
+        return "FSDP-sharded weights cannot be compiled into one engine"
+    return None
+
+
+def _fsdp_class(name: str):
+    try:
+        from torch.distributed import fsdp
+    except ImportError:
+        return None
+    return getattr(fsdp, name, None)

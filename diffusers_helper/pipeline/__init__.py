@@ -1,0 +1,1 @@
+"""What makes a video: the section engine (an event generator), section orders, sampling, conditioning."""
