@@ -7,18 +7,26 @@ Jobs queue (one generation at a time); each page sees its own progress, queue po
 """
 
 import argparse
+import dataclasses
 import html
 import logging
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 QUICK_PROMPT_LABEL = "Quick prompts"
+INVERTED_ORDER_NOTE = (
+    "Note that the ending actions will be generated before the starting actions due to the inverted sampling. "
+    "If the starting action is not in the video, you just need to wait, and it will be generated later."
+)
 
 
-def progress_html(fraction: float, text: str) -> str:
+def progress_html(fraction: float, text: str, notices: list[str] = ()) -> str:
+    notes = "".join(f"<div>note: {html.escape(notice)}</div>" for notice in notices)
     return (
-        f'<progress value="{fraction * 100:.0f}" max="100" style="width:100%"></progress><div>{html.escape(text)}</div>'
+        f'<progress value="{fraction * 100:.0f}" max="100" style="width:100%"></progress>'
+        f"<div>{html.escape(text)}</div>{notes}"
     )
 
 
@@ -40,20 +48,18 @@ class App:
     """The engine behind the page: one per process, switching the loaded variant when a job asks for another."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from diffusers_helper.frontend.startup import default_resolution, load_engine, models_dir, tensorrt_options
+        from diffusers_helper.frontend.startup import default_resolution, load_engine, model_settings
         from diffusers_helper.models.placement import plan_memory
         from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
         self.outputs = args.outputs
-        self.device = args.device
-        self.options = tensorrt_options(args)
-        self.source = models_dir(args)
-        self.runtime = TensorRTRuntime() if self.options.enabled else None
+        self.models = model_settings(args)
+        self.runtime = TensorRTRuntime() if self.models.tensorrt.enabled else None
         self._plan_memory, self._load_engine = plan_memory, load_engine
-        plan = plan_memory(args.device)
+        plan = plan_memory(self.models.device)
         self.free_gb = plan.free_gb  # measured once, before the models take their share
-        self.engine = load_engine(args.variant, self.source, plan, self.options, self.runtime)
-        self.resolution = default_resolution(args.preset)
+        self.engine = load_engine(self.models, plan, self.runtime)
+        self.resolution = default_resolution(self.models.preset)
         self._stops: dict[str, threading.Event] = {}
 
     def stop_event(self, session: str) -> threading.Event:
@@ -63,21 +69,34 @@ class App:
     def forget(self, session: str) -> None:
         self._stops.pop(session, None)
 
-    def engine_for(self, variant: str, preserve_gb: float):
-        """The engine for this job's variant and memory setting, reloading the models when either changes what
-        is loaded or where it lives."""
-        plan = self._plan_memory(self.device, preserve_gb, free_gb=self.free_gb if self.free_gb else None)
-        engine = self.engine
-        if engine is None or engine.components.variant != variant or engine.plan.offload != plan.offload:
-            self.engine = engine = None  # let the old models go before the new ones load
-            self.engine = self._load_engine(variant, self.source, plan, self.options, self.runtime)
-        return self.engine
+    def job(self, image, settings, paths, stop: threading.Event) -> Iterator:
+        """The job's events: loading first when its variant or memory setting changes what is loaded or where it
+        lives, then the engine's."""
+        from diffusers_helper.models.components import ModelsUnavailable
+        from diffusers_helper.pipeline.events import LOADING, Failed, StageStarted
 
-    def acceleration(self) -> str:
+        plan = self._plan_memory(
+            self.models.device, settings.gpu_memory_preservation, free_gb=self.free_gb if self.free_gb else None
+        )
+        engine = self.engine
+        if engine is None or engine.components.variant != settings.variant or engine.plan.offload != plan.offload:
+            yield StageStarted(LOADING)
+            self.models = dataclasses.replace(self.models, variant=settings.variant)
+            self.engine = engine = None  # let the old models go before the new ones load
+            try:
+                self.engine = self._load_engine(self.models, plan, self.runtime)
+            except ModelsUnavailable as error:
+                yield Failed(str(error))
+                return
+        yield from self.engine.generate(image, settings, paths, stop)
+
+    def status(self) -> str:
+        """Which models run where, and what each TensorRT component runs on."""
+        models = f"**Models:** {self.engine.models.describe()}" if self.engine else "**Models:** loading"
         if self.runtime is None:
-            return "TensorRT: off (start with --enable-tensorrt)"
+            return f"{models}\n\n**TensorRT:** off (start with --enable-tensorrt)"
         lines = self.runtime.report() or ["no component has run yet"]
-        return "TensorRT:\n" + "\n".join(f"- {line}" for line in lines)
+        return f"{models}\n\n**TensorRT:**\n" + "\n".join(f"- {line}" for line in lines)
 
 
 def build_ui(app: App):
@@ -87,7 +106,6 @@ def build_ui(app: App):
     from diffusers_helper.frontend.worker import events_with_ticks
     from diffusers_helper.media.images import load_input_image
     from diffusers_helper.media.job_files import JobPaths
-    from diffusers_helper.models.components import ModelsUnavailable
     from diffusers_helper.pipeline.events import Failed, Finished, SectionFinished, StepProgress
     from diffusers_helper.settings import QUICK_PROMPTS, VARIANTS, GenerationSettings, InvalidSettings
 
@@ -118,16 +136,15 @@ def build_ui(app: App):
                 latent_window=int(window), variant=variant, resolution=int(resolution), teacache=bool(teacache),
                 crf=int(crf), gpu_memory_preservation=float(preserve),
             )  # fmt: skip
-            engine = app.engine_for(settings.variant, settings.gpu_memory_preservation)
-        except (InvalidSettings, ModelsUnavailable) as error:
-            yield None, None, progress_html(0, f"error: {error}"), app.acceleration(), gr.update(), *idle
+        except InvalidSettings as error:
+            yield None, None, progress_html(0, f"error: {error}"), app.status(), gr.update(), *idle
             return
         paths = JobPaths.new_job(app.outputs)
         progress = ProgressText(settings.sections, settings.steps)
         video = preview = None
-        yield video, preview, progress_html(0, progress.text()), app.acceleration(), gr.update(visible=False), *running
+        yield video, preview, progress_html(0, progress.text()), app.status(), gr.update(visible=False), *running
         stop = app.stop_event(request.session_hash)
-        for event in events_with_ticks(engine.generate(image, settings, paths, stop)):
+        for event in events_with_ticks(app.job(image, settings, paths, stop)):
             progress.update(event)
             if isinstance(event, StepProgress):
                 preview = event.preview
@@ -136,17 +153,12 @@ def build_ui(app: App):
             elif isinstance(event, Finished | Failed):
                 stop.clear()  # the next job of this page starts fresh
                 download = gr.update(value=video, visible=video is not None)
-                done = progress_html(1 if isinstance(event, Finished) else progress.fraction, progress.final(event))
-                yield video, preview, done, app.acceleration(), download, *idle
+                fraction = 1 if isinstance(event, Finished) and not event.stopped else progress.fraction
+                done = progress_html(fraction, progress.final(event), progress.notices)
+                yield video, preview, done, app.status(), download, *idle
                 return
-            yield (
-                video,
-                preview,
-                progress_html(progress.fraction, progress.text()),
-                app.acceleration(),
-                gr.update(),
-                *running,
-            )
+            page = progress_html(progress.fraction, progress.text(), progress.notices)
+            yield video, preview, page, app.status(), gr.update(), *running
 
     with gr.Blocks(title="FramePack") as ui:
         gr.Markdown("# FramePack\nOne image and a prompt in; a video out, a section at a time.")
@@ -161,6 +173,11 @@ def build_ui(app: App):
                 with gr.Row():
                     start_button = gr.Button("Start Generation", variant="primary")
                     end_button = gr.Button("End Generation", interactive=False)
+                teacache = gr.Checkbox(
+                    label="Use TeaCache",
+                    value=defaults.teacache,
+                    info="Faster speed, but often makes hands and fingers slightly worse.",
+                )
                 negative_prompt = gr.Textbox(
                     label="Negative prompt (used when CFG > 1)", value=defaults.negative_prompt
                 )
@@ -168,10 +185,24 @@ def build_ui(app: App):
                 seconds = gr.Slider(
                     label="Total video length (seconds)", minimum=1, maximum=120, step=0.1, value=defaults.seconds
                 )
-                steps = gr.Slider(label="Steps", minimum=1, maximum=100, step=1, value=defaults.steps)
+                steps = gr.Slider(
+                    label="Steps", minimum=1, maximum=100, step=1, value=defaults.steps,
+                    info="Changing this value is not recommended.",
+                )  # fmt: skip
                 distilled_cfg = gr.Slider(
-                    label="Distilled CFG scale", minimum=1, maximum=32, step=0.01, value=defaults.distilled_cfg
-                )
+                    label="Distilled CFG scale", minimum=1, maximum=32, step=0.01, value=defaults.distilled_cfg,
+                    info="Changing this value is not recommended.",
+                )  # fmt: skip
+                preserve = gr.Slider(
+                    label="GPU memory to preserve (GB) (larger means slower)", minimum=6, maximum=128, step=0.1,
+                    value=defaults.gpu_memory_preservation,
+                    info="Set this number to a larger value if you encounter out-of-memory errors. "
+                    "Larger values are slower.",
+                )  # fmt: skip
+                crf = gr.Slider(
+                    label="MP4 compression (CRF)", minimum=0, maximum=51, step=1, value=defaults.crf,
+                    info="Lower means better quality; 0 is lossless. Change to 16 if you get black outputs.",
+                )  # fmt: skip
                 with gr.Accordion("Advanced", open=False):
                     window = gr.Slider(
                         label="Latent window size", minimum=1, maximum=33, step=1, value=defaults.latent_window
@@ -180,36 +211,23 @@ def build_ui(app: App):
                     rescale = gr.Slider(
                         label="CFG rescale", minimum=0, maximum=1, step=0.01, value=defaults.cfg_rescale
                     )
-                    preserve = gr.Slider(
-                        label="GPU memory to preserve (GB)",
-                        minimum=6,
-                        maximum=128,
-                        step=0.1,
-                        value=defaults.gpu_memory_preservation,
-                    )
-                    teacache = gr.Checkbox(
-                        label="Use TeaCache (faster, slightly different hands and fingers)", value=defaults.teacache
-                    )
-                    crf = gr.Slider(
-                        label="MP4 compression (CRF, lower is better; 16 if you get black outputs)",
-                        minimum=0,
-                        maximum=51,
-                        step=1,
-                        value=defaults.crf,
-                    )
-                    variant = gr.Radio(label="Model", choices=list(VARIANTS), value=app.engine.components.variant)
+                    variant = gr.Radio(label="Model", choices=list(VARIANTS), value=app.models.variant)
                     resolution = gr.Slider(
                         label="Resolution bucket", minimum=128, maximum=1280, step=16, value=app.resolution
                     )
             with gr.Column():
-                preview = gr.Image(label="Next latents", height=200, interactive=False)
+                preview = gr.Image(label="Next latents", height=320, interactive=False)
                 video = gr.Video(label="Finished frames", autoplay=True, loop=True, height=512, interactive=False)
+                order_note = gr.Markdown(INVERTED_ORDER_NOTE, visible=app.models.variant == "framepack")
                 progress = gr.HTML(elem_id="progress-text")
                 download = gr.DownloadButton("Download video", visible=False)
-                acceleration = gr.Markdown(app.acceleration(), elem_id="acceleration-status")
+                status = gr.Markdown(app.status(), elem_id="acceleration-status")
+        variant.change(
+            lambda chosen: gr.update(visible=chosen == "framepack"), inputs=variant, outputs=order_note, api_name=False
+        )
         inputs = [image, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale, preserve,
                   teacache, crf, variant, resolution]  # fmt: skip
-        outputs = [video, preview, progress, acceleration, download, start_button, end_button]
+        outputs = [video, preview, progress, status, download, start_button, end_button]
         start_button.click(start, outputs=[start_button, end_button], queue=False, api_name=False).then(
             generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_id="gpu"
         )
@@ -222,6 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers_helper").setLevel(logging.INFO)
+    from diffusers_helper.frontend.startup import quiet_libraries
     from diffusers_helper.media.job_files import ensure_writable_dir
     from diffusers_helper.models.components import ModelsUnavailable
     from diffusers_helper.settings import InvalidSettings
@@ -233,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(json.dumps(TensorRTRuntime().environment(), indent=2))
         return 0
+    quiet_libraries()
     try:
         ensure_writable_dir(args.outputs)
         app = App(args)

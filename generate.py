@@ -11,6 +11,16 @@ import threading
 from pathlib import Path
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
+EPILOG = """exit codes:
+  0    the video is complete
+  1    the job failed (models could not load, generation failed); the message says why
+  2    bad input (settings, image, output path); nothing was written
+  130  stopped with Ctrl-C; the video so far is kept and its JSON says "stopped"
+
+examples:
+  python generate.py --preset tiny --image example.png --prompt "a cat walks" --seconds 2
+  python generate.py --image photo.jpg --prompt "The girl dances gracefully." --seconds 5 --enable-tensorrt
+"""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,27 +34,46 @@ def build_parser() -> argparse.ArgumentParser:
     from diffusers_helper.settings import OUTPUTS_DIR, GenerationSettings
 
     defaults = GenerationSettings(prompt="")
-    parser = _Parser(description="Generate a FramePack video from one image and a prompt.")
-    parser.add_argument("--image", type=Path, help="the start image (required unless --tensorrt-info)")
-    parser.add_argument("--prompt", default="", help="what happens in the video")
-    parser.add_argument("--negative-prompt", default=defaults.negative_prompt, help="used only when --cfg > 1")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--seconds", type=float, default=defaults.seconds, help="video length, (0, 120]")
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="sampling steps per section, 1-100")
-    parser.add_argument("--cfg", type=float, default=defaults.cfg, help="real CFG scale; 1 turns it off")
-    parser.add_argument("--distilled-cfg", type=float, default=defaults.distilled_cfg, help="distilled guidance")
-    parser.add_argument("--cfg-rescale", type=float, default=defaults.cfg_rescale, help="guidance rescale, 0-1")
-    parser.add_argument("--latent-window", type=int, default=defaults.latent_window, help="latent frames per section")
-    parser.add_argument("--resolution", type=int, help="bucket resolution (default 640, tiny preset 128)")
-    parser.add_argument("--teacache", action=argparse.BooleanOptionalAction, default=defaults.teacache)
-    parser.add_argument("--teacache-threshold", type=float, default=defaults.teacache_threshold)
-    parser.add_argument("--crf", type=int, default=defaults.crf, help="H.264 quality, 0 (lossless) to 51")
-    parser.add_argument("--gpu-memory-preservation", type=float, default=defaults.gpu_memory_preservation,
-                        help="GB to keep free when offloading")  # fmt: skip
-    parser.add_argument("--verbose", action="store_true", help="debug logging, with tracebacks of fallbacks")
-    target = parser.add_mutually_exclusive_group()
-    target.add_argument("--output", type=Path, help="the MP4 to write (PNG and JSON go beside it)")
-    target.add_argument("--outputs", type=Path, default=OUTPUTS_DIR, help="directory for an auto-named job")
+    parser = _Parser(
+        description="Generate a FramePack video from one image and a prompt.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    job = parser.add_argument_group("job")
+    job.add_argument("--image", type=Path, help="the start image (required unless --tensorrt-info)")
+    job.add_argument("--prompt", default="", help="what happens in the video (default: empty)")
+    job.add_argument("--negative-prompt", default=defaults.negative_prompt,
+                     help="what to avoid; used only when --cfg > 1 (default: empty)")  # fmt: skip
+    job.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
+    job.add_argument("--seconds", type=float, default=defaults.seconds,
+                     help="video length in seconds, (0, 120] (default: %(default)s)")  # fmt: skip
+    job.add_argument("--steps", type=int, default=defaults.steps,
+                     help="sampling steps per section, 1-100; best left alone (default: %(default)s)")  # fmt: skip
+    job.add_argument("--cfg", type=float, default=defaults.cfg,
+                     help="real CFG scale, 1-32; 1 turns it off (default: %(default)s)")  # fmt: skip
+    job.add_argument("--distilled-cfg", type=float, default=defaults.distilled_cfg,
+                     help="distilled guidance, 1-32 (default: %(default)s)")  # fmt: skip
+    job.add_argument("--cfg-rescale", type=float, default=defaults.cfg_rescale,
+                     help="guidance rescale, 0-1 (default: %(default)s)")  # fmt: skip
+    job.add_argument("--latent-window", type=int, default=defaults.latent_window,
+                     help="latent frames per section, 1-33 (default: %(default)s)")  # fmt: skip
+    job.add_argument("--resolution", type=int,
+                     help="bucket resolution, 128-1280 (default: 640; 128 with --preset tiny)")  # fmt: skip
+    job.add_argument("--teacache", action=argparse.BooleanOptionalAction, default=defaults.teacache,
+                     help="TeaCache: faster, often slightly worse hands and fingers (default: on)")  # fmt: skip
+    job.add_argument("--teacache-threshold", type=float, default=defaults.teacache_threshold,
+                     help="TeaCache's threshold, (0, 1]: higher skips more (default: %(default)s)")  # fmt: skip
+    job.add_argument("--crf", type=int, default=defaults.crf,
+                     help="H.264 quality, 0 (lossless) to 51; 16 for black outputs (default: %(default)s)")  # fmt: skip
+    job.add_argument("--gpu-memory-preservation", type=float, default=defaults.gpu_memory_preservation,
+                     help="GB of GPU memory to keep free; larger is slower, raise it on out-of-memory "
+                          "(default: %(default)s)")  # fmt: skip
+    output = parser.add_argument_group("output")
+    target = output.add_mutually_exclusive_group()
+    target.add_argument("--output", type=Path, help="the MP4 to write; its PNG and JSON go beside it (default: none)")
+    target.add_argument("--outputs", type=Path, default=OUTPUTS_DIR,
+                        help="directory for an auto-named job (default: outputs/ in the checkout)")  # fmt: skip
+    output.add_argument("--verbose", action="store_true", help="debug logging, with tracebacks (default: off)")
     add_model_arguments(parser)
     return parser
 
@@ -53,24 +82,13 @@ def _settings(args: argparse.Namespace):
     from diffusers_helper.frontend.startup import default_resolution
     from diffusers_helper.settings import GenerationSettings
 
-    resolution = args.resolution or default_resolution(args.preset)
+    resolution = default_resolution(args.preset) if args.resolution is None else args.resolution
     return GenerationSettings(
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, seconds=args.seconds,
         steps=args.steps, cfg=args.cfg, distilled_cfg=args.distilled_cfg, cfg_rescale=args.cfg_rescale,
         latent_window=args.latent_window, variant=args.variant, resolution=resolution, teacache=args.teacache,
         teacache_threshold=args.teacache_threshold, crf=args.crf, gpu_memory_preservation=args.gpu_memory_preservation,
     )  # fmt: skip
-
-
-def _quiet_libraries() -> None:
-    """Library progress bars and notices would drown the CLI's own progress bar."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
 
 
 def _stop_on_ctrl_c(stop: threading.Event) -> None:
@@ -87,27 +105,35 @@ def _stop_on_ctrl_c(stop: threading.Event) -> None:
 
 def _run(engine, image, settings, paths, stop: threading.Event) -> int:
     from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from diffusers_helper.pipeline.events import Failed, Finished, SectionFinished, StepProgress
+    from diffusers_helper.frontend.progress import ProgressText
+    from diffusers_helper.pipeline.events import Failed, Finished, SectionFinished, StageStarted, StepProgress
 
-    with tqdm(total=settings.sections * settings.steps, unit="step", dynamic_ncols=True) as bar:
+    progress = ProgressText(settings.sections, settings.steps)
+    bar_format = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]"
+    bar = tqdm(total=settings.sections * settings.steps, bar_format=bar_format, dynamic_ncols=True, file=sys.stderr)
+    with bar, logging_redirect_tqdm():  # log lines go above the bar, never onto it
         for event in engine.generate(image, settings, paths, stop):
-            if isinstance(event, StepProgress):
-                bar.set_description(f"section {event.section}/{event.sections}")
+            progress.update(event)
+            if isinstance(event, StageStarted) and event.section:
+                bar.set_description(f"section {event.section}/{event.sections} {event.stage}")
+            elif isinstance(event, StepProgress):
                 bar.update(1)
-            elif isinstance(event, SectionFinished):
-                bar.set_postfix(frames=event.frames)
-            elif isinstance(event, Failed):
+            if isinstance(event, StepProgress | SectionFinished) and progress.left_text():
+                bar.set_postfix_str(progress.left_text(), refresh=False)
+            if isinstance(event, Failed):
                 bar.close()
                 print(f"error: {event.message}", file=sys.stderr)
                 return EXIT_FAILURE
-            elif isinstance(event, Finished):
+            if isinstance(event, Finished):
                 bar.close()
                 if event.video is None:
                     print("stopped before the first section finished; no video written", file=sys.stderr)
                     return EXIT_STOPPED
-                note = f" (stopped after {event.sections_done} of {event.sections} sections)" if event.stopped else ""
-                print(f"{event.video}: {event.frames} frames{note}")
+                stopped = f", stopped after {event.sections_done} of {event.sections} sections" if event.stopped else ""
+                print(f"{event.video}: {event.frames} frames{stopped}")
+                logging.getLogger("diffusers_helper").info("%s", progress.final(event))
                 return EXIT_STOPPED if event.stopped else EXIT_OK
     return EXIT_FAILURE
 
@@ -130,9 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the following arguments are required: --image")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers_helper").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    _quiet_libraries()
-
-    from diffusers_helper.frontend.startup import load_engine, models_dir, tensorrt_options
+    from diffusers_helper.frontend.startup import load_engine, model_settings, quiet_libraries
     from diffusers_helper.media.images import load_input_image
     from diffusers_helper.media.job_files import JobPaths, ensure_writable_dir
     from diffusers_helper.models.components import ModelsUnavailable
@@ -140,21 +164,22 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers_helper.settings import InvalidSettings
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
+    quiet_libraries()
     try:
-        tensorrt = tensorrt_options(args)
+        models = model_settings(args)
         settings = _settings(args)
         image = load_input_image(args.image)
         paths = JobPaths.for_video(args.output) if args.output else JobPaths.new_job(args.outputs)
         ensure_writable_dir(paths.video.parent)
-        source = models_dir(args)
-        plan = plan_memory(args.device, settings.gpu_memory_preservation)
+        plan = plan_memory(models.device, settings.gpu_memory_preservation)
     except (InvalidSettings, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    runtime = TensorRTRuntime() if tensorrt.enabled else None
+    runtime = TensorRTRuntime() if models.tensorrt.enabled else None
+    logging.getLogger("diffusers_helper").info("loading models: %s", models.describe_source())
     try:
-        engine = load_engine(settings.variant, source, plan, tensorrt, runtime)
+        engine = load_engine(models, plan, runtime)
     except ModelsUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILURE

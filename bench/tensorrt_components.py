@@ -25,7 +25,7 @@ from diffusers_helper.models.components import load_components
 from diffusers_helper.models.placement import plan_memory
 from diffusers_helper.models.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
 from diffusers_helper.pipeline.engine import FramePackEngine
-from diffusers_helper.settings import GenerationSettings, TensorRTOptions
+from diffusers_helper.settings import GenerationSettings, ModelSettings, TensorRTOptions
 from diffusers_helper.tensorrt_runtime import (
     TensorRTRuntime,
     TensorRTTransformer,
@@ -80,7 +80,8 @@ def tiny_engine(cache_dir: Path | None) -> tuple[FramePackEngine, TensorRTRuntim
     plan = plan_memory("cuda")
     components = load_components("framepack", ensure_tiny_models(), plan.dtypes())
     runtime = TensorRTRuntime(EngineCache(cache_dir)) if cache_dir else None
-    models = assemble(components, plan, TensorRTOptions(vae=True, text_encoders=True, transformer=True), runtime)
+    everything = TensorRTOptions(vae=True, text_encoders=True, transformer=True)
+    models = assemble(components, plan, ModelSettings(preset="tiny", tensorrt=everything), runtime)
     return FramePackEngine(models, write_video=lambda *args: None), runtime
 
 

@@ -21,13 +21,15 @@ from diffusers_helper.models.placement import plan_memory
 from diffusers_helper.models.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
 from diffusers_helper.pipeline.engine import FramePackEngine
 from diffusers_helper.pipeline.events import Finished
-from diffusers_helper.settings import GenerationSettings
+from diffusers_helper.settings import GenerationSettings, ModelSettings
 
 
 def run(variant: str, free_gb: float | None, teacache: bool, out: Path) -> dict:
     plan = plan_memory("cuda", free_gb=free_gb)
     components = load_components(variant, ensure_tiny_models(), plan.dtypes())
-    engine = FramePackEngine(assemble(components, plan), write_video=lambda *args: None)
+    engine = FramePackEngine(
+        assemble(components, plan, ModelSettings(variant, preset="tiny")), write_video=lambda *args: None
+    )
     settings = GenerationSettings(
         prompt="a cat walks", seconds=2, resolution=TINY_RESOLUTION, variant=variant, teacache=teacache
     )

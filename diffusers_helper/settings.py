@@ -1,5 +1,5 @@
 """Settings as validated data: where runtime files live, what one job asks for (`GenerationSettings`, shared by
-the CLI, the UI and the sidecar JSON) and what the process accelerates (`TensorRTOptions`)."""
+the CLI, the UI and the sidecar JSON) and what the process loads and accelerates (`ModelSettings`)."""
 
 import dataclasses
 import math
@@ -12,6 +12,7 @@ OUTPUTS_DIR = REPO_ROOT / "outputs"
 
 VARIANTS = ("framepack", "f1")
 DEVICES = ("auto", "cpu", "cuda")
+PRESETS = {"tiny": "tiny preset (random weights: expect noise)"}
 FPS = 30
 QUICK_PROMPTS = (
     "The girl dances gracefully, with clear movements, full of charm.",
@@ -103,3 +104,31 @@ class TensorRTOptions:
     @property
     def enabled(self) -> bool:
         return self.vae
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """What one process loads and how it runs it: the start-up flags, validated."""
+
+    variant: str = "framepack"
+    preset: str | None = None  # built offline from random weights; see models/tiny_preset.py
+    models_dir: Path | None = None  # a local copy in the hub layout; neither this nor a preset: the hub
+    device: str = "auto"
+    tensorrt: TensorRTOptions = TensorRTOptions()
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise InvalidSettings(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.device not in DEVICES:
+            raise InvalidSettings(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise InvalidSettings(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.preset and self.models_dir:
+            raise InvalidSettings("choose a preset or a models directory, not both")
+        if self.models_dir is not None and not Path(self.models_dir).is_dir():
+            raise InvalidSettings(f"models directory not found: {self.models_dir}")
+
+    def describe_source(self) -> str:
+        if self.preset:
+            return PRESETS[self.preset]
+        return f"local copy in {self.models_dir}" if self.models_dir else "the Hugging Face hub"

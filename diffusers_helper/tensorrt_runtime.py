@@ -114,6 +114,12 @@ class ComponentStatus:
     compile_seconds: list[float] = field(default_factory=list)
     load_seconds: list[float] = field(default_factory=list)
 
+    def describe(self) -> str:
+        if self.compiling_since is not None:
+            elapsed = time.perf_counter() - self.compiling_since
+            return f"compiling engine (first run of this shape)... {elapsed:.0f}s"
+        return f"{'TensorRT' if self.engine == 'tensorrt' else 'PyTorch'} ({self.reason})"
+
 
 class TensorRTRuntime:
     """Engines per (component, input signature); one instance per process, shared by the wrappers."""
@@ -130,7 +136,8 @@ class TensorRTRuntime:
 
     # -- availability -------------------------------------------------------------------------------------------
 
-    def _check(self) -> str | None:
+    def availability(self) -> str | None:
+        """Why TensorRT cannot serve in this process at all, or None when it can (checked once)."""
         if not self._checked:
             self._checked = True
             try:
@@ -144,6 +151,12 @@ class TensorRTRuntime:
 
     def register(self, component: str) -> None:
         self.status.setdefault(component, ComponentStatus(reason="waiting for the first call"))
+
+    def cannot_serve(self, components: list[str], reason: str) -> None:
+        """TensorRT cannot run here at all: these components run in PyTorch, said once."""
+        for component in components:
+            self.status[component] = ComponentStatus(reason=f"fell back: {reason}")
+        logger.warning("TensorRT cannot run here: %s; running %s in PyTorch", reason, ", ".join(components))
 
     def fall_back(self, component: str, reason: str) -> None:
         """Send a component back to PyTorch for the rest of the process, with one warning."""
@@ -167,7 +180,7 @@ class TensorRTRuntime:
         """
         if not self.is_active(component):
             return module(*args)
-        unavailable = self._check()
+        unavailable = self.availability()
         if unavailable:
             self.fall_back(component, unavailable)
             return module(*args)
@@ -267,15 +280,9 @@ class TensorRTRuntime:
     # -- reports ------------------------------------------------------------------------------------------------
 
     def report(self) -> list[str]:
-        """One line per component: what it runs on and why."""
-        lines = []
-        for component, status in self.status.items():
-            if status.compiling_since is not None:
-                line = f"{component}: compiling engine (first run of this shape)... {time.perf_counter() - status.compiling_since:.0f}s"
-            else:
-                line = f"{component}: {'TensorRT' if status.engine == 'tensorrt' else 'PyTorch'} ({status.reason})"
-            lines.append(line)
-        return lines
+        """One line per component, what it runs on and why; first, why TensorRT cannot run here, if it cannot."""
+        lines = [f"cannot run here: {self._unavailable}"] if self._unavailable else []
+        return lines + [f"{component}: {status.describe()}" for component, status in self.status.items()]
 
     def environment(self) -> dict:
         """GPU, versions and cache, for `--tensorrt-info` and bug reports."""

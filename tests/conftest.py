@@ -45,9 +45,12 @@ def engines(tiny_root):
     from diffusers_helper.models.components import load_components
     from diffusers_helper.models.placement import plan_memory
     from diffusers_helper.pipeline.engine import FramePackEngine
+    from diffusers_helper.settings import ModelSettings
 
     plan = plan_memory("cpu")
     return {
-        variant: FramePackEngine(assemble(load_components(variant, tiny_root, plan.dtypes()), plan))
+        variant: FramePackEngine(
+            assemble(load_components(variant, tiny_root, plan.dtypes()), plan, ModelSettings(variant, preset="tiny"))
+        )
         for variant in ("framepack", "f1")
     }

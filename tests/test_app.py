@@ -38,13 +38,25 @@ def frame_count(path: str) -> int:
 
 def test_a_complete_job_returns_a_playable_video(app_url, image_file):
     client = Client(app_url, verbose=False)
-    video, _, progress, acceleration, download = client.predict(
+    video, _, progress, status, download = client.predict(
         handle_file(str(image_file)), *ARGUMENTS, api_name="/generate"
     )
     assert frame_count(video) == 73
     assert text(progress).startswith("done: 73 frames") and 'value="100"' in progress
-    assert acceleration.startswith("TensorRT: off")
+    assert "**Models:** framepack (lllyasviel/FramePackI2V_HY), tiny preset (random weights: expect noise)" in status
+    assert "cpu, float32" in status and "**TensorRT:** off" in status
     assert download["visible"] is True and frame_count(download["value"]) == 73
+
+
+def test_the_page_names_every_stage_of_a_job(app_url, image_file):
+    client = Client(app_url, verbose=False)
+    job = client.submit(handle_file(str(image_file)), *with_seconds(1.0, steps=2), api_name="/generate")
+    job.result(timeout=300)
+    seen = [text(output[2]) for output in job.outputs()]
+    stages = ["encoding the prompt and image", "section 1 of 1 · sampling step 1/2", "section 1 of 1 · decoding",
+              "section 1 of 1 · writing the MP4", "done: 37 frames"]  # fmt: skip
+    positions = [next(i for i, line in enumerate(seen) if stage in line) for stage in stages]
+    assert positions == sorted(positions)
 
 
 def test_end_after_the_first_section_returns_the_partial_video(app_url, image_file):
@@ -57,7 +69,7 @@ def test_end_after_the_first_section_returns_the_partial_video(app_url, image_fi
     client.predict(api_name="/end")
     video, _, progress, _, _ = job.result(timeout=120)
     assert frame_count(video) == 33
-    assert "stopped after 1 of 3 sections" in text(progress)
+    assert text(progress).startswith("stopped after 1 of 3 sections: 33 frames") and "done" not in text(progress)
 
 
 def test_bad_uploads_get_their_message_and_the_app_keeps_serving(app_url, image_file, tmp_path):

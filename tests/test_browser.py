@@ -16,26 +16,32 @@ CHROMIUM_ARGS = [
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (see README)")
 
 
-def test_upload_prompt_start_and_watch_the_video_arrive(image_file, tmp_path):
+def test_upload_prompt_start_watch_the_stages_and_end(image_file, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     with running_app(tmp_path / "outputs", tmp_path / "app.log") as url, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
         page.goto(url)
+        expect(page.locator("#acceleration-status")).to_contain_text("tiny preset (random weights: expect noise)")
         page.locator("input[type=file]").first.set_input_files(str(image_file))
         page.get_by_label("Prompt", exact=True).fill("a cat walks")
-        page.get_by_role("button", name="Start Generation").click()
+        page.get_by_role("button", name="Start Generation").click()  # FramePack's default: 5 s, 4 sections
         progress = page.locator("#progress-text")
-        expect(progress).to_contain_text("section", timeout=120_000)
-        seen_progress = progress.inner_text()
+        expect(progress).to_contain_text("section 1 of 4 · sampling step", timeout=120_000)
+        seen_sampling = progress.inner_text()
+        expect(progress).to_contain_text("section 2 of 4", timeout=180_000)
         page.wait_for_function(
             "() => { const v = document.querySelector('video'); return v && v.currentSrc && v.readyState >= 1; }",
             timeout=180_000,
         )
-        expect(progress).to_contain_text("done:", timeout=180_000)
+        page.get_by_role("button", name="End Generation").click()
+        expect(progress).to_contain_text("stopped after", timeout=180_000)
+        final = progress.inner_text()
         page.screenshot(path=str(tmp_path / "app.png"), full_page=True)
         browser.close()
-    assert "section 1 of" in seen_progress or "preparing" in seen_progress
+    assert "section 1 of 4 · sampling step" in seen_sampling and "elapsed" in seen_sampling
+    assert "stopped after 1 of 4 sections" in final or "stopped after 2 of 4 sections" in final
+    assert "done" not in final
     assert (tmp_path / "app.png").stat().st_size > 10_000
     assert list((tmp_path / "outputs").glob("*.mp4"))

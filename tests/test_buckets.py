@@ -43,3 +43,16 @@ def test_resize_and_center_crop_keeps_the_middle():
     green = np.array([0, 255, 0])
     for x in (8, 32, 55):  # the red and blue thirds are cut away (LANCZOS rings only at the very edge)
         assert np.abs(cropped[32, x].astype(int) - green).max() <= 12
+
+
+def test_the_crop_box_is_rounded_as_framepack_rounds_it():
+    """FramePack leaves the box at half pixels and PIL rounds halves to even: 67 -> 64 wide starts at column 2."""
+    columns = np.tile(np.arange(67, dtype=np.uint8), (64, 1))
+    image = np.stack([columns] * 3, axis=-1)
+    cropped = resize_and_center_crop(image, 64, 64)
+    assert cropped[0, :3, 0].tolist() == [2, 3, 4]
+
+
+def test_an_image_already_at_the_bucket_size_is_kept_as_it_is():
+    image = np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8)
+    assert resize_and_center_crop(image, 64, 96) is image

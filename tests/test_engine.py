@@ -1,16 +1,30 @@
 """The section engine on the tiny preset, on the CPU."""
 
 import json
+import math
 import threading
+from datetime import datetime
 
 import av
 import numpy as np
 import pytest
+import torch
 
 from diffusers_helper.media.images import example_image
 from diffusers_helper.media.job_files import JobPaths
 from diffusers_helper.models.tiny_preset import TINY_RESOLUTION
-from diffusers_helper.pipeline.events import Failed, Finished, SectionFinished, StepProgress
+from diffusers_helper.pipeline.events import (
+    DECODING,
+    ENCODING,
+    SAMPLING,
+    WRITING,
+    Failed,
+    Finished,
+    Notice,
+    SectionFinished,
+    StageStarted,
+    StepProgress,
+)
 from diffusers_helper.settings import GenerationSettings
 
 from .conftest import FrameSink
@@ -53,7 +67,8 @@ def test_two_section_video_end_to_end(engines, tmp_path):
     assert finished.frames == 73 and finished.sections_done == 2
     assert [(e.section, e.frames) for e in events if isinstance(e, SectionFinished)] == [(1, 33), (2, 73)]
     steps = [e for e in events if isinstance(e, StepProgress)]
-    assert len(steps) == 16 and steps[0].preview.dtype == np.uint8 and steps[0].preview.shape == (16, 9 * 16, 3)
+    assert len(steps) == 16 and steps[0].preview.dtype == np.uint8
+    assert steps[0].preview.shape == (3 * 16 * 6, 3 * 16 * 6, 3)  # 9 frames of 16 x 16 in a 3 x 3 grid, 6x larger
     frames = decode_mp4(paths.video)
     assert frames.shape == (73, 128, 128, 3)
     assert np.abs(np.diff(frames.astype(np.int16), axis=0)).mean() > 1  # frames change over time
@@ -64,8 +79,67 @@ def test_two_section_video_end_to_end(engines, tmp_path):
         record["settings"]["prompt"] == "a cat walks"
         and record["models"]["transformer"] == "lllyasviel/FramePackI2V_HY"
     )
-    assert "torch" in record["versions"]
+    assert "torch" in record["versions"] and record["preset"] == "tiny"
+    assert datetime.fromisoformat(record["started_at"]).tzinfo is not None
+    assert record["components"]["transformer"] == "PyTorch" and record["components"]["vae_decoder"] == "PyTorch"
     assert paths.image.exists()
+
+
+def test_stages_are_reported_in_order(engines, tmp_path):
+    events = run(engines["framepack"], tiny_settings(steps=2), JobPaths.for_video(tmp_path / "s.mp4"))
+    stages = [
+        (type(e).__name__, getattr(e, "stage", None), getattr(e, "section", None))
+        for e in events
+        if not isinstance(e, StepProgress)
+    ]
+    assert stages == [
+        ("StageStarted", ENCODING, 0),
+        ("StageStarted", SAMPLING, 1), ("StageStarted", DECODING, 1), ("StageStarted", WRITING, 1),
+        ("SectionFinished", None, 1),
+        ("StageStarted", SAMPLING, 2), ("StageStarted", DECODING, 2), ("StageStarted", WRITING, 2),
+        ("SectionFinished", None, 2),
+        ("Finished", None, None),
+    ]  # fmt: skip
+
+
+def test_the_sidecar_records_framepacks_schedule(engines, tmp_path):
+    paths = JobPaths.for_video(tmp_path / "schedule.mp4")
+    run(engines["framepack"], tiny_settings(seconds=1.0, steps=4), paths)
+    schedule = json.loads(paths.sidecar.read_text())["schedule"]
+    tokens = 9 * 16 * 16 / 4  # window 9, 128 x 128 -> 16 x 16 latents, 2 x 2 patches
+    shift = math.exp(0.5 + (tokens - 256) * (1.15 - 0.5) / (4096 - 256))
+    assert schedule["shift"] == pytest.approx(shift) and round(schedule["shift"], 2) == 1.74
+    expected = [shift / (shift + 1 / t - 1) if t else 0.0 for t in (1, 0.75, 0.5, 0.25, 0)]
+    assert schedule["sigmas"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_section_noise_is_the_seeds_stream_from_its_first_number(with_sink, tmp_path, monkeypatch):
+    """As in FramePack: nothing else draws from the seed's generator before the first section's noise."""
+    engine = with_sink["framepack"]
+    inputs = []
+    original = engine.components.transformer.forward
+
+    def spy(**kwargs):
+        inputs.append(kwargs["hidden_states"])
+        return original(**kwargs)
+
+    monkeypatch.setattr(engine.components.transformer, "forward", spy)
+    run(
+        engine, tiny_settings(seconds=1.0, steps=1, seed=1234), JobPaths.for_video(tmp_path / "n.mp4"), sink=FrameSink()
+    )
+    expected = torch.randn(1, 16, 9, 16, 16, generator=torch.Generator("cpu").manual_seed(1234))
+    assert torch.equal(inputs[0], expected)
+
+
+def test_a_prompt_longer_than_the_encoders_take_is_said_once(engines, tmp_path):
+    long_prompt = " ".join(["the cat walks slowly through the forest"] * 60)
+    events = run(
+        engines["framepack"], tiny_settings(prompt=long_prompt, steps=1), JobPaths.for_video(tmp_path / "p.mp4")
+    )
+    notices = [e.message for e in events if isinstance(e, Notice)]
+    assert len(notices) == 1 and "LLaMA reads the first 256" in notices[0] and "CLIP reads the first 77" in notices[0]
+    short = run(engines["framepack"], tiny_settings(steps=1), JobPaths.for_video(tmp_path / "q.mp4"))
+    assert not [e for e in short if isinstance(e, Notice)]
 
 
 def test_f1_grows_forward(with_sink, tmp_path):
@@ -110,8 +184,14 @@ def test_stop_after_first_section_keeps_a_playable_video_of_it(engines, tmp_path
 def test_stop_during_the_first_section_writes_no_video(engines, tmp_path):
     stop = threading.Event()
     paths = JobPaths.for_video(tmp_path / "early.mp4")
-    events = run(engines["framepack"], tiny_settings(), paths, stop, on_event=lambda e: stop.set())
-    assert [type(e) for e in events] == [StepProgress, Finished]
+    events = run(
+        engines["framepack"],
+        tiny_settings(),
+        paths,
+        stop,
+        on_event=lambda e: isinstance(e, StepProgress) and stop.set(),
+    )
+    assert [type(e) for e in events if not isinstance(e, StageStarted)] == [StepProgress, Finished]
     assert events[-1].video is None and events[-1].stopped
     assert not paths.video.exists()
 
@@ -185,7 +265,8 @@ def test_a_failure_becomes_a_failed_event_and_is_recorded(with_sink, tmp_path, m
     monkeypatch.setattr(engine.components.transformer, "forward", broken)
     paths = JobPaths.for_video(tmp_path / "bad.mp4")
     events = run(engine, tiny_settings(), paths, sink=FrameSink())
-    assert events == [Failed("RuntimeError: kernel exploded")]
+    assert events[-1] == Failed("RuntimeError: kernel exploded")
+    assert not [e for e in events if isinstance(e, StepProgress | SectionFinished)]
     assert not paths.video.exists()
     assert json.loads(paths.sidecar.read_text())["status"] == "failed"
 

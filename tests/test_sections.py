@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffusers_helper.pipeline.sections import HISTORY_SIZES, InvertedAntiDrifting, Vanilla, soft_append
+from diffusers_helper.pipeline.sections import HISTORY_SIZES, InvertedAntiDrifting, Vanilla, crossfade
 
 EXPECTED_PADDINGS = {
     1: [0], 2: [1, 0], 3: [2, 1, 0], 4: [3, 2, 1, 0], 5: [3, 2, 2, 1, 0],
@@ -19,25 +19,24 @@ def test_padding_schedule(count):
     assert sections[-1].is_last and sections[0].is_first and [s.index for s in sections] == list(range(count))
 
 
-def _frames_of(latents: torch.Tensor) -> torch.Tensor:
-    """A stand-in VAE: one uint8 frame per pixel frame, (T - 1) * 4 + 1 of them, as the real VAE makes."""
+def _pixels_of(latents: torch.Tensor) -> torch.Tensor:
+    """A stand-in VAE: (T - 1) * 4 + 1 frames of pixels, as the real VAE makes."""
     count = (latents.shape[2] - 1) * 4 + 1
-    return torch.zeros(count, 8, 8, 3, dtype=torch.uint8)
+    return torch.zeros(1, 3, count, 8, 8)
 
 
 def _run_sections(order, count: int, window: int) -> list[int]:
     start = torch.zeros(1, 16, 1, 4, 4)
     history = order.initial_history(start)
-    frames, counts = None, []
+    video, counts = None, []
     for section in order.plan(count):
         generated = torch.ones(1, 16, window, 4, 4)
         history = order.append(history, generated, start, section)
-        video = order.video_latents(history)
-        if frames is None:
-            frames = _frames_of(video)
-        else:
-            frames = order.join(frames, _frames_of(order.latents_to_decode(video, section, window)), window * 4 - 3)
-        counts.append(len(frames))
+        latents = order.video_latents(history)
+        if video is not None:
+            latents = order.latents_to_decode(latents, section, window)
+        video = order.join(video, _pixels_of(latents), window * 4 - 3)
+        counts.append(len(video.frames))
     return counts
 
 
@@ -93,9 +92,40 @@ def test_histories_start_with_zeros_and_the_orders_place_new_latents_on_opposite
     assert appended[0, 0, -10:, 0, 0].tolist() == [7.0] + [3.0] * 9
 
 
-def test_soft_append_crossfades_the_overlap():
-    earlier = torch.full((5, 2, 2, 3), 200, dtype=torch.uint8)
-    later = torch.full((5, 2, 2, 3), 0, dtype=torch.uint8)
-    joined = soft_append(earlier, later, overlap=3)
-    assert joined.shape[0] == 7
-    assert joined[:, 0, 0, 0].tolist() == [200, 200, 200, 100, 0, 0, 0]
+def test_crossfade_goes_linearly_from_the_outgoing_to_the_incoming_clip():
+    outgoing = torch.full((1, 3, 3, 2, 2), 0.8)
+    incoming = torch.full((1, 3, 3, 2, 2), -0.8)
+    assert crossfade(outgoing, incoming)[0, 0, :, 0, 0].tolist() == pytest.approx([0.8, 0.0, -0.8])
+
+
+def _framepack_video(order, decodes: list[torch.Tensor], overlap: int) -> torch.Tensor:
+    """The reference: FramePack keeps every decoded pixel in the VAE's dtype, blends in that dtype (the weights in
+    the first clip's dtype), and converts the whole video to uint8 (clamp, scale, truncate) when it writes it."""
+    history = None
+    for decoded in decodes:
+        if history is None:
+            history = decoded
+            continue
+        first, second = (decoded, history) if isinstance(order, InvertedAntiDrifting) else (history, decoded)
+        weights = torch.linspace(1, 0, overlap, dtype=first.dtype).view(1, 1, -1, 1, 1)
+        blended = weights * first[:, :, -overlap:] + (1 - weights) * second[:, :, :overlap]
+        history = torch.cat([first[:, :, :-overlap], blended, second[:, :, overlap:]], dim=2).to(first)
+    frames = (torch.clamp(history.float(), -1.0, 1.0) * 127.5 + 127.5).to(torch.uint8)
+    return frames[0].permute(1, 2, 3, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("order", [InvertedAntiDrifting(), Vanilla()], ids=["framepack", "f1"])
+def test_joined_frames_equal_framepacks_float_history_exactly(order, dtype):
+    """Keeping uint8 frames plus the unblended pixels of the next overlap gives FramePack's frames bit for bit."""
+    window, overlap = 9, 9 * 4 - 3
+    generator = torch.Generator().manual_seed(0)
+    first_length = {"InvertedAntiDrifting": (window - 1) * 4 + 1, "Vanilla": window * 4 + 1}[type(order).__name__]
+    lengths = [first_length] + [(2 * window - 1) * 4 + 1] * 3
+    decodes = [(torch.randn(1, 3, n, 4, 6, generator=generator) * 0.7).to(dtype) for n in lengths]
+    video = None
+    for decoded in decodes:
+        video = order.join(video, decoded, overlap)
+    expected = _framepack_video(order, decodes, overlap)
+    assert video.frames.shape == expected.shape
+    assert torch.equal(video.frames, expected)

@@ -15,7 +15,7 @@ import torch
 
 from diffusers_helper.acceleration.engine_cache import EngineCache, cache_key
 from diffusers_helper.models.assembly import accelerate, assemble
-from diffusers_helper.settings import InvalidSettings, TensorRTOptions
+from diffusers_helper.settings import InvalidSettings, ModelSettings, TensorRTOptions
 from diffusers_helper.tensorrt_runtime import (
     CACHE_DIR_VARIABLE,
     TensorRTRuntime,
@@ -309,7 +309,8 @@ def test_tiny_generation_with_every_wrapper_matches_pytorch(tmp_path, tiny_root,
     plan = plan_memory("cpu")
     runtime, _ = make_runtime(tmp_path)
     components = load_components("framepack", tiny_root, plan.dtypes())
-    models = assemble(components, plan, TensorRTOptions(vae=True, text_encoders=True, transformer=True), runtime)
+    everything = TensorRTOptions(vae=True, text_encoders=True, transformer=True)
+    models = assemble(components, plan, ModelSettings(preset="tiny", tensorrt=everything), runtime)
     accelerated, plain = FrameSink(), FrameSink()
     events = list(
         FramePackEngine(models, write_video=accelerated).generate(

@@ -47,3 +47,17 @@ def test_rewrite_replaces_and_failed_write_keeps_the_old_file(tmp_path):
         write_mp4(_frames(3, 63, 96), path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["clip.mp4"]
+
+
+def test_the_preview_lays_frames_out_in_a_grid_large_enough_to_see():
+    import torch
+
+    from diffusers_helper.media.preview import latent_preview
+
+    latents = torch.zeros(1, 16, 5, 10, 12)
+    latents[:, 10, 4] = 3.0  # the fifth frame bright (channel 10 adds to every colour)
+    preview = latent_preview(latents, min_height=100)
+    assert preview.shape == (2 * 10 * 5, 3 * 12 * 5, 3)  # 3 columns, 2 rows, enlarged 5x to reach 100 rows
+    cell = preview[50:100, 12 * 5 : 24 * 5]  # row 2, column 2: the fifth frame
+    assert cell.mean() > preview[:50, :60].mean() + 50
+    assert preview[50:, 24 * 5 :].max() == 0  # the unused sixth cell stays black

@@ -1,7 +1,7 @@
 """A directory of compiled engines keyed by canonical JSON, safe across processes.
 
-Each entry is `<key>.pt2` (the engine, serialized as a torch.export archive) and `<key>.json` (what built it, its size, when it was last
-used). The JSON is written last, so an entry without it does not exist. Writes go through a temporary file and
+Each entry is `<key>.pt2` (the engine, serialized as a torch.export archive) and `<key>.json` (what built it, its
+size, when it was last used). The JSON is written last, so an entry without it does not exist. Writes go through a temporary file and
 a rename; a per-key lock file keeps two processes from building the same engine at once; a truncated or
 unreadable entry is removed and counts as a miss; an optional size cap evicts the least recently used entries.
 """

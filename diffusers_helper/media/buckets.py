@@ -18,7 +18,8 @@ def bucket_options(resolution: int = 640) -> tuple[tuple[int, int], ...]:
 
 
 def find_nearest_bucket(height: int, width: int, resolution: int = 640) -> tuple[int, int]:
-    """The bucket whose aspect ratio is closest to the image's; ties go to the later (taller) bucket, as in FramePack."""
+    """The bucket whose aspect ratio is closest to the image's; ties go to the later (taller) bucket, as in
+    FramePack."""
     best, best_metric = None, float("inf")
     for bucket_height, bucket_width in bucket_options(resolution):
         metric = abs(height * bucket_width - width * bucket_height)
@@ -28,10 +29,13 @@ def find_nearest_bucket(height: int, width: int, resolution: int = 640) -> tuple
 
 
 def resize_and_center_crop(image: np.ndarray, height: int, width: int) -> np.ndarray:
-    """Scale the image to cover (height, width), then cut the centre; uint8 HWC RGB in and out."""
+    """Scale the image to cover (height, width), then cut the centre; uint8 HWC RGB in and out. As in FramePack:
+    an image already of that size is kept as it is, and the crop box is left at half pixels for PIL to round."""
     original_height, original_width = image.shape[:2]
+    if (original_height, original_width) == (height, width):
+        return image
     scale = max(width / original_width, height / original_height)
     resized_width, resized_height = round(original_width * scale), round(original_height * scale)
     resized = Image.fromarray(image).resize((resized_width, resized_height), Image.LANCZOS)
-    left, top = (resized_width - width) // 2, (resized_height - height) // 2
+    left, top = (resized_width - width) / 2, (resized_height - height) / 2
     return np.array(resized.crop((left, top, left + width, top + height)))

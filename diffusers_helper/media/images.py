@@ -1,28 +1,59 @@
-"""Reading the input image with clear errors, and drawing example images for demos and tests."""
+"""Reading the input image as a user's photo really is (upright, any bit depth), with clear errors; and drawing
+example images for demos and tests."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..settings import InvalidSettings
 
 MIN_IMAGE_SIDE = 64
+MAX_MEGAPIXELS = 50  # a 50 MP photo decodes to 150 MB of RGB; anything larger is refused before decoding
 
 
 def load_input_image(path: Path) -> np.ndarray:
-    """The image as uint8 RGB (H, W, 3); InvalidSettings for a missing, unreadable, non-image or tiny file."""
+    """The image as uint8 RGB (H, W, 3), upright as its EXIF orientation says; InvalidSettings for a missing,
+    unreadable, non-image, too large or too small file."""
     path = Path(path)
     if not path.is_file():
         raise InvalidSettings(f"image not found: {path}")
     try:
-        with Image.open(path) as opened:
-            image = np.array(opened.convert("RGB"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below says more
+            with Image.open(path) as opened:
+                _check_size(*opened.size, path)  # from the header: nothing decoded yet
+                image = to_rgb(ImageOps.exif_transpose(opened))
+    except Image.DecompressionBombError as error:
+        raise InvalidSettings(f"{path} is larger than {MAX_MEGAPIXELS} megapixels; scale it down first") from error
     except PermissionError as error:
         raise InvalidSettings(f"image not readable: {path} ({error.strerror})") from error
-    except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as error:
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise InvalidSettings(f"not a readable image file: {path} ({error})") from error
     return check_input_image(image, str(path))
+
+
+def _check_size(width: int, height: int, path: Path) -> None:
+    megapixels = width * height / 1e6
+    if megapixels > MAX_MEGAPIXELS:
+        size = f"{width}x{height} ({megapixels:.0f} megapixels)"
+        raise InvalidSettings(f"{path} is {size}; the limit is {MAX_MEGAPIXELS}: scale it down first")
+
+
+def to_rgb(image: Image.Image) -> np.ndarray:
+    """uint8 RGB from any Pillow mode: 16-bit and 32-bit greyscale scaled down (Pillow's own conversion clips
+    them to white), float greyscale taken as 0-1, palettes through their colours; alpha is dropped."""
+    if image.mode.startswith("I"):  # "I;16", "I;16B", ...: 16-bit samples; "I": 32-bit, in practice 16-bit data
+        values = np.asarray(image, dtype=np.float64)
+        grey = values / 257 if image.mode != "I" or values.max() > 255 else values
+    elif image.mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        grey = values * 255 if values.max() <= 1 else values
+    else:
+        return np.array(image.convert("RGB"))
+    grey = np.clip(np.rint(grey), 0, 255).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
 
 
 def check_input_image(image: np.ndarray, name: str = "image") -> np.ndarray:

@@ -4,16 +4,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from .atomic_files import replacing
-
-
-def pixels_to_frames(pixels: torch.Tensor) -> torch.Tensor:
-    """VAE output (1, 3, T, H, W) in [-1, 1] -> uint8 frames (T, H, W, 3) on the CPU."""
-    frames = ((pixels[0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return frames.permute(1, 2, 3, 0).cpu()
-
 
 VideoWriter = Callable[[np.ndarray, Path, int, int], None]  # (frames, path, fps, crf)
 

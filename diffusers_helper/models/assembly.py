@@ -4,15 +4,17 @@ Hooks on the transformer's blocks nest in registration order, so the order is th
 1. the TensorRT block stack (innermost: the first block runs the whole compiled stack),
 2. the step cache (TeaCache decides around the stack, compiled or not),
 3. offloading (outermost: weights arrive on the GPU before anything inside runs).
-The VAE and text-encoder wrappers are swapped in first, then everything is placed where the memory plan says.
+The VAE and text-encoder wrappers are swapped in first; the output head is kept in float32 (FramePack's
+"high quality fp32 output"); then everything is placed where the memory plan says.
 """
 
 from dataclasses import dataclass
 
 import torch
+from diffusers.hooks import HookRegistry, ModelHook
 
 from ..caching.teacache import TeaCache, apply_teacache
-from ..settings import TensorRTOptions
+from ..settings import ModelSettings, TensorRTOptions
 from ..tensorrt_runtime import (
     TensorRTCLIPTextEncoder,
     TensorRTLatentDecoder,
@@ -24,6 +26,13 @@ from ..tensorrt_runtime import (
 from .components import Components
 from .placement import MemoryPlan, place_components
 
+FLOAT32_HEAD_HOOK = "float32_output_head"
+TENSORRT_COMPONENTS = {
+    "vae": ("vae_encoder", "vae_decoder"),
+    "text_encoders": ("text_encoder", "text_encoder_2"),
+    "transformer": ("transformer",),
+}
+
 
 @dataclass
 class AssembledModels:
@@ -32,20 +41,58 @@ class AssembledModels:
     components: Components
     plan: MemoryPlan
     teacache: TeaCache
+    settings: ModelSettings
+    runtime: TensorRTRuntime | None
+
+    def describe(self) -> str:
+        """One line for people: which models, from where, on what device, in which dtypes."""
+        variant = f"{self.components.variant} ({self.components.model_ids()['transformer']})"
+        return f"{variant}, {self.settings.describe_source()}; {self.plan.describe()}"
+
+    def backends(self) -> dict[str, str]:
+        """What each model runs on, and why (for the sidecar and status displays)."""
+        names = ("text_encoder", "text_encoder_2", "image_encoder", "vae_encoder", "vae_decoder", "transformer")
+        report = dict.fromkeys(names, "PyTorch")
+        if self.runtime is not None:
+            report.update({name: status.describe() for name, status in self.runtime.status.items()})
+        return report
 
 
 def assemble(
     components: Components,
     plan: MemoryPlan,
-    options: TensorRTOptions = TensorRTOptions(),
+    settings: ModelSettings,
     runtime: TensorRTRuntime | None = None,
 ) -> AssembledModels:
     """Wrap and place freshly loaded components; call once per load."""
-    if runtime is not None:
-        accelerate(components, options, runtime, offloading=plan.offload)
+    if runtime is not None and settings.tensorrt.enabled:
+        unavailable = runtime.availability()
+        if unavailable:
+            runtime.cannot_serve(requested_components(settings.tensorrt), unavailable)
+        else:
+            accelerate(components, settings.tensorrt, runtime, offloading=plan.offload)
+    keep_output_head_float32(components.transformer)
     teacache = apply_teacache(components.transformer)
     place_components(components, plan)
-    return AssembledModels(components, plan, teacache)
+    return AssembledModels(components, plan, teacache, settings, runtime)
+
+
+def requested_components(options: TensorRTOptions) -> list[str]:
+    return [name for flag, names in TENSORRT_COMPONENTS.items() if getattr(options, flag) for name in names]
+
+
+class _Float32Input(ModelHook):
+    def pre_forward(self, module: torch.nn.Module, *args, **kwargs) -> tuple[tuple, dict]:
+        return tuple(arg.float() for arg in args), kwargs
+
+
+def keep_output_head_float32(transformer: torch.nn.Module) -> None:
+    """The final projection in float32, on float32 inputs, as FramePack runs it for quality."""
+    head = transformer.proj_out
+    if head.weight.dtype == torch.float32:
+        return
+    head.to(torch.float32)
+    HookRegistry.check_if_exists_or_initialize(head).register_hook(_Float32Input(), FLOAT32_HEAD_HOOK)
 
 
 def accelerate(components: Components, options: TensorRTOptions, runtime: TensorRTRuntime, offloading: bool) -> None:

@@ -68,7 +68,6 @@ class Components:
     image_encoder: SiglipVisionModel
     transformer: HunyuanVideoFramepackTransformer3DModel
     variant: str
-    source: str
 
     def model_ids(self) -> dict[str, str]:
         return {
@@ -110,4 +109,4 @@ def load_components(variant: str, models_dir: Path | None, dtypes: dict[str, tor
     for module in loaded.values():
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
-    return Components(**loaded, variant=variant, source=str(models_dir) if models_dir else "huggingface hub")
+    return Components(**loaded, variant=variant)

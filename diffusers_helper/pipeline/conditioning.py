@@ -1,7 +1,8 @@
-"""Encode the prompt (LLaMA + CLIP), the image (SigLIP) and the start latent (VAE) once per job.
+"""Encode the prompt (LLaMA + CLIP), the image (SigLIP) and the start latent (VAE) once per job, as FramePack does.
 
-The encoders are diffusers' own HunyuanVideo FramePack pipeline methods; this module only decides what to
-encode and keeps the results together.
+The prompt encoders and the VAE encoding are diffusers' own HunyuanVideo FramePack pipeline methods; SigLIP sees
+the uint8 bucket image through its processor, as in FramePack. This module decides what to encode and keeps the
+results together.
 """
 
 from dataclasses import dataclass
@@ -14,7 +15,8 @@ from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_framepack import D
 from ..models.components import Components
 
 PROMPT_TEMPLATE: str = DEFAULT_PROMPT_TEMPLATE["template"]
-MAX_PROMPT_TOKENS = 256
+MAX_PROMPT_TOKENS = 256  # LLaMA tokens after the template's preamble
+CLIP_TOKENS = 77
 
 
 @dataclass(frozen=True)
@@ -60,8 +62,23 @@ def template_crop_start(tokenizer: object) -> int:
     return len(tokenizer(prefix)["input_ids"])
 
 
+def prompt_overflow(pipe: HunyuanVideoFramepackPipeline, prompt: str) -> str | None:
+    """A sentence saying which encoder cuts the prompt short, or None when both read all of it."""
+    crop_start = template_crop_start(pipe.tokenizer)
+    llama = len(pipe.tokenizer(PROMPT_TEMPLATE.format(prompt), verbose=False)["input_ids"]) - crop_start
+    clip = len(pipe.tokenizer_2(prompt, verbose=False)["input_ids"])
+    cut = [
+        f"{name} reads the first {limit}"
+        for name, count, limit in (("LLaMA", llama, MAX_PROMPT_TOKENS), ("CLIP", clip, CLIP_TOKENS))
+        if count > limit
+    ]
+    if not cut:
+        return None
+    return f"the prompt is {max(llama, clip)} tokens long; {' and '.join(cut)} tokens, the rest is ignored"
+
+
 def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """uint8 HWC RGB -> float (1, 3, H, W) in [-1, 1], the range the VAE and the pipeline expect."""
+    """uint8 HWC RGB -> float (1, 3, H, W) in [-1, 1], the range the VAE expects."""
     return torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float() / 127.5 - 1.0
 
 
@@ -78,6 +95,13 @@ def encode_text(
     return TextConditions(embeds=embeds[:, :length].to(dtype), mask=mask[:, :length].to(dtype), pooled=pooled.to(dtype))
 
 
+def encode_image(pipe: HunyuanVideoFramepackPipeline, image: np.ndarray, device: torch.device, dtype: torch.dtype):
+    """SigLIP's last hidden state for the uint8 image, preprocessed (resized, rescaled) by its own processor."""
+    encoder = pipe.image_encoder
+    inputs = pipe.feature_extractor.preprocess(images=image, return_tensors="pt").to(device=device, dtype=encoder.dtype)
+    return encoder(**inputs).last_hidden_state.to(dtype)
+
+
 @torch.no_grad()
 def encode_conditions(
     pipe: HunyuanVideoFramepackPipeline,
@@ -86,13 +110,19 @@ def encode_conditions(
     negative_prompt: str | None,
     device: torch.device,
     dtype: torch.dtype,
-    generator: torch.Generator,
+    seed: int,
 ) -> Conditions:
-    """Everything the sampler needs besides noise; `negative_prompt` None means no real CFG."""
-    pixels = image_to_tensor(image)
+    """Everything the sampler needs besides noise; `negative_prompt` None means no real CFG.
+
+    The start latent is a sample of the VAE's posterior, drawn from its own generator so that the sections' noise
+    is the seed's stream from its first number, as in FramePack.
+    """
+    posterior_generator = torch.Generator("cpu").manual_seed(seed)
     return Conditions(
         positive=encode_text(pipe, prompt, device, dtype),
         negative=None if negative_prompt is None else encode_text(pipe, negative_prompt, device, dtype),
-        image_embeds=pipe.encode_image(pixels, device=device, dtype=dtype),
-        start_latent=pipe.prepare_image_latents(pixels, dtype=torch.float32, device=device, generator=generator),
+        image_embeds=encode_image(pipe, image, device, dtype),
+        start_latent=pipe.prepare_image_latents(
+            image_to_tensor(image), dtype=torch.float32, device=device, generator=posterior_generator
+        ),
     )

@@ -9,6 +9,7 @@ import logging
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime
 
 import numpy as np
 import torch
@@ -16,13 +17,26 @@ import torch
 from ..media.buckets import find_nearest_bucket, resize_and_center_crop
 from ..media.job_files import JobPaths, ensure_writable_dir, save_image, software_versions, write_sidecar
 from ..media.preview import latent_preview
-from ..media.video import VideoWriter, pixels_to_frames, write_mp4
+from ..media.video import VideoWriter, write_mp4
 from ..models.assembly import AssembledModels
 from ..settings import FPS, GenerationSettings
-from .conditioning import Conditions, encode_conditions, encoding_pipeline
-from .events import Event, Failed, Finished, SectionFinished, StepProgress
+from .conditioning import Conditions, encode_conditions, encoding_pipeline, prompt_overflow
+from .events import (
+    DECODING,
+    ENCODING,
+    SAMPLING,
+    WRITING,
+    Event,
+    Failed,
+    Finished,
+    Notice,
+    SectionFinished,
+    StageStarted,
+    StepProgress,
+)
 from .sampling import Guidance, make_scheduler, sample_section
-from .sections import ORDERS, Section, SectionOrder
+from .schedule import Schedule, framepack_schedule
+from .sections import ORDERS, Section, SectionOrder, Video
 
 logger = logging.getLogger(__name__)
 
@@ -31,12 +45,13 @@ class FramePackEngine:
     """Runs jobs, one at a time, on the assembled models of one process."""
 
     def __init__(self, models: AssembledModels, write_video: VideoWriter = write_mp4) -> None:
+        self.models = models
         self.components = models.components
         self.plan = models.plan
         self.teacache = models.teacache
         self.write_video = write_video
         self.scheduler = make_scheduler()
-        logger.info("memory: %s", self.plan.describe())
+        logger.info("models: %s", models.describe())
         self.pipe = encoding_pipeline(self.components, self.scheduler)
 
     def generate(
@@ -65,52 +80,69 @@ class FramePackEngine:
     def _record(self, settings: GenerationSettings, paths: JobPaths) -> dict:
         return {
             "settings": settings.to_dict(),
+            "started_at": datetime.now().astimezone().isoformat(timespec="seconds"),
             "video": paths.video.name,
             "input_image": paths.image.name,
+            "preset": self.models.settings.preset,
             "models": self.components.model_ids(),
-            "model_source": self.components.source,
+            "model_source": self.models.settings.describe_source(),
             "memory": self.plan.describe(),
             "versions": software_versions(),
             "status": "running",
         }
 
+    def _write_record(self, paths: JobPaths, record: dict) -> None:
+        write_sidecar(paths.sidecar, {**record, "components": self.models.backends()})
+
     def _generate(
         self, image: np.ndarray, settings: GenerationSettings, paths: JobPaths, stop: threading.Event, record: dict
     ) -> Iterator[Event]:
         started = time.perf_counter()
+        yield StageStarted(ENCODING)
         height, width = find_nearest_bucket(*image.shape[:2], resolution=settings.resolution)
         image = resize_and_center_crop(image, height, width)
         save_image(image, paths.image)
         record.update(width=width, height=height, sections=settings.sections, sections_done=0)
-        write_sidecar(paths.sidecar, record)
+        self._write_record(paths, record)
 
-        generator = torch.Generator("cpu").manual_seed(settings.seed)
+        overflow = prompt_overflow(self.pipe, settings.prompt)
+        if overflow:
+            logger.warning("%s", overflow)
+            yield Notice(overflow)
         negative_prompt = settings.negative_prompt if settings.cfg > 1 else None
         transformer_dtype = self.components.transformer.dtype
         conditions = encode_conditions(
-            self.pipe, image, settings.prompt, negative_prompt, self.plan.device, transformer_dtype, generator
+            self.pipe, image, settings.prompt, negative_prompt, self.plan.device, transformer_dtype, settings.seed
         )
         order = ORDERS[settings.variant]
+        schedule = framepack_schedule(settings.steps, settings.latent_window, *conditions.start_latent.shape[3:])
+        record["schedule"] = schedule.to_dict()
+        noise_generator = torch.Generator("cpu").manual_seed(settings.seed)  # FramePack's stream of section noise
         history = order.initial_history(conditions.start_latent)
-        frames = None
+        video = None
         self.teacache.computed = self.teacache.skipped = 0
         for section in order.plan(settings.sections):
-            latents = yield from self._sample(order, section, history, conditions, settings, generator, stop)
+            yield StageStarted(SAMPLING, section.index + 1, section.count)
+            latents = yield from self._sample(
+                order, section, history, conditions, settings, schedule, noise_generator, stop
+            )
             if latents is None:
                 break
             history = order.append(history, latents, conditions.start_latent, section)
-            frames = self._decode_and_join(order, history, frames, section, settings.latent_window)
-            self.write_video(frames.numpy(), paths.video, FPS, settings.crf)
-            record.update(sections_done=section.index + 1, frames=len(frames))
-            write_sidecar(paths.sidecar, record)
+            yield StageStarted(DECODING, section.index + 1, section.count)
+            video = self._decode_and_join(order, history, video, section, settings.latent_window)
+            yield StageStarted(WRITING, section.index + 1, section.count)
+            self.write_video(video.frames.numpy(), paths.video, FPS, settings.crf)
+            record.update(sections_done=section.index + 1, frames=len(video.frames))
+            self._write_record(paths, record)
             logger.info(
                 "section %d/%d done: %d frames, %.1fs elapsed",
                 section.index + 1,
                 section.count,
-                len(frames),
+                len(video.frames),
                 time.perf_counter() - started,
             )
-            yield SectionFinished(section.index + 1, section.count, paths.video, len(frames))
+            yield SectionFinished(section.index + 1, section.count, paths.video, len(video.frames))
 
         stopped = stop.is_set() and record["sections_done"] < settings.sections
         record.update(
@@ -118,10 +150,10 @@ class FramePackEngine:
             seconds_elapsed=round(time.perf_counter() - started, 2),
             teacache={"computed": self.teacache.computed, "skipped": self.teacache.skipped},
         )
-        write_sidecar(paths.sidecar, record)
+        self._write_record(paths, record)
         yield Finished(
-            video=paths.video if frames is not None else None,
-            frames=0 if frames is None else len(frames),
+            video=paths.video if video is not None else None,
+            frames=0 if video is None else len(video.frames),
             sections_done=record["sections_done"],
             sections=settings.sections,
             stopped=stopped,
@@ -134,6 +166,7 @@ class FramePackEngine:
         history: torch.Tensor,
         conditions: Conditions,
         settings: GenerationSettings,
+        schedule: Schedule,
         generator: torch.Generator,
         stop: threading.Event,
     ) -> Iterator[Event]:
@@ -147,7 +180,7 @@ class FramePackEngine:
         self.teacache.reset(settings.teacache_threshold if settings.teacache else None)
         guidance = Guidance(distilled=settings.distilled_cfg, cfg=settings.cfg, rescale=settings.cfg_rescale)
         steps = sample_section(
-            self.components.transformer, self.scheduler, noise, conditions, layout, guidance, settings.steps
+            self.components.transformer, self.scheduler, noise, conditions, layout, guidance, schedule
         )
         while True:
             try:
@@ -162,19 +195,17 @@ class FramePackEngine:
 
     @torch.no_grad()
     def _decode_and_join(
-        self, order: SectionOrder, history: torch.Tensor, frames: torch.Tensor | None, section: Section, window: int
-    ) -> torch.Tensor:
+        self, order: SectionOrder, history: torch.Tensor, video: Video | None, section: Section, window: int
+    ) -> Video:
         """Decode the whole video the first time, afterwards only the newest latents, crossfaded into the rest."""
         video_latents = order.video_latents(history)
-        if frames is None:
-            return self._decode(video_latents)
-        decoded = self._decode(order.latents_to_decode(video_latents, section, window))
-        return order.join(frames, decoded, overlap=window * 4 - 3)
+        latents = video_latents if video is None else order.latents_to_decode(video_latents, section, window)
+        return order.join(video, self._decode(latents), overlap=window * 4 - 3)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.components.vae
-        scaled = latents.to(device=self.plan.device, dtype=vae.dtype) / vae.config.scaling_factor
-        return pixels_to_frames(vae.decode(scaled).sample)
+        scaled = (latents.float() / vae.config.scaling_factor).to(device=self.plan.device, dtype=vae.dtype)
+        return vae.decode(scaled).sample
 
 
 def _record_failure(paths: JobPaths, record: dict, message: str) -> None:

@@ -5,6 +5,21 @@ from pathlib import Path
 
 import numpy as np
 
+LOADING = "loading models"
+ENCODING = "encoding the prompt and image"
+SAMPLING = "sampling"
+DECODING = "decoding"
+WRITING = "writing the MP4"
+
+
+@dataclass(frozen=True)
+class StageStarted:
+    """A new phase of the job; `section` (1-based) for the phases that belong to one section, else 0."""
+
+    stage: str  # one of the constants above
+    section: int = 0
+    sections: int = 0
+
 
 @dataclass(frozen=True)
 class StepProgress:
@@ -12,7 +27,7 @@ class StepProgress:
     sections: int
     step: int  # 1-based
     steps: int
-    preview: np.ndarray  # uint8 (h, frames * w, 3): the current denoised estimate at latent resolution
+    preview: np.ndarray  # uint8 RGB: the current denoised estimate's frames in a grid, scaled up to be seen
 
 
 @dataclass(frozen=True)
@@ -21,6 +36,13 @@ class SectionFinished:
     sections: int
     video: Path  # the MP4 so far, complete and playable
     frames: int
+
+
+@dataclass(frozen=True)
+class Notice:
+    """Something the user should know that does not stop the job (said once per job)."""
+
+    message: str
 
 
 @dataclass(frozen=True)
@@ -37,4 +59,4 @@ class Failed:
     message: str
 
 
-Event = StepProgress | SectionFinished | Finished | Failed
+Event = StageStarted | StepProgress | SectionFinished | Notice | Finished | Failed

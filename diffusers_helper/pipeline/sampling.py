@@ -1,4 +1,9 @@
-"""Denoise one section: flow-matching UniPC (diffusers' scheduler) over the FramePack transformer.
+"""Denoise one section as FramePack does: flow-matching UniPC (diffusers' scheduler) over the FramePack transformer.
+
+FramePack's sampler treats the flow as x = x0 + sigma * v (alpha = 1, log-SNR -log sigma), where diffusers' flow
+mode takes alpha = 1 - sigma; from second order on the two give different steps. `FramePackUniPC` is diffusers'
+UniPC (bh1, up to third order, corrector on, no lower-order final steps) with FramePack's parametrization, fed
+the x0 prediction FramePack computes (from the latents rounded to the transformer's dtype).
 
 The loop is a generator so the engine can stream a preview after every step and stop between steps.
 """
@@ -6,27 +11,38 @@ The loop is a generator so the engine can stream a preview after every step and 
 from collections.abc import Generator
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from diffusers import UniPCMultistepScheduler
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from .conditioning import Conditions, TextConditions
+from .schedule import Schedule
 from .sections import HistoryLayout
 
-FLOW_SHIFT = 3.0  # FramePack's fixed time shift for the flow-matching schedule
+
+class FramePackUniPC(UniPCMultistepScheduler):
+    """UniPC in FramePack's parametrization of the flow: alpha = 1, so lambda = -log(sigma)."""
+
+    def _sigma_to_alpha_sigma_t(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.ones_like(sigma), sigma
+
+    def set_schedule(self, schedule: Schedule) -> None:
+        """Use the schedule's sigmas as they are (flow_shift 1 leaves them alone; diffusers' nudge of the first
+        sigma below 1, which guards log(1 - sigma), is undone: with alpha = 1 there is nothing to guard)."""
+        self.set_timesteps(sigmas=schedule.sigmas[:-1].numpy())
+        self.sigmas[0] = schedule.sigmas[0]
+        self.set_begin_index(0)
 
 
-def make_scheduler() -> UniPCMultistepScheduler:
-    """FramePack's sampler: UniPC (bh1, up to third order) predicting x0 from the flow, shifted schedule."""
-    return UniPCMultistepScheduler(
-        prediction_type="flow_prediction",
+def make_scheduler() -> FramePackUniPC:
+    return FramePackUniPC(
+        prediction_type="sample",  # the sampler hands over x0, computed as FramePack does
         use_flow_sigmas=True,
-        flow_shift=FLOW_SHIFT,
+        flow_shift=1.0,
         solver_order=3,
         solver_type="bh1",
         predict_x0=True,
-        lower_order_final=True,
+        lower_order_final=False,
     )
 
 
@@ -86,26 +102,29 @@ def predict_flow(
 @torch.no_grad()
 def sample_section(
     transformer: torch.nn.Module,
-    scheduler: UniPCMultistepScheduler,
+    scheduler: FramePackUniPC,
     noise: torch.Tensor,
     conditions: Conditions,
     layout: HistoryLayout,
     guidance: Guidance,
-    steps: int,
+    schedule: Schedule,
 ) -> Generator[StepResult, None, torch.Tensor]:
     """Yield after every step; return the clean latents (float32) once all steps are done.
 
-    Like FramePack's sampler, the result is the x0 prediction at the last sigma: UniPC's bh1 step from there
-    to sigma 0 would divide by an infinite log-SNR step (NaN) and can add nothing beyond that prediction.
+    Like FramePack's sampler, the result is the x0 prediction at the last nonzero sigma: the model is called once
+    per step, and the final update to sigma 0 would add nothing beyond that prediction.
     """
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 0.0, steps + 1)[:-1], device=noise.device)
+    scheduler.set_schedule(schedule)
+    steps = len(schedule.sigmas) - 1
+    sigmas = schedule.sigmas.to(noise.device)
     latents = noise
-    for index, timestep in enumerate(scheduler.timesteps):
-        sigma = scheduler.sigmas[index].item()
-        model_timestep = torch.tensor([sigma * 1000.0], device=latents.device, dtype=transformer.dtype)
-        flow = predict_flow(transformer, latents, model_timestep, index, steps, conditions, layout, guidance)
-        denoised = latents - sigma * flow
+    for index in range(steps):
+        sigma = sigmas[index]
+        model_input = latents.to(transformer.dtype)
+        timestep = (sigma * 1000.0).to(transformer.dtype).reshape(1)
+        flow = predict_flow(transformer, model_input, timestep, index, steps, conditions, layout, guidance)
+        denoised = model_input.float() - flow * sigma
         if index + 1 < steps:
-            latents = scheduler.step(flow, timestep, latents, return_dict=False)[0]
+            latents = scheduler.step(denoised, scheduler.timesteps[index], latents, return_dict=False)[0]
         yield StepResult(step=index + 1, steps=steps, denoised=denoised)
     return denoised

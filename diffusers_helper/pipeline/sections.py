@@ -55,13 +55,26 @@ def _split_indices(sizes: list[int]) -> list[torch.Tensor]:
     return list(torch.arange(sum(sizes)).split(sizes))
 
 
-def soft_append(earlier: torch.Tensor, later: torch.Tensor, overlap: int) -> torch.Tensor:
-    """Join two uint8 clips (T, H, W, C) in time, crossfading linearly over `overlap` shared frames."""
-    if overlap <= 0:
-        return torch.cat([earlier, later])
-    weights = torch.linspace(1, 0, overlap).view(-1, 1, 1, 1)
-    blended = weights * earlier[-overlap:].float() + (1 - weights) * later[:overlap].float()
-    return torch.cat([earlier[:-overlap], blended.round().to(torch.uint8), later[overlap:]])
+def pixels_to_frames(pixels: torch.Tensor) -> torch.Tensor:
+    """VAE pixels (1, 3, T, H, W) in [-1, 1] -> uint8 frames (T, H, W, 3) on the CPU, converted as FramePack
+    writes them (clamped, scaled, truncated)."""
+    frames = (pixels[0].float().clamp(-1, 1) * 127.5 + 127.5).to(torch.uint8)
+    return frames.permute(1, 2, 3, 0).cpu()
+
+
+def crossfade(outgoing: torch.Tensor, incoming: torch.Tensor) -> torch.Tensor:
+    """Blend two equally long clips (1, 3, T, H, W) from all `outgoing` to all `incoming`, in `outgoing`'s dtype."""
+    weights = torch.linspace(1, 0, outgoing.shape[2], dtype=outgoing.dtype).view(1, 1, -1, 1, 1)
+    return weights * outgoing + (1 - weights) * incoming
+
+
+@dataclass(frozen=True)
+class Video:
+    """The decoded video so far: uint8 frames, and the VAE's own pixels of the `overlap` frames that the next
+    section's decode crossfades with (each frame is blended at most once, so these are always unblended)."""
+
+    frames: torch.Tensor  # uint8 (T, H, W, 3)
+    edge: torch.Tensor  # (1, 3, overlap, H, W) in the VAE's output dtype, on the CPU
 
 
 class InvertedAntiDrifting:
@@ -105,9 +118,14 @@ class InvertedAntiDrifting:
         """The newest two windows, enough to cover the overlap with what was decoded before."""
         return video_latents[:, :, : window * 2 + (1 if section.is_last else 0)]
 
-    def join(self, video: torch.Tensor, decoded: torch.Tensor, overlap: int) -> torch.Tensor:
-        """The newly decoded frames come before the video so far."""
-        return soft_append(decoded, video, overlap)
+    def join(self, video: Video | None, decoded: torch.Tensor, overlap: int) -> Video:
+        """The newly decoded frames go before the video so far; their tail fades into the video's front."""
+        decoded = decoded.cpu()
+        if video is None:
+            return Video(pixels_to_frames(decoded), decoded[:, :, :overlap])
+        blended = crossfade(decoded[:, :, -overlap:], video.edge)
+        frames = [pixels_to_frames(decoded[:, :, :-overlap]), pixels_to_frames(blended), video.frames[overlap:]]
+        return Video(torch.cat(frames), decoded[:, :, :overlap])
 
 
 class Vanilla:
@@ -146,8 +164,14 @@ class Vanilla:
     def latents_to_decode(self, video_latents: torch.Tensor, section: Section, window: int) -> torch.Tensor:
         return video_latents[:, :, -window * 2 :]
 
-    def join(self, video: torch.Tensor, decoded: torch.Tensor, overlap: int) -> torch.Tensor:
-        return soft_append(video, decoded, overlap)
+    def join(self, video: Video | None, decoded: torch.Tensor, overlap: int) -> Video:
+        """The newly decoded frames go after the video so far; the video's tail fades into them."""
+        decoded = decoded.cpu()
+        if video is None:
+            return Video(pixels_to_frames(decoded), decoded[:, :, -overlap:])
+        blended = crossfade(video.edge, decoded[:, :, :overlap])
+        frames = [video.frames[:-overlap], pixels_to_frames(blended), pixels_to_frames(decoded[:, :, overlap:])]
+        return Video(torch.cat(frames), decoded[:, :, -overlap:])
 
 
 SectionOrder = InvertedAntiDrifting | Vanilla

@@ -12,7 +12,7 @@ from diffusers_helper.models.placement import plan_memory
 from diffusers_helper.models.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
 from diffusers_helper.pipeline.engine import FramePackEngine
 from diffusers_helper.pipeline.events import Finished, SectionFinished
-from diffusers_helper.settings import GenerationSettings
+from diffusers_helper.settings import GenerationSettings, ModelSettings
 
 
 class FrameSink:
@@ -28,7 +28,7 @@ class FrameSink:
 def run_tiny(variant, plan, tmp_path, seconds=2.0):
     components = load_components(variant, ensure_tiny_models(), plan.dtypes())
     sink = FrameSink()
-    engine = FramePackEngine(assemble(components, plan), write_video=sink)
+    engine = FramePackEngine(assemble(components, plan, ModelSettings(variant, preset="tiny")), write_video=sink)
     settings = GenerationSettings(prompt="a cat walks", seconds=seconds, resolution=TINY_RESOLUTION, variant=variant)
     events = list(engine.generate(example_image(), settings, JobPaths.for_video(tmp_path / "x.mp4")))
     return settings, events, sink, components

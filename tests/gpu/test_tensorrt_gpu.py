@@ -20,7 +20,7 @@ from diffusers_helper.models.placement import plan_memory
 from diffusers_helper.models.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
 from diffusers_helper.pipeline.engine import FramePackEngine
 from diffusers_helper.pipeline.events import Finished
-from diffusers_helper.settings import GenerationSettings, TensorRTOptions
+from diffusers_helper.settings import GenerationSettings, ModelSettings, TensorRTOptions
 from diffusers_helper.tensorrt_runtime import (
     TensorRTLatentDecoder,
     TensorRTRuntime,
@@ -135,7 +135,8 @@ def test_tiny_generation_with_every_flag_completes(tmp_path):
     plan = plan_memory("cuda")
     components = load_components("framepack", ensure_tiny_models(), plan.dtypes())
     runtime = TensorRTRuntime(EngineCache(tmp_path / "engines"))
-    models = assemble(components, plan, TensorRTOptions(vae=True, text_encoders=True, transformer=True), runtime)
+    everything = TensorRTOptions(vae=True, text_encoders=True, transformer=True)
+    models = assemble(components, plan, ModelSettings(preset="tiny", tensorrt=everything), runtime)
     frames = []
     engine = FramePackEngine(models, write_video=lambda f, *rest: frames.append(f))
     settings = GenerationSettings(prompt="a cat walks", seconds=2.0, steps=6, resolution=TINY_RESOLUTION)

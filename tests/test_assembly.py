@@ -1,0 +1,41 @@
+"""Assembly: the output head runs in float32 on a bf16 transformer, as FramePack runs it."""
+
+import torch
+
+from diffusers_helper.models.assembly import assemble
+from diffusers_helper.models.components import load_components
+from diffusers_helper.models.placement import MemoryPlan
+from diffusers_helper.pipeline.sections import InvertedAntiDrifting
+from diffusers_helper.settings import ModelSettings
+
+
+def test_the_output_head_runs_in_float32_on_a_bf16_transformer(tiny_root):
+    plan = MemoryPlan(torch.device("cpu"), torch.bfloat16, torch.float32, False, 0.0, 6.0)
+    models = assemble(load_components("framepack", tiny_root, plan.dtypes()), plan, ModelSettings(preset="tiny"))
+    transformer = models.components.transformer
+    assert transformer.dtype == torch.bfloat16 and transformer.proj_out.weight.dtype == torch.float32
+    seen = {}
+    transformer.norm_out.register_forward_hook(lambda module, args, output: seen.update(norm=output))
+    generator = torch.Generator().manual_seed(0)
+    order, start = InvertedAntiDrifting(), torch.randn(1, 16, 1, 16, 16, generator=generator)
+    inputs = {
+        "hidden_states": torch.randn(1, 16, 1, 16, 16, generator=generator).to(torch.bfloat16),
+        "timestep": torch.tensor([500.0], dtype=torch.bfloat16),
+        "encoder_hidden_states": torch.randn(1, 5, 32, generator=generator).to(torch.bfloat16),
+        "encoder_attention_mask": torch.ones(1, 5),
+        "pooled_projections": torch.randn(1, 32, generator=generator).to(torch.bfloat16),
+        "image_embeds": torch.randn(1, 16, 32, generator=generator).to(torch.bfloat16),
+        "guidance": torch.tensor([10000.0], dtype=torch.bfloat16),
+        **order.layout(order.initial_history(start), start, order.plan(1)[0], window=1).transformer_kwargs(
+            torch.bfloat16
+        ),
+    }
+    with torch.no_grad():
+        output = transformer(**inputs, return_dict=False)[0]
+    assert seen["norm"].dtype == torch.bfloat16  # the norm stays in bf16, as in FramePack
+    assert output.dtype == torch.float32
+    head = transformer.proj_out
+    expected = torch.nn.functional.linear(seen["norm"].float(), head.weight, head.bias)
+    assert torch.equal(
+        output.reshape(-1), expected.reshape(1, 1, 8, 8, -1, 1, 2, 2).permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(-1)
+    )
