@@ -8,12 +8,16 @@ Jobs queue (one generation at a time); each page sees its own progress, queue po
 
 import argparse
 import dataclasses
+import gc
 import html
 import logging
+import signal
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+
+logger = logging.getLogger("diffusers_helper.app")
 
 QUICK_PROMPT_LABEL = "Quick prompts"
 INVERTED_ORDER_NOTE = (
@@ -40,15 +44,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true", help="also publish a public Gradio link (off by default)")
     parser.add_argument("--inbrowser", action="store_true", help="open a browser tab")
     parser.add_argument("--outputs", type=Path, default=OUTPUTS_DIR, help="where videos go; the only folder served")
+    parser.add_argument("--verbose", action="store_true", help="debug logging, with tracebacks")
     add_model_arguments(parser)
     return parser
 
 
 class App:
-    """The engine behind the page: one per process, switching the loaded variant when a job asks for another."""
+    """The engine behind the page: one per process, running one job at a time and switching the loaded variant when
+    a job asks for another."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         from diffusers_helper.frontend.startup import default_resolution, load_engine, model_settings
+        from diffusers_helper.frontend.worker import JobRunner
         from diffusers_helper.models.placement import plan_memory
         from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
@@ -60,14 +67,31 @@ class App:
         self.free_gb = plan.free_gb  # measured once, before the models take their share
         self.engine = load_engine(self.models, plan, self.runtime)
         self.resolution = default_resolution(self.models.preset)
-        self._stops: dict[str, threading.Event] = {}
+        self.runner = JobRunner()
+        self._stops: dict[str, threading.Event] = {}  # each page's (session's) current or next job
 
     def stop_event(self, session: str) -> threading.Event:
-        """Each page (session) has its own End button: its event stops only its own job."""
+        """The stop event of the session's next or running job: End sets it, and so does closing the page."""
         return self._stops.setdefault(session, threading.Event())
 
+    def release(self, session: str, stop: threading.Event) -> None:
+        """A job is over: the session's next job gets a fresh event."""
+        if self._stops.get(session) is stop:
+            del self._stops[session]
+
     def forget(self, session: str) -> None:
-        self._stops.pop(session, None)
+        """The page is gone: its running job stops at the next step."""
+        stop = self._stops.pop(session, None)
+        if stop is not None:
+            stop.set()
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop every job, wait for the running one to end at a step, and if it cannot, record it as stopped."""
+        for stop in list(self._stops.values()):
+            stop.set()
+        logger.info("waiting up to %.0f s for the running job to stop", timeout)
+        if not self.runner.join(timeout) and self.engine is not None:
+            self.engine.record_interruption()
 
     def job(self, image, settings, paths, stop: threading.Event) -> Iterator:
         """The job's events: loading first when its variant or memory setting changes what is loaded or where it
@@ -82,7 +106,8 @@ class App:
         if engine is None or engine.components.variant != settings.variant or engine.plan.offload != plan.offload:
             yield StageStarted(LOADING)
             self.models = dataclasses.replace(self.models, variant=settings.variant)
-            self.engine = engine = None  # let the old models go before the new ones load
+            self.engine = engine = None
+            release_memory()  # the old models go before the new ones load
             try:
                 self.engine = self._load_engine(self.models, plan, self.runtime)
             except ModelsUnavailable as error:
@@ -99,11 +124,19 @@ class App:
         return f"{models}\n\n**TensorRT:**\n" + "\n".join(f"- {line}" for line in lines)
 
 
+def release_memory() -> None:
+    """Collect models held only by reference cycles (hooks point back at their modules) and return their GPU memory."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def build_ui(app: App):
     import gradio as gr
 
     from diffusers_helper.frontend.progress import ProgressText
-    from diffusers_helper.frontend.worker import events_with_ticks
     from diffusers_helper.media.images import load_input_image
     from diffusers_helper.media.job_files import JobPaths
     from diffusers_helper.pipeline.events import Failed, Finished, SectionFinished, StepProgress
@@ -112,7 +145,7 @@ def build_ui(app: App):
     defaults = GenerationSettings(prompt="")
 
     def start(request: gr.Request) -> tuple:
-        app.stop_event(request.session_hash).clear()
+        app.stop_event(request.session_hash)  # End pressed while the job waits in the queue reaches it
         return gr.update(interactive=False), gr.update(interactive=True)
 
     def end(request: gr.Request) -> dict:
@@ -144,21 +177,25 @@ def build_ui(app: App):
         video = preview = None
         yield video, preview, progress_html(0, progress.text()), app.status(), gr.update(visible=False), *running
         stop = app.stop_event(request.session_hash)
-        for event in events_with_ticks(app.job(image, settings, paths, stop)):
-            progress.update(event)
-            if isinstance(event, StepProgress):
-                preview = event.preview
-            elif isinstance(event, SectionFinished):
-                video = str(event.video)
-            elif isinstance(event, Finished | Failed):
-                stop.clear()  # the next job of this page starts fresh
-                download = gr.update(value=video, visible=video is not None)
-                fraction = 1 if isinstance(event, Finished) and not event.stopped else progress.fraction
-                done = progress_html(fraction, progress.final(event), progress.notices)
-                yield video, preview, done, app.status(), download, *idle
-                return
-            page = progress_html(progress.fraction, progress.text(), progress.notices)
-            yield video, preview, page, app.status(), gr.update(), *running
+        try:
+            for event in app.runner.run(lambda: app.job(image, settings, paths, stop), stop):
+                progress.update(event)
+                if isinstance(event, StepProgress):
+                    preview = event.preview
+                elif isinstance(event, SectionFinished):
+                    video = str(event.video)
+                elif isinstance(event, Finished | Failed):
+                    if isinstance(event, Failed):
+                        logger.warning("job %s failed: %s", paths.video.stem, event.message)
+                    download = gr.update(value=video, visible=video is not None)
+                    fraction = 1 if isinstance(event, Finished) and not event.stopped else progress.fraction
+                    done = progress_html(fraction, progress.final(event), progress.notices)
+                    yield video, preview, done, app.status(), download, *idle
+                    return
+                page = progress_html(progress.fraction, progress.text(), progress.notices)
+                yield video, preview, page, app.status(), gr.update(), *running
+        finally:
+            app.release(request.session_hash, stop)
 
     with gr.Blocks(title="FramePack") as ui:
         gr.Markdown("# FramePack\nOne image and a prompt in; a video out, a section at a time.")
@@ -236,22 +273,28 @@ def build_ui(app: App):
     return ui
 
 
+def _interrupt_on_sigterm() -> None:
+    """SIGTERM ends the app as Ctrl-C does: the server closes, then the running job is stopped and recorded."""
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("diffusers_helper").setLevel(logging.INFO)
+    logging.getLogger("diffusers_helper").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from diffusers_helper.frontend.startup import quiet_libraries
     from diffusers_helper.media.job_files import ensure_writable_dir
     from diffusers_helper.models.components import ModelsUnavailable
     from diffusers_helper.settings import InvalidSettings
 
     if args.tensorrt_info:
-        import json
+        from diffusers_helper.frontend.startup import print_tensorrt_info
 
-        from diffusers_helper.tensorrt_runtime import TensorRTRuntime
-
-        print(json.dumps(TensorRTRuntime().environment(), indent=2))
-        return 0
+        return print_tensorrt_info()
     quiet_libraries()
     try:
         ensure_writable_dir(args.outputs)
@@ -261,15 +304,19 @@ def main(argv: list[str] | None = None) -> int:
         return 2 if not isinstance(error, ModelsUnavailable) else 1
     ui = build_ui(app)
     ui.queue(default_concurrency_limit=1)
-    ui.launch(
-        server_name=args.server,
-        server_port=args.port,
-        share=args.share,
-        inbrowser=args.inbrowser,
-        allowed_paths=[str(Path(args.outputs).resolve())],
-        max_file_size="50mb",
-        show_error=True,
-    )
+    _interrupt_on_sigterm()
+    try:
+        ui.launch(
+            server_name=args.server,
+            server_port=args.port,
+            share=args.share,
+            inbrowser=args.inbrowser,
+            allowed_paths=[str(Path(args.outputs).resolve())],
+            max_file_size="50mb",
+            show_error=True,
+        )
+    finally:
+        app.shutdown()
     return 0
 
 

@@ -1,21 +1,27 @@
 """Headless FramePack: one image and a prompt in, an MP4 out, with a progress bar.
 
-Exit codes: 0 done, 1 failure, 2 bad input, 130 stopped by Ctrl-C (the video so far is kept).
+Exit codes: 0 done, 1 failure, 2 bad input, 130 stopped by Ctrl-C, 143 stopped by SIGTERM (the video so far is
+kept in both cases, and its JSON says "stopped").
 """
 
 import argparse
+import contextlib
 import logging
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 1, 2, 130
+EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_STOPPED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as shells report it
 EPILOG = """exit codes:
   0    the video is complete
   1    the job failed (models could not load, generation failed); the message says why
   2    bad input (settings, image, output path); nothing was written
-  130  stopped with Ctrl-C; the video so far is kept and its JSON says "stopped"
+  130  stopped with Ctrl-C: the first stops after the current step, a second at once
+  143  stopped by SIGTERM (a second SIGTERM or Ctrl-C stops at once)
+  Stopped jobs keep the video so far; their JSON says "stopped" and no temporary file is left behind.
 
 examples:
   python generate.py --preset tiny --image example.png --prompt "a cat walks" --seconds 2
@@ -73,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     target.add_argument("--output", type=Path, help="the MP4 to write; its PNG and JSON go beside it (default: none)")
     target.add_argument("--outputs", type=Path, default=OUTPUTS_DIR,
                         help="directory for an auto-named job (default: outputs/ in the checkout)")  # fmt: skip
+    output.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier job's MP4, PNG and JSON at --output (default: refuse)")  # fmt: skip
     output.add_argument("--verbose", action="store_true", help="debug logging, with tracebacks (default: off)")
     add_model_arguments(parser)
     return parser
@@ -91,19 +99,37 @@ def _settings(args: argparse.Namespace):
     )  # fmt: skip
 
 
-def _stop_on_ctrl_c(stop: threading.Event) -> None:
-    """First Ctrl-C: finish between steps and keep the video so far; second: quit at once."""
+class Interrupted(KeyboardInterrupt):
+    """A second stop request: the job ends at once (its JSON says "stopped", the video so far is kept)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event, received: list[int]) -> Iterator[None]:
+    """The first Ctrl-C or SIGTERM stops after the current step and keeps the video so far; a second stops at once.
+    The handlers are this function's only while the job runs."""
 
     def handler(signum, frame):
         if stop.is_set():
-            raise KeyboardInterrupt
-        print("\nstopping after the current step (Ctrl-C again to quit now)", file=sys.stderr)
+            raise Interrupted(signum)
+        received.append(signum)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        print(f"\n{name}: stopping after the current step (again to stop at once)", file=sys.stderr)
         stop.set()
 
-    signal.signal(signal.SIGINT, handler)
+    previous = {signum: signal.signal(signum, handler) for signum in EXIT_STOPPED}
+    try:
+        yield
+    finally:
+        for signum, earlier in previous.items():
+            signal.signal(signum, earlier)
 
 
-def _run(engine, image, settings, paths, stop: threading.Event) -> int:
+def _run(engine, image, settings, paths, stop: threading.Event, overwrite: bool) -> int | None:
+    """Run the job with a progress bar; the exit code, or None when it was stopped."""
     from tqdm import tqdm
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -114,7 +140,7 @@ def _run(engine, image, settings, paths, stop: threading.Event) -> int:
     bar_format = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]"
     bar = tqdm(total=settings.sections * settings.steps, bar_format=bar_format, dynamic_ncols=True, file=sys.stderr)
     with bar, logging_redirect_tqdm():  # log lines go above the bar, never onto it
-        for event in engine.generate(image, settings, paths, stop):
+        for event in engine.generate(image, settings, paths, stop, overwrite=overwrite):
             progress.update(event)
             if isinstance(event, StageStarted) and event.section:
                 bar.set_description(f"section {event.section}/{event.sections} {event.stage}")
@@ -130,36 +156,28 @@ def _run(engine, image, settings, paths, stop: threading.Event) -> int:
                 bar.close()
                 if event.video is None:
                     print("stopped before the first section finished; no video written", file=sys.stderr)
-                    return EXIT_STOPPED
+                    return None if event.stopped else EXIT_FAILURE
                 stopped = f", stopped after {event.sections_done} of {event.sections} sections" if event.stopped else ""
                 print(f"{event.video}: {event.frames} frames{stopped}")
                 logging.getLogger("diffusers_helper").info("%s", progress.final(event))
-                return EXIT_STOPPED if event.stopped else EXIT_OK
+                return None if event.stopped else EXIT_OK
     return EXIT_FAILURE
-
-
-def _print_tensorrt_info() -> int:
-    import json
-
-    from diffusers_helper.tensorrt_runtime import TensorRTRuntime
-
-    print(json.dumps(TensorRTRuntime().environment(), indent=2))
-    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.tensorrt_info:
-        return _print_tensorrt_info()
+        from diffusers_helper.frontend.startup import print_tensorrt_info
+
+        return print_tensorrt_info()
     if args.image is None:
         parser.error("the following arguments are required: --image")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers_helper").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from diffusers_helper.frontend.startup import load_engine, model_settings, quiet_libraries
+    from diffusers_helper.frontend.startup import model_settings, quiet_libraries
     from diffusers_helper.media.images import load_input_image
     from diffusers_helper.media.job_files import JobPaths, ensure_writable_dir
-    from diffusers_helper.models.components import ModelsUnavailable
     from diffusers_helper.models.placement import plan_memory
     from diffusers_helper.settings import InvalidSettings
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime
@@ -171,25 +189,40 @@ def main(argv: list[str] | None = None) -> int:
         image = load_input_image(args.image)
         paths = JobPaths.for_video(args.output) if args.output else JobPaths.new_job(args.outputs)
         ensure_writable_dir(paths.video.parent)
+        paths.check(args.overwrite, input_image=args.image)
         plan = plan_memory(models.device, settings.gpu_memory_preservation)
+        runtime = TensorRTRuntime() if models.tensorrt.enabled else None
     except (InvalidSettings, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
-    runtime = TensorRTRuntime() if models.tensorrt.enabled else None
+    stop, received = threading.Event(), []
+    try:
+        with _stop_on_signals(stop, received):
+            return _load_and_run(args, models, settings, image, paths, plan, runtime, stop, received)
+    except Interrupted as interrupted:
+        print(f"stopped at once ({interrupted}); the video so far is kept", file=sys.stderr)
+        return EXIT_STOPPED[interrupted.signum]
+
+
+def _load_and_run(args, models, settings, image, paths, plan, runtime, stop: threading.Event, received: list) -> int:
+    from diffusers_helper.frontend.startup import load_engine
+    from diffusers_helper.models.components import ModelsUnavailable
+
     logging.getLogger("diffusers_helper").info("loading models: %s", models.describe_source())
     try:
         engine = load_engine(models, plan, runtime)
     except ModelsUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    stop = threading.Event()
-    _stop_on_ctrl_c(stop)
-    code = _run(engine, image, settings, paths, stop)
+    code = None if stop.is_set() else _run(engine, image, settings, paths, stop, args.overwrite)
     for line in runtime.report() if runtime else []:
         print(f"tensorrt: {line}", file=sys.stderr)
-    return code
+    return EXIT_STOPPED[received[0]] if code is None else code
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    for signum in EXIT_STOPPED:  # the job is over: a late signal must not change how the process ends
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(code)

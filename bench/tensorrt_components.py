@@ -89,7 +89,9 @@ def generate_seconds(engine: FramePackEngine, out: Path) -> float:
     settings = GenerationSettings(prompt="a cat walks", seconds=2.0, steps=6, resolution=TINY_RESOLUTION)
     torch.cuda.synchronize()
     started = time.perf_counter()
-    last = list(engine.generate(example_image(256, 256), settings, JobPaths.for_video(out / "x.mp4")))[-1]
+    last = list(engine.generate(example_image(256, 256), settings, JobPaths.for_video(out / "x.mp4"), overwrite=True))[
+        -1
+    ]
     torch.cuda.synchronize()
     assert last.frames == 73, last
     return time.perf_counter() - started

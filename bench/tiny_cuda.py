@@ -37,7 +37,9 @@ def run(variant: str, free_gb: float | None, teacache: bool, out: Path) -> dict:
     for _ in range(4):  # the first run warms up kernels
         torch.cuda.synchronize()
         started = time.perf_counter()
-        last = list(engine.generate(example_image(), settings, JobPaths.for_video(out / "bench.mp4")))[-1]
+        last = list(engine.generate(example_image(), settings, JobPaths.for_video(out / "bench.mp4"), overwrite=True))[
+            -1
+        ]
         torch.cuda.synchronize()
         timings.append(time.perf_counter() - started)
         assert isinstance(last, Finished), last

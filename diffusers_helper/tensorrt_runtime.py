@@ -12,19 +12,24 @@ call signature of what they replace; the compiler is `acceleration.tensorrt_back
 `acceleration.engine_cache`.
 """
 
+import functools
 import hashlib
+import inspect
 import logging
 import os
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
 
-from .acceleration.engine_cache import ENGINE_SUFFIX, EngineCache, cache_key
+from .acceleration.engine_cache import ENGINE_SUFFIX, STAGING_PREFIX, EngineCache, cache_key
 from .acceleration.tensorrt_backend import (
     BASE_SETTINGS,
     COMPONENT_SETTINGS,
@@ -40,7 +45,7 @@ from .acceleration.tensorrt_wrappers import (
     TensorRTTransformer,
     install_transformer_stack,
 )
-from .settings import CACHE_DIR
+from .settings import CACHE_DIR, InvalidSettings
 
 __all__ = [
     "TensorRTRuntime",
@@ -60,12 +65,28 @@ CACHE_LIMIT_VARIABLE = "FRAMEPACK_TENSORRT_CACHE_GB"
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_DIR_VARIABLE) or CACHE_DIR / "tensorrt_engines")
+    """FRAMEPACK_TENSORRT_CACHE_DIR, else Cache/tensorrt_engines; InvalidSettings when the variable names a file."""
+    chosen = os.environ.get(CACHE_DIR_VARIABLE)
+    if not chosen:
+        return CACHE_DIR / "tensorrt_engines"
+    if os.path.exists(chosen) and not os.path.isdir(chosen):
+        raise InvalidSettings(f"{CACHE_DIR_VARIABLE} must name a directory, got {chosen!r}, which is a file")
+    return Path(chosen)
 
 
 def default_cache_limit() -> int | None:
-    limit = os.environ.get(CACHE_LIMIT_VARIABLE)
-    return int(float(limit) * 1024**3) if limit else None
+    """FRAMEPACK_TENSORRT_CACHE_GB in bytes, or None (no cap) when unset or empty; InvalidSettings names a value
+    that is not a positive, finite number of GB."""
+    value = os.environ.get(CACHE_LIMIT_VARIABLE)
+    if not value:
+        return None
+    try:
+        limit = float(value) * 1024**3
+    except ValueError:
+        limit = float("nan")
+    if not 0 < limit < float("inf"):  # false for nan too
+        raise InvalidSettings(f"{CACHE_LIMIT_VARIABLE} must be a positive number of GB, got {value!r}")
+    return int(limit)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -86,6 +107,29 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
             digest.update(f"{name}:{list(tensor.shape)}:{tensor.dtype}".encode())
             digest.update(sample.cpu().numpy().tobytes())
     return digest.hexdigest()[:24]
+
+
+def code_fingerprint(module: torch.nn.Module) -> str:
+    """A hash of the source of every class in the module tree (and of their attention processors): an edit of the
+    code that gets exported makes another engine. Library upgrades are caught by their versions in the key."""
+    classes = set()
+    for child in module.modules():
+        classes.add(type(child))
+        if getattr(child, "processor", None) is not None:
+            classes.add(type(child.processor))
+    digest = hashlib.sha256()
+    for cls in sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        digest.update(_class_source_digest(cls).encode())
+    return digest.hexdigest()[:24]
+
+
+@functools.cache
+def _class_source_digest(cls: type) -> str:
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):  # compiled or generated classes: their name is what is known
+        source = ""
+    return f"{cls.__module__}.{cls.__qualname__}:{hashlib.sha256(source.encode()).hexdigest()}"
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -128,8 +172,9 @@ class TensorRTRuntime:
         self.cache = cache or EngineCache(default_cache_dir(), default_cache_limit())
         self.backend = backend or TorchTensorRTBackend()
         self.status: dict[str, ComponentStatus] = {}
-        self._engines: dict[tuple, Callable] = {}
-        self._fingerprints: dict[int, str] = {}
+        # Held weakly by the module exported: engines and fingerprints go with the models they were made for.
+        self._engines: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Callable]] = weakref.WeakKeyDictionary()
+        self._fingerprints: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
         self._unavailable: str | None = None
         self._checked = False
         self._lock = threading.Lock()
@@ -187,7 +232,7 @@ class TensorRTRuntime:
         args = tuple(a.contiguous() for a in args)  # engines take dense inputs only
         signature = (component, tuple(tuple(a.shape) for a in args), tuple(a.dtype for a in args))
         try:
-            engine = self._engines.get(signature) or self._prepare(component, module, args, signature)
+            engine = self._engines.get(module, {}).get(signature) or self._prepare(component, module, args, signature)
             return module(*args) if engine is None else engine(*args)
         except Exception as error:  # any TensorRT failure: this component continues in PyTorch
             logger.debug("TensorRT %s failed", component, exc_info=True)
@@ -195,18 +240,22 @@ class TensorRTRuntime:
             return module(*args)
 
     def _key(self, component: str, module: torch.nn.Module, args: tuple) -> tuple[str, dict]:
-        if id(module) not in self._fingerprints:
-            self._fingerprints[id(module)] = weights_fingerprint(module)
+        if module not in self._fingerprints:
+            self._fingerprints[module] = {"weights": weights_fingerprint(module), "code": code_fingerprint(module)}
         device = args[0].device
         gpu = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
         ingredients = {
             "component": component,
             "inputs": _signature(args),
-            "weights": self._fingerprints[id(module)],
+            **self._fingerprints[module],
             "settings": {**BASE_SETTINGS, **COMPONENT_SETTINGS[component]},
             "gpu": gpu.name if gpu else str(device),
             "compute_capability": f"{gpu.major}.{gpu.minor}" if gpu else None,
-            "versions": self.backend.versions(),
+            "versions": {
+                **self.backend.versions(),
+                "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__,
+            },
         }
         return cache_key(ingredients), ingredients
 
@@ -232,7 +281,7 @@ class TensorRTRuntime:
         logger.info(
             "TensorRT %s engine ready (%s, relative error %.2g)", component, "built" if fresh else "loaded", error
         )
-        self._engines[signature] = engine
+        self._engines.setdefault(module, {})[signature] = engine
         status.engine, status.reason, status.engines = "tensorrt", "engine in use", status.engines + 1
         return engine
 
@@ -266,7 +315,7 @@ class TensorRTRuntime:
         settings = {**BASE_SETTINGS, **COMPONENT_SETTINGS[component]}
         with _Heartbeat(component, started):
             compiled = self.backend.compile(module, args, settings)
-            with tempfile.TemporaryDirectory(dir=self.cache.directory, prefix=".build-") as staging:
+            with tempfile.TemporaryDirectory(dir=self.cache.directory, prefix=STAGING_PREFIX) as staging:
                 built = Path(staging) / f"engine{ENGINE_SUFFIX}"
                 self.backend.save(compiled, args, built)
                 self.cache.store(key, built, ingredients)

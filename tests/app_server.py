@@ -7,6 +7,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -18,8 +19,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class RunningApp:
+    url: str
+    process: subprocess.Popen
+
+
 @contextlib.contextmanager
-def running_app(outputs: Path, log: Path) -> Iterator[str]:
+def running_app(outputs: Path, log: Path) -> Iterator[RunningApp]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     with open(log, "w") as log_file:
@@ -39,7 +46,8 @@ def running_app(outputs: Path, log: Path) -> Iterator[str]:
                     if time.monotonic() > deadline:
                         raise
                     time.sleep(0.5)
-            yield url
+            yield RunningApp(url, process)
         finally:
-            process.terminate()
-            process.wait(timeout=30)
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=90)

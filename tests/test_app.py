@@ -1,6 +1,8 @@
 """The app through its HTTP API (gradio_client against 127.0.0.1, tiny preset)."""
 
+import json
 import re
+import signal
 import threading
 import time
 
@@ -23,8 +25,8 @@ def with_seconds(seconds: float, steps: int = 6) -> list:
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     directory = tmp_path_factory.mktemp("app")
-    with running_app(directory / "outputs", directory / "app.log") as url:
-        yield url
+    with running_app(directory / "outputs", directory / "app.log") as app:
+        yield app.url
 
 
 def text(progress_html: str) -> str:
@@ -110,3 +112,46 @@ def test_the_other_variant_loads_on_demand(app_url, image_file):
     arguments = [*with_seconds(1.0)[:-2], "f1", 128]
     video, _, progress, _, _ = client.predict(handle_file(str(image_file)), *arguments, api_name="/generate")
     assert text(progress).startswith("done: 37 frames") and frame_count(video) == 37
+
+
+def records(outputs) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(outputs.glob("*.json"))]
+
+
+def test_a_cancelled_job_stops_and_the_next_job_runs_alone(tmp_path, image_file):
+    outputs = tmp_path / "outputs"
+    with running_app(outputs, tmp_path / "app.log") as app:
+        url = app.url
+        client = Client(url, verbose=False)
+        job = client.submit(handle_file(str(image_file)), *with_seconds(4.0, steps=30), api_name="/generate")
+        deadline = time.monotonic() + 120
+        while not any("section 1 of 3 · sampling step 2" in text(output[2]) for output in job.outputs()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        job.cancel()
+        video, _, progress, _, _ = Client(url, verbose=False).predict(
+            handle_file(str(image_file)), *with_seconds(1.0), api_name="/generate"
+        )
+        assert text(progress).startswith("done: 37 frames") and frame_count(video) == 37
+        log = (tmp_path / "app.log").read_text()
+    cancelled, second = records(outputs)
+    assert cancelled["status"] == "stopped" and cancelled["sections_done"] < 3  # it did not run on unasked
+    assert second["status"] == "complete"
+    assert "Traceback" not in log and "already running" not in log
+
+
+def test_sigterm_stops_the_running_job_and_records_it(tmp_path, image_file):
+    outputs = tmp_path / "outputs"
+    with running_app(outputs, tmp_path / "app.log") as app:
+        client = Client(app.url, verbose=False)
+        job = client.submit(handle_file(str(image_file)), *with_seconds(4.0, steps=30), api_name="/generate")
+        deadline = time.monotonic() + 120
+        while not any("section 2 of 3" in text(output[2]) for output in job.outputs()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        app.process.send_signal(signal.SIGTERM)
+        assert app.process.wait(timeout=120) == 0
+    (record,) = records(outputs)
+    assert record["status"] == "stopped" and record["sections_done"] >= 1
+    assert frame_count(str(outputs / record["video"])) == record["frames"]
+    assert not [path for path in outputs.iterdir() if path.name.startswith(".")]

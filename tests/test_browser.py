@@ -1,6 +1,7 @@
 """The app in a real browser: Debian's Chromium driven by Playwright (no browser download)."""
 
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,10 @@ pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debia
 def test_upload_prompt_start_watch_the_stages_and_end(image_file, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
-    with running_app(tmp_path / "outputs", tmp_path / "app.log") as url, sync_playwright() as playwright:
+    with running_app(tmp_path / "outputs", tmp_path / "app.log") as app, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         page = browser.new_page(viewport={"width": 1400, "height": 1100})
-        page.goto(url)
+        page.goto(app.url)
         expect(page.locator("#acceleration-status")).to_contain_text("tiny preset (random weights: expect noise)")
         page.locator("input[type=file]").first.set_input_files(str(image_file))
         page.get_by_label("Prompt", exact=True).fill("a cat walks")
@@ -45,3 +46,27 @@ def test_upload_prompt_start_watch_the_stages_and_end(image_file, tmp_path):
     assert "done" not in final
     assert (tmp_path / "app.png").stat().st_size > 10_000
     assert list((tmp_path / "outputs").glob("*.mp4"))
+
+
+def test_closing_the_page_stops_its_job(image_file, tmp_path):
+    import json
+
+    from playwright.sync_api import expect, sync_playwright
+
+    outputs = tmp_path / "outputs"
+    with running_app(outputs, tmp_path / "app.log") as app, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page()
+        page.goto(app.url)
+        page.locator("input[type=file]").first.set_input_files(str(image_file))
+        page.get_by_label("Prompt", exact=True).fill("a cat walks")
+        page.get_by_role("button", name="Start Generation").click()  # 5 s: 4 sections
+        expect(page.locator("#progress-text")).to_contain_text("section 1 of 4 · sampling step", timeout=120_000)
+        page.close()
+        deadline = time.monotonic() + 120
+        while not any(json.loads(p.read_text())["status"] != "running" for p in outputs.glob("*.json")):
+            assert time.monotonic() < deadline, "the job of the closed page kept running"
+            time.sleep(0.2)
+        browser.close()
+    (record,) = [json.loads(path.read_text()) for path in outputs.glob("*.json")]
+    assert record["status"] == "stopped" and record["sections_done"] < 4

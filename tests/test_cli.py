@@ -123,7 +123,7 @@ def test_readme_tiny_job(image_file, tmp_path):
     assert record["status"] == "complete" and record["preset"] == "tiny"
     tokens = 9 * (record["height"] // 8) * (record["width"] // 8) / 4  # window 9, 2 x 2 patches
     assert record["schedule"]["shift"] == pytest.approx(math.exp(0.5 + (tokens - 256) * 0.65 / 3840))
-    assert output.with_suffix(".png").exists()
+    assert output.with_suffix(".input.png").exists()
     # every log line starts a line of its own: none is glued onto the progress bar
     pieces = re.split(r"[\r\n]", result.stderr)
     assert all(piece.startswith(("INFO", "WARNING")) for piece in pieces if "diffusers_helper" in piece)
@@ -173,3 +173,13 @@ def test_tensorrt_without_a_gpu_falls_back_and_the_video_completes(image_file, t
     record = json.loads(output.with_suffix(".json").read_text())
     assert record["components"]["transformer"] == "PyTorch (fell back: no CUDA GPU)"
     assert output.exists()
+
+
+@pytest.mark.parametrize("value", ["abc", "nan", "inf", "-1"])
+def test_a_bad_engine_cache_size_is_one_line_naming_the_variable(capsys, image_file, tmp_path, monkeypatch, value):
+    monkeypatch.setenv("FRAMEPACK_TENSORRT_CACHE_GB", value)
+    for extra in (["--tensorrt-info"], ["--enable-tensorrt"]):
+        code, err = run_main(capsys, "--preset", "tiny", "--image", image_file, "--output", tmp_path / "x.mp4", *extra)
+        assert (
+            code == 2 and err == f"error: FRAMEPACK_TENSORRT_CACHE_GB must be a positive number of GB, got {value!r}\n"
+        )

@@ -153,12 +153,12 @@ def test_f1_grows_forward(with_sink, tmp_path):
 
 def test_same_seed_same_video_other_seed_other_video(with_sink, tmp_path):
     videos = []
-    for seed in (1, 1, 2):
+    for run_index, seed in enumerate((1, 1, 2)):
         sink = FrameSink()
         run(
             with_sink["framepack"],
             tiny_settings(seconds=1.0, seed=seed),
-            JobPaths.for_video(tmp_path / "s.mp4"),
+            JobPaths.for_video(tmp_path / f"s{run_index}.mp4"),
             sink=sink,
         )
         videos.append(sink.last)
@@ -235,7 +235,7 @@ def test_real_cfg_runs_a_negative_pass_and_changes_the_result(with_sink, tmp_pat
         settings = tiny_settings(
             seconds=1.0, steps=3, cfg=cfg, cfg_rescale=0.5, negative_prompt="blurry", teacache=False
         )
-        events = run(engine, settings, JobPaths.for_video(tmp_path / "cfg.mp4"), sink=sink)
+        events = run(engine, settings, JobPaths.for_video(tmp_path / f"cfg{cfg}.mp4"), sink=sink)
         assert isinstance(events[-1], Finished)
         assert count["calls"] == (3 if cfg == 1.0 else 6)
         videos.append(sink.last)
@@ -244,13 +244,13 @@ def test_real_cfg_runs_a_negative_pass_and_changes_the_result(with_sink, tmp_pat
 
 def test_teacache_skips_steps_but_never_the_first_or_last(with_sink, tmp_path):
     engine = with_sink["framepack"]
-    run(engine, tiny_settings(seconds=1.0, steps=20), JobPaths.for_video(tmp_path / "t.mp4"), sink=FrameSink())
+    run(engine, tiny_settings(seconds=1.0, steps=20), JobPaths.for_video(tmp_path / "on.mp4"), sink=FrameSink())
     assert engine.teacache.computed + engine.teacache.skipped == 20
     assert 2 <= engine.teacache.computed < 20
     run(
         engine,
         tiny_settings(seconds=1.0, steps=20, teacache=False),
-        JobPaths.for_video(tmp_path / "t.mp4"),
+        JobPaths.for_video(tmp_path / "off.mp4"),
         sink=FrameSink(),
     )
     assert engine.teacache.computed == engine.teacache.skipped == 0
@@ -274,3 +274,44 @@ def test_a_failure_becomes_a_failed_event_and_is_recorded(with_sink, tmp_path, m
 def test_wrong_variant_for_the_loaded_transformer(engines, tmp_path):
     events = run(engines["f1"], tiny_settings(variant="framepack"), JobPaths.for_video(tmp_path / "v.mp4"))
     assert isinstance(events[0], Failed) and "loaded transformer is 'f1'" in events[0].message
+
+
+def test_one_job_at_a_time_per_engine(with_sink, tmp_path):
+    engine = with_sink["framepack"]
+    first = engine.generate(example_image(256, 256), tiny_settings(steps=2), JobPaths.for_video(tmp_path / "a.mp4"))
+    assert isinstance(next(first), StageStarted)  # the first job is running (suspended between events)
+    second = list(engine.generate(example_image(256, 256), tiny_settings(), JobPaths.for_video(tmp_path / "b.mp4")))
+    assert second == [Failed("this engine is already running a job; jobs run one at a time")]
+    assert isinstance(list(first)[-1], Finished)
+    assert isinstance(run(engine, tiny_settings(steps=1), JobPaths.for_video(tmp_path / "c.mp4"))[-1], Finished)
+
+
+def test_a_job_abandoned_by_its_consumer_says_stopped_and_frees_the_engine(with_sink, tmp_path):
+    engine = with_sink["framepack"]
+    paths = JobPaths.for_video(tmp_path / "abandoned.mp4")
+    job = engine.generate(example_image(256, 256), tiny_settings(steps=2), paths)
+    for event in job:
+        if isinstance(event, SectionFinished):
+            break
+    job.close()
+    assert json.loads(paths.sidecar.read_text())["status"] == "stopped"
+    assert isinstance(run(engine, tiny_settings(steps=1), JobPaths.for_video(tmp_path / "next.mp4"))[-1], Finished)
+
+
+def test_an_earlier_job_is_replaced_as_a_whole_and_only_when_asked(with_sink, tmp_path):
+    engine = with_sink["framepack"]
+    paths = JobPaths.for_video(tmp_path / "job.mp4")
+    engine.write_video = lambda frames, path, fps, crf: path.write_bytes(b"old video")
+    run(engine, tiny_settings(seconds=1.0, steps=1), paths)
+    refused = list(engine.generate(example_image(256, 256), tiny_settings(steps=1), paths))
+    assert isinstance(refused[-1], Failed) and "already exists; pass --overwrite" in refused[-1].message
+    assert paths.video.read_bytes() == b"old video"
+    stop = threading.Event()
+    events = []
+    for event in engine.generate(example_image(256, 256), tiny_settings(), paths, stop, overwrite=True):
+        events.append(event)
+        if isinstance(event, StepProgress):
+            stop.set()  # stopped before its first section: no video of its own
+    assert events[-1].stopped and events[-1].video is None
+    assert not paths.video.exists()  # the earlier job's video does not sit beside this job's files
+    assert paths.image.exists() and json.loads(paths.sidecar.read_text())["status"] == "stopped"

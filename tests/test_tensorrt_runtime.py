@@ -3,9 +3,9 @@
 What TensorRT itself does (engines that build, load and match PyTorch) is tested in tests/gpu.
 """
 
+import gc
 import json
 import logging
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +92,50 @@ def test_cache_dir_comes_from_the_environment(monkeypatch, tmp_path):
     assert default_cache_dir() == tmp_path / "mine"
     monkeypatch.delenv(CACHE_DIR_VARIABLE)
     assert default_cache_dir().parts[-2:] == ("Cache", "tensorrt_engines")
+
+
+class Doubling(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        return x * self.scale * 2
+
+
+class Tripling(Doubling):
+    def forward(self, x):
+        return x * self.scale * 3
+
+
+def test_the_code_that_is_exported_and_the_library_versions_are_in_the_key(tmp_path):
+    runtime, _ = make_runtime(tmp_path)
+    args = (torch.ones(2, 8),)
+    doubling_key, ingredients = runtime._key(COMPONENT, Doubling(), args)
+    tripling_key, _ = runtime._key(COMPONENT, Tripling(), args)
+    assert doubling_key != tripling_key  # same weights, other code
+    assert {"diffusers", "transformers", "torch", "torch_tensorrt"} <= set(ingredients["versions"])
+
+
+def test_engines_belong_to_the_models_they_were_made_for(tmp_path):
+    """As after a variant switch in the app: other weights in the same shapes never run on the old engine."""
+    runtime, backend = make_runtime(tmp_path)
+    first = seeded_mlp()
+    call(runtime, first)
+    other = seeded_mlp()
+    with torch.no_grad():
+        other[0].weight.add_(1.0)
+    actual, expected = call(runtime, other)
+    assert torch.equal(actual, expected) and backend.compiled == 2
+    del first, other
+    gc.collect()
+    assert len(runtime._engines) == 0  # the engines went with their models
+    third = seeded_mlp()  # may reuse a dead module's id(): nothing may be remembered by id
+    with torch.no_grad():
+        third[2].bias.add_(2.0)
+    actual, expected = call(runtime, third)
+    assert torch.equal(actual, expected)
+    assert backend.compiled == 3 and runtime.status[COMPONENT].engine == "tensorrt"
 
 
 # -- hits, misses and the disk cache -------------------------------------------------------------------------------
@@ -183,17 +227,6 @@ def test_a_failed_save_leaves_no_entry_and_no_temporary_files(tmp_path):
     assert "No space left on device" in runtime.status[COMPONENT].reason
     assert EngineCache(tmp_path / "engines").entries() == []
     assert leftovers(tmp_path / "engines") == []
-
-
-def test_size_cap_evicts_the_least_recently_used(tmp_path):
-    cache = EngineCache(tmp_path / "engines", max_bytes=2500)
-    for index, name in enumerate("abc"):
-        source = tmp_path / f"{name}.bin"
-        source.write_bytes(b"x" * 1000)
-        cache.store(name, source, {"n": index})
-        os.utime(cache._metadata(name), (index, index))  # a, then b, then c were last used
-    assert [key for key, _, _ in cache.entries()] == ["b", "c"]
-    assert cache.lookup("a") is None and cache.lookup("b") is not None
 
 
 # -- fallbacks ---------------------------------------------------------------------------------------------------

@@ -1,13 +1,15 @@
-"""A directory of compiled engines keyed by canonical JSON, safe across processes.
+"""A directory of compiled engines keyed by canonical JSON, safe across processes and platforms.
 
 Each entry is `<key>.pt2` (the engine, serialized as a torch.export archive) and `<key>.json` (what built it, its
-size, when it was last used). The JSON is written last, so an entry without it does not exist. Writes go through a temporary file and
-a rename; a per-key lock file keeps two processes from building the same engine at once; a truncated or
-unreadable entry is removed and counts as a miss; an optional size cap evicts the least recently used entries.
+size, when it was last used). The JSON is written last and removed first, so an entry without it does not exist.
+Writes go through a temporary file and a rename. Each key has a lock (a `filelock.FileLock`, so Windows works too):
+callers hold it around `lookup`, `store` and `remove`, while eviction and the clean-up in `prepare` take it only if
+nobody holds it, so they never pull an entry from under a process that is building or loading it. A truncated or
+unreadable entry is removed and counts as a miss; an optional size cap, counted over every file in the directory,
+evicts the least recently used entries.
 """
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -17,17 +19,30 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from filelock import FileLock, Timeout
+
 from ..media.atomic_files import write_bytes
 
 logger = logging.getLogger(__name__)
 
 ENGINE_SUFFIX = ".pt2"
+STAGING_PREFIX = ".build-"  # the runtime stages each build in a temporary directory of this name here
+ABANDONED_AFTER_SECONDS = 3600  # a build writes its staging files in minutes: untouched for an hour, it was killed
 
 
 def cache_key(ingredients: dict) -> str:
     """A stable name for everything that makes an engine what it is (sorted, compact JSON, hashed)."""
     canonical = json.dumps(ingredients, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _last_modified(path: Path) -> float:
+    """The newest modification time in a file or directory tree: a build writing into it keeps it fresh."""
+    newest = path.lstat().st_mtime
+    for root, directories, files in os.walk(path):
+        for name in directories + files:
+            newest = max(newest, os.lstat(os.path.join(root, name)).st_mtime)
+    return newest
 
 
 class EngineCache:
@@ -42,34 +57,80 @@ class EngineCache:
         return self.directory / f"{key}.json"
 
     def prepare(self) -> None:
-        """Create the directory and prove it takes files; OSError names the problem."""
+        """Create the directory, prove it takes files (OSError names the problem) and clear what killed processes
+        left, which would otherwise fill the disk and count against the size cap for ever."""
         self.directory.mkdir(parents=True, exist_ok=True)
         probe = self.directory / f".probe.{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
+        for path in list(self.directory.iterdir()):
+            if path.name.startswith(STAGING_PREFIX) or (path.name.startswith(".") and path.suffix == ".tmp"):
+                self._remove_if_abandoned(path)
+            elif not path.name.startswith(".") and path.suffix in (ENGINE_SUFFIX, ".json"):
+                self._remove_if_incomplete(path.stem)
+
+    def _remove_if_abandoned(self, path: Path) -> None:
+        """Staging (a build's directory, a half-written file) names no key to lock, so its age tells: an hour."""
+        with contextlib.suppress(FileNotFoundError):  # its build finished, or another process cleared it first
+            if _last_modified(path) > time.time() - ABANDONED_AFTER_SECONDS:
+                return
+            logger.info("removing %s from the TensorRT engine cache: untouched for an hour (interrupted build)", path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+
+    def _remove_if_incomplete(self, key: str) -> None:
+        """An engine without metadata (killed before writing it) or metadata without its engine, unless a rejection
+        record (which has none by design) or the key's lock is held (its entry is being written right now)."""
+        if self._engine(key).exists() == self._metadata(key).exists():
+            return
+        with self._lock_if_free(key) as held:
+            if not held:
+                return
+            metadata = self.metadata(key)
+            engine = self._engine(key).exists()
+            if engine and metadata is None:
+                self.remove(key, "engine without metadata (interrupted build)", logging.INFO)
+            elif not engine and metadata is not None and not metadata.get("rejected"):
+                self.remove(key, "engine file missing")
+
+    def lock(self, key: str) -> FileLock:
+        """The key's lock, for a `with`: one process builds, the others wait and then find the entry."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        return FileLock(self.directory / f"{key}.lock")
 
     @contextlib.contextmanager
-    def lock(self, key: str) -> Iterator[None]:
-        """Hold the key's lock: one process builds, the others wait and then find the entry."""
-        self.directory.mkdir(parents=True, exist_ok=True)
-        with open(self.directory / f"{key}.lock", "a") as handle:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+    def _lock_if_free(self, key: str) -> Iterator[bool]:
+        """Hold the key's lock if nobody else does, without waiting; yields whether it is held."""
+        lock = self.lock(key)
+        try:
+            lock.acquire(blocking=False)
+        except Timeout:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            lock.release()
 
     def metadata(self, key: str) -> dict | None:
+        """The entry's record, or None; unreadable metadata (anything but a JSON object) is removed."""
         try:
-            return json.loads(self._metadata(key).read_text())
+            record = json.loads(self._metadata(key).read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as error:
             self.remove(key, f"unreadable metadata ({error})")
             return None
+        if not isinstance(record, dict):
+            self.remove(key, f"unreadable metadata (not a JSON object: {record!r:.40})")
+            return None
+        return record
 
     def lookup(self, key: str) -> Path | None:
-        """The engine file of a complete entry (marked as just used), or None."""
+        """The engine file of a complete entry (marked as just used), or None; hold the key's lock. An entry that
+        vanishes all the same (removed by a program that does not lock) is a miss."""
         metadata = self.metadata(key)
         if metadata is None or metadata.get("rejected"):
             return None
@@ -77,16 +138,21 @@ class EngineCache:
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            self.remove(key, "engine file missing")
+            if self._metadata(key).exists():  # removal takes the metadata first: only the engine is lost
+                self.remove(key, "engine file missing")
             return None
         if size != metadata.get("bytes"):
             self.remove(key, f"engine file is {size} bytes, expected {metadata.get('bytes')} (truncated or corrupt)")
             return None
-        os.utime(self._metadata(key))
+        try:
+            os.utime(self._metadata(key))
+        except FileNotFoundError:
+            return None
         return path
 
     def store(self, key: str, engine_file: Path, metadata: dict) -> Path:
-        """Move a finished engine file into the cache (same filesystem: a rename), then write its metadata."""
+        """Move a finished engine file into the cache (same filesystem: a rename), then write its metadata; hold the
+        key's lock."""
         self.directory.mkdir(parents=True, exist_ok=True)
         target = self._engine(key)
         size = engine_file.stat().st_size
@@ -97,41 +163,52 @@ class EngineCache:
         return target
 
     def reject(self, key: str, reason: str) -> None:
-        """Remember that this engine gives wrong results, so no process loads or rebuilds it."""
+        """Remember that this engine gives wrong results, so no process loads or rebuilds it (the record first, so
+        nobody finds the engine in between)."""
         metadata = self.metadata(key) or {}
-        self._engine(key).unlink(missing_ok=True)
         write_bytes(self._metadata(key), json.dumps({**metadata, "bytes": 0, "rejected": reason}, indent=2).encode())
+        self._engine(key).unlink(missing_ok=True)
 
     def rejection(self, key: str) -> str | None:
         return (self.metadata(key) or {}).get("rejected")
 
     def remove(self, key: str, reason: str, level: int = logging.WARNING) -> None:
+        """Remove an entry, metadata first: an interrupted removal leaves an orphan engine, which `prepare` clears."""
         logger.log(level, "removing TensorRT engine %s from the cache: %s", key, reason)
-        self._engine(key).unlink(missing_ok=True)
         self._metadata(key).unlink(missing_ok=True)
+        self._engine(key).unlink(missing_ok=True)
 
     def entries(self) -> list[tuple[str, int, float]]:
         """(key, bytes, last used) of every complete entry, least recently used first."""
         found = []
         for metadata_file in self.directory.glob("*.json"):
-            engine = metadata_file.with_suffix(ENGINE_SUFFIX)
-            if engine.exists():
-                found.append((metadata_file.stem, engine.stat().st_size, metadata_file.stat().st_mtime))
+            with contextlib.suppress(FileNotFoundError):  # a rejection record, or an entry removed meanwhile
+                engine_bytes = metadata_file.with_suffix(ENGINE_SUFFIX).stat().st_size
+                found.append((metadata_file.stem, engine_bytes, metadata_file.stat().st_mtime))
         return sorted(found, key=lambda entry: entry[2])
 
     def size_bytes(self) -> int:
-        return sum(size for _, size, _ in self.entries()) if self.directory.exists() else 0
+        """Every file under the directory, staging and leftovers included: what the cache takes on disk."""
+        total = 0
+        for root, _, files in os.walk(self.directory):
+            for name in files:
+                with contextlib.suppress(FileNotFoundError):  # removed while counting
+                    total += os.lstat(os.path.join(root, name)).st_size
+        return total
 
     def enforce_limit(self, keep: str | None = None) -> None:
+        """Evict the least recently used entries until the directory fits the cap. `keep` and entries whose lock
+        someone holds (being built or loaded) stay; the next store tries again."""
         if self.max_bytes is None:
             return
-        entries = self.entries()
-        total = sum(size for _, size, _ in entries)
-        for key, size, _ in entries:
-            if total <= self.max_bytes:
+        excess = self.size_bytes() - self.max_bytes
+        for key, size, _ in self.entries():
+            if excess <= 0:
                 break
-            if key != keep:
-                self.remove(
-                    key, f"cache over its {self.max_bytes / 1024**3:.2f} GB limit (least recently used)", logging.INFO
-                )
-                total -= size
+            if key == keep:
+                continue
+            with self._lock_if_free(key) as held:
+                if held and self._metadata(key).exists():
+                    reason = f"cache over its {self.max_bytes / 1024**3:.2f} GB limit (least recently used)"
+                    self.remove(key, reason, logging.INFO)
+                    excess -= size

@@ -62,6 +62,22 @@ def quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
+def print_tensorrt_info() -> int:
+    """`--tensorrt-info`: GPU, versions and the engine cache as JSON; exit code 2 for a bad cache variable."""
+    import json
+    import sys
+
+    from ..settings import InvalidSettings
+    from ..tensorrt_runtime import TensorRTRuntime
+
+    try:
+        print(json.dumps(TensorRTRuntime().environment(), indent=2))
+    except InvalidSettings as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def model_settings(args: argparse.Namespace) -> ModelSettings:
     """The flags as validated settings; InvalidSettings names the flag that is wrong."""
     tensorrt = TensorRTOptions(args.enable_tensorrt, args.tensorrt_text_encoders, args.tensorrt_transformer)

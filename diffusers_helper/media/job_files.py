@@ -1,4 +1,4 @@
-"""Where a job's files go: `<job>.mp4`, `<job>.png` (the input as used) and `<job>.json` (every setting)."""
+"""Where a job's files go: `<job>.mp4`, `<job>.input.png` (the input as used) and `<job>.json` (every setting)."""
 
 import json
 import platform
@@ -26,6 +26,9 @@ def job_id() -> str:
 
 @dataclass(frozen=True)
 class JobPaths:
+    """A job's files: `<job>.mp4`, `<job>.input.png` (the input as used; a name no photo of the user's has) and
+    `<job>.json`. They belong together: a job replaces all of an earlier job's files or none."""
+
     video: Path
     image: Path
     sidecar: Path
@@ -35,11 +38,42 @@ class JobPaths:
         video = Path(video)
         if video.suffix.lower() != ".mp4":
             raise InvalidSettings(f"output must be an .mp4 file, got {video}")
-        return cls(video=video, image=video.with_suffix(".png"), sidecar=video.with_suffix(".json"))
+        return cls(video=video, image=video.with_suffix(".input.png"), sidecar=video.with_suffix(".json"))
 
     @classmethod
     def new_job(cls, outputs_dir: Path) -> "JobPaths":
-        return cls.for_video(Path(outputs_dir) / f"{job_id()}.mp4")
+        """A fresh job name in `outputs_dir` that no existing file uses."""
+        while True:
+            paths = cls.for_video(Path(outputs_dir) / f"{job_id()}.mp4")
+            if not paths.existing():
+                return paths
+
+    @property
+    def files(self) -> tuple[Path, Path, Path]:
+        return self.video, self.image, self.sidecar
+
+    def existing(self) -> list[Path]:
+        return [path for path in self.files if path.exists() or path.is_symlink()]
+
+    def check(self, overwrite: bool, input_image: Path | None = None) -> None:
+        """InvalidSettings unless the job may write its files: none is a directory or the input image, and none
+        exists unless `overwrite` (an earlier job's files are then replaced as a whole)."""
+        for path in self.files:
+            if path.is_dir():
+                raise InvalidSettings(f"output {path} is a directory")
+            if input_image is not None and path.exists() and path.samefile(input_image):
+                raise InvalidSettings(f"output {path} is the input image; choose another --output")
+        existing = self.existing()
+        if existing and not overwrite:
+            names = ", ".join(str(path) for path in existing)
+            raise InvalidSettings(
+                f"{names} already exists; pass --overwrite to replace that job, or choose another output"
+            )
+
+    def remove_existing(self) -> None:
+        """Remove an earlier job's files, so this job's files never sit beside another's."""
+        for path in self.existing():
+            path.unlink()
 
 
 def ensure_writable_dir(directory: Path) -> None:

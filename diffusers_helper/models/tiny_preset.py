@@ -6,6 +6,7 @@ compression, image projection, 1x/2x/4x history embedders, 3D rope, guidance emb
 three layers from the end, the CLIP pooler and SigLIP tokens.
 """
 
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +34,8 @@ from .components import FLUX_REDUX, HUNYUAN_VIDEO, TRANSFORMER_REPOS
 
 logger = logging.getLogger(__name__)
 
-TINY_PRESET_VERSION = 1
+TINY_PRESET_VERSION = 2  # 2: file hashes in preset.json
+MARKER = "preset.json"
 TINY_RESOLUTION = 128
 LLAMA_SPECIALS = ("<|begin_of_text|>", "<|eot_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|pad|>")
 CLIP_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
@@ -176,32 +178,52 @@ def _write_all(root: Path) -> None:
     _write_flux_redux(root / FLUX_REDUX)
     for seed, repo in enumerate(TRANSFORMER_REPOS.values(), start=10):
         _write_transformer(root / repo, seed)
-    (root / "preset.json").write_text(json.dumps({"preset": "tiny", "version": TINY_PRESET_VERSION}))
+    record = {"preset": "tiny", "version": TINY_PRESET_VERSION, "files": _file_hashes(root)}
+    (root / MARKER).write_text(json.dumps(record, indent=1))
 
 
-def _is_current(root: Path) -> bool:
+def _file_hashes(root: Path) -> dict[str, str]:
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name != MARKER
+    }
+
+
+def _damage(root: Path) -> str | None:
+    """What is wrong with the copy at `root` (missing, another version, a changed or missing file), or None."""
     try:
-        return json.loads((root / "preset.json").read_text())["version"] == TINY_PRESET_VERSION
-    except (OSError, ValueError, KeyError):
-        return False
+        record = json.loads((root / MARKER).read_text())
+    except FileNotFoundError:
+        return "not written yet"
+    except (OSError, ValueError) as error:
+        return f"{MARKER} is unreadable ({error})"
+    if not isinstance(record, dict) or record.get("version") != TINY_PRESET_VERSION:
+        return "written by another version"
+    expected, found = record.get("files") or {}, _file_hashes(root)
+    changed = sorted(name for name in set(expected) | set(found) if expected.get(name) != found.get(name))
+    return f"{changed[0]} is changed or missing" if changed else None
 
 
 def ensure_tiny_models(cache_dir: Path = CACHE_DIR) -> Path:
-    """The tiny preset's directory, written on first use (a few seconds) and reused afterwards."""
+    """The tiny preset's directory, written on first use (a few seconds) and reused while every file is as written."""
     root = cache_dir / "tiny"
-    if _is_current(root):
+    damage = _damage(root)
+    if damage is None:
         return root
+    if root.exists():
+        logger.warning("the tiny preset in %s is unusable (%s); writing it again", root, damage)
     logger.info("writing the tiny preset to %s", root)
     cache_dir.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=cache_dir))
     try:
         _write_all(staging)
-        if root.exists() and not _is_current(root):
+        if root.exists() and _damage(root) is not None:
             shutil.rmtree(root)
         try:
             os.rename(staging, root)
         except OSError:
-            if not _is_current(root):  # another process won the race with a complete copy, or something is wrong
+            if _damage(root) is not None:  # another process won the race with a complete copy, or something is wrong
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -53,6 +53,8 @@ class FramePackEngine:
         self.scheduler = make_scheduler()
         logger.info("models: %s", models.describe())
         self.pipe = encoding_pipeline(self.components, self.scheduler)
+        self._running = threading.Lock()  # the scheduler and the step cache hold one job's state
+        self._job: tuple[JobPaths, dict] | None = None
 
     def generate(
         self,
@@ -60,22 +62,44 @@ class FramePackEngine:
         settings: GenerationSettings,
         paths: JobPaths,
         stop: threading.Event | None = None,
+        overwrite: bool = False,
     ) -> Iterator[Event]:
-        """Run one job; failures end it with a Failed event (and a logged traceback), never an exception."""
-        if settings.variant != self.components.variant:
-            yield Failed(
-                f"variant {settings.variant!r} asked for, but the loaded transformer is {self.components.variant!r}"
-            )
+        """Run one job; failures end it with a Failed event, never an exception (the traceback is logged at debug
+        level). An earlier job's files at `paths` are replaced only with `overwrite`. If the job is interrupted
+        (KeyboardInterrupt, or its consumer closes this generator), its sidecar says "stopped" before it ends."""
+        if not self._running.acquire(blocking=False):
+            yield Failed("this engine is already running a job; jobs run one at a time")
             return
-        record = self._record(settings, paths)
         try:
-            ensure_writable_dir(paths.video.parent)
-            yield from self._generate(image, settings, paths, stop or threading.Event(), record)
-        except Exception as error:  # the job fails, the process (and any UI) goes on
-            logger.exception("generation failed")
-            message = _failure_message(error)
-            _record_failure(paths, record, message)
-            yield Failed(message)
+            if settings.variant != self.components.variant:
+                loaded = self.components.variant
+                yield Failed(f"variant {settings.variant!r} asked for, but the loaded transformer is {loaded!r}")
+                return
+            record = self._record(settings, paths)
+            self._job = (paths, record)
+            try:
+                ensure_writable_dir(paths.video.parent)
+                paths.check(overwrite)
+                paths.remove_existing()
+                yield from self._generate(image, settings, paths, stop or threading.Event(), record)
+            except Exception as error:  # the job fails, the process (and any UI) goes on
+                logger.debug("generation failed", exc_info=True)
+                message = _failure_message(error)
+                self._record_end(paths, record, status="failed", error=message)
+                yield Failed(message)
+            except BaseException:
+                self.record_interruption()
+                raise
+        finally:
+            self._job = None
+            self._running.release()
+
+    def record_interruption(self) -> None:
+        """Mark the running job (if any) as stopped, keeping the video so far: for a process that is interrupted
+        or about to exit while the job is still running."""
+        if self._job is not None and self._job[1]["status"] == "running":
+            paths, record = self._job
+            self._record_end(paths, record, status="stopped")
 
     def _record(self, settings: GenerationSettings, paths: JobPaths) -> dict:
         return {
@@ -93,6 +117,13 @@ class FramePackEngine:
 
     def _write_record(self, paths: JobPaths, record: dict) -> None:
         write_sidecar(paths.sidecar, {**record, "components": self.models.backends()})
+
+    def _record_end(self, paths: JobPaths, record: dict, **end) -> None:
+        record.update(end)
+        try:
+            self._write_record(paths, record)
+        except OSError as error:
+            logger.warning("could not record the job's end in %s: %s", paths.sidecar, error)
 
     def _generate(
         self, image: np.ndarray, settings: GenerationSettings, paths: JobPaths, stop: threading.Event, record: dict
@@ -206,13 +237,6 @@ class FramePackEngine:
         vae = self.components.vae
         scaled = (latents.float() / vae.config.scaling_factor).to(device=self.plan.device, dtype=vae.dtype)
         return vae.decode(scaled).sample
-
-
-def _record_failure(paths: JobPaths, record: dict, message: str) -> None:
-    try:
-        write_sidecar(paths.sidecar, {**record, "status": "failed", "error": message})
-    except OSError as error:
-        logger.warning("could not record the failure in %s: %s", paths.sidecar, error)
 
 
 def _failure_message(error: Exception) -> str:

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 
+WAITING = "waiting for the previous job to stop"
 LOADING = "loading models"
 ENCODING = "encoding the prompt and image"
 SAMPLING = "sampling"

@@ -55,3 +55,29 @@ def test_tiny_generation_offloaded_on_gpu(tmp_path):
     assert isinstance(events[-1], Finished), events[-1]
     assert events[-1].frames == settings.frames == 37
     assert next(components.transformer.transformer_blocks[0].parameters()).device.type == "cpu"
+
+
+def test_switching_variant_frees_the_old_models_first(tmp_path):
+    """The app's switch to the other variant: while the new models load, GPU memory holds one set, not two."""
+    import threading
+
+    from demo_gradio import App, build_parser
+
+    app = App(build_parser().parse_args(["--preset", "tiny", "--device", "cuda", "--outputs", str(tmp_path)]))
+    torch.cuda.synchronize()
+    one_set = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    load, peaks = app._load_engine, []
+
+    def measured_load(*args):
+        engine = load(*args)
+        engine.write_video = FrameSink()  # no PyAV on the GPU machine
+        peaks.append(torch.cuda.max_memory_allocated())
+        return engine
+
+    app._load_engine = measured_load
+    settings = GenerationSettings(prompt="a cat walks", seconds=1.0, steps=1, resolution=TINY_RESOLUTION, variant="f1")
+    events = list(app.job(example_image(), settings, JobPaths.for_video(tmp_path / "s.mp4"), threading.Event()))
+    assert isinstance(events[-1], Finished), events[-1]
+    print(f"one set of models {one_set / 2**20:.2f} MiB, peak while switching {peaks[0] / 2**20:.2f} MiB")
+    assert peaks[0] < one_set * 1.5  # both sets at once would be 2x
