@@ -54,17 +54,16 @@ class App:
     a job asks for another."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from diffusers_helper.frontend.startup import default_resolution, load_engine, model_settings
+        from diffusers_helper.frontend.startup import default_resolution, load_engine, model_settings, plan_for
         from diffusers_helper.frontend.worker import JobRunner
-        from diffusers_helper.models.placement import plan_memory
         from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
         self.outputs = args.outputs
         self.models = model_settings(args)
         self.runtime = TensorRTRuntime() if self.models.tensorrt.enabled else None
-        self._plan_memory, self._load_engine = plan_memory, load_engine
-        plan = plan_memory(self.models.device)
-        self.free_gb = plan.free_gb  # measured once, before the models take their share
+        self._plan_for, self._load_engine = plan_for, load_engine
+        plan = plan_for(self.models)
+        self.free_gb = plan.budget_gb  # measured once, before the models take their share
         self.engine = load_engine(self.models, plan, self.runtime)
         self.resolution = default_resolution(self.models.preset)
         self.runner = JobRunner()
@@ -99,11 +98,9 @@ class App:
         from diffusers_helper.models.components import ModelsUnavailable
         from diffusers_helper.pipeline.events import LOADING, Failed, StageStarted
 
-        plan = self._plan_memory(
-            self.models.device, settings.gpu_memory_preservation, free_gb=self.free_gb if self.free_gb else None
-        )
+        plan = self._plan_for(self.models, settings.gpu_memory_preservation, self.free_gb or None)
         engine = self.engine
-        if engine is None or engine.components.variant != settings.variant or engine.plan.offload != plan.offload:
+        if engine is None or engine.components.variant != settings.variant or engine.plan != plan:
             yield StageStarted(LOADING)
             self.models = dataclasses.replace(self.models, variant=settings.variant)
             self.engine = engine = None

@@ -12,7 +12,10 @@ OUTPUTS_DIR = REPO_ROOT / "outputs"
 
 VARIANTS = ("framepack", "f1")
 DEVICES = ("auto", "cpu", "cuda")
-PRESETS = {"tiny": "tiny preset (random weights: expect noise)"}
+PRESETS = {
+    "tiny": "tiny preset (random weights: expect noise)",
+    "full-random": "full-size random preset (real sizes and speed, random weights: expect noise)",
+}
 FPS = 30
 QUICK_PROMPTS = (
     "The girl dances gracefully, with clear movements, full of charm.",
@@ -115,6 +118,7 @@ class ModelSettings:
     models_dir: Path | None = None  # a local copy in the hub layout; neither this nor a preset: the hub
     device: str = "auto"
     tensorrt: TensorRTOptions = TensorRTOptions()
+    gpu_memory_limit_gb: float | None = None  # checked against the card when memory is planned
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -127,6 +131,9 @@ class ModelSettings:
             raise InvalidSettings("choose a preset or a models directory, not both")
         if self.models_dir is not None and not Path(self.models_dir).is_dir():
             raise InvalidSettings(f"models directory not found: {self.models_dir}")
+        limit = self.gpu_memory_limit_gb
+        if limit is not None and not (math.isfinite(limit) and limit > 0):
+            raise InvalidSettings(f"--gpu-memory-limit must be a positive number of GB, got {limit}")
 
     def describe_source(self) -> str:
         if self.preset:

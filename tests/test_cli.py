@@ -183,3 +183,31 @@ def test_a_bad_engine_cache_size_is_one_line_naming_the_variable(capsys, image_f
         assert (
             code == 2 and err == f"error: FRAMEPACK_TENSORRT_CACHE_GB must be a positive number of GB, got {value!r}\n"
         )
+
+
+def test_the_readme_commands_run_as_written(tmp_path):
+    """The README's set-up command, run in a scratch directory (install step left out: the tests run installed)."""
+    readme = (REPO / "README.md").read_text()
+    command = next(
+        line.strip() for line in readme.splitlines() if "generate.py --preset tiny --image example.png" in line
+    )
+    steps = command.split(" && ")[1:]  # after `pip install ...`
+    script = " && ".join(step.replace("generate.py", str(REPO / "generate.py")) for step in steps)
+    result = subprocess.run(script, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "outputs" / "example.mp4").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages on machines without CUDA")
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--preset", "tiny", "--gpu-memory-limit", "8"], "error: --gpu-memory-limit needs a CUDA GPU, and PyTorch sees none"),
+        (["--preset", "tiny", "--gpu-memory-limit", "-1"], "error: --gpu-memory-limit must be a positive number of GB, got -1.0"),
+        (["--preset", "full-random"], "error: the full-random preset needs a CUDA GPU; on the CPU use --preset tiny"),
+    ],
+)  # fmt: skip
+def test_gpu_only_settings_on_a_machine_without_one(capsys, image_file, tmp_path, extra, message):
+    code, err = run_main(capsys, "--image", image_file, "--output", tmp_path / "x.mp4", *extra)
+    assert code == 2 and err.strip() == message and list(tmp_path.iterdir()) == []

@@ -4,8 +4,9 @@ When the first block's modulated input has changed little since the last compute
 rescaled by a polynomial fitted for HunyuanVideo, accumulated), all blocks are skipped and the residual they
 added last time is reused. First and last steps are always computed. State is kept per cache context
 ("cond"/"uncond"), so real CFG's two passes each have their own; the sampler opens the context with the step
-index and step count, and resets the state every section. `apply_teacache` installs the hooks once (models/assembly.py
-decides where they sit among the transformer's other hooks); `threshold` switches them per job.
+index and step count, and resets the state every section. `apply_teacache` installs the hooks once, outside any
+streaming hooks (models/assembly.py decides the order), so a skipped block is never loaded; `threshold` switches them
+per job.
 """
 
 import numpy as np

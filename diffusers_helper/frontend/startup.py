@@ -4,10 +4,11 @@ Light at import (the flags are parsed before torch and the models load); the hea
 """
 
 import argparse
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..settings import DEVICES, PRESETS, VARIANTS, GenerationSettings, ModelSettings, TensorRTOptions
+from ..settings import DEVICES, PRESETS, VARIANTS, GenerationSettings, InvalidSettings, ModelSettings, TensorRTOptions
 
 if TYPE_CHECKING:
     from ..models.placement import MemoryPlan
@@ -30,11 +31,17 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--preset",
         choices=tuple(PRESETS),
-        help="tiny: small random models built offline, for trying it out (the video is noise); "
-        "default: the real models from the hub",
+        help="tiny: small random models built offline, for trying it out; full-random: every model at its real "
+        "size with random weights, for speed and memory tests (both make noise); default: the real models from the hub",
     )
     source.add_argument(
         "--models", type=Path, help="a local copy of the models in the hub layout DIR/<owner>/<repo> (default: none)"
+    )
+    models.add_argument(
+        "--gpu-memory-limit",
+        type=float,
+        metavar="GB",
+        help="never use more GPU memory than this, and plan for it (6 GB up to the card's size; default: no limit)",
     )
     tensorrt = parser.add_argument_group("TensorRT (see docs/tensorrt.md)")
     tensorrt.add_argument(
@@ -82,8 +89,23 @@ def model_settings(args: argparse.Namespace) -> ModelSettings:
     """The flags as validated settings; InvalidSettings names the flag that is wrong."""
     tensorrt = TensorRTOptions(args.enable_tensorrt, args.tensorrt_text_encoders, args.tensorrt_transformer)
     return ModelSettings(
-        variant=args.variant, preset=args.preset, models_dir=args.models, device=args.device, tensorrt=tensorrt
-    )
+        variant=args.variant, preset=args.preset, models_dir=args.models, device=args.device, tensorrt=tensorrt,
+        gpu_memory_limit_gb=args.gpu_memory_limit,
+    )  # fmt: skip
+
+
+def plan_for(settings: ModelSettings, preserve_gb: float = 6.0, free_gb: float | None = None) -> "MemoryPlan":
+    """The memory plan for these models; InvalidSettings when it cannot work (a bad limit, the full-size preset
+    without a GPU, whose float32 weights would need about 90 GB of RAM)."""
+    from ..models.placement import plan_memory
+
+    # Growing segments instead of fixed blocks: activations of many sizes then leave no unusable gaps, which
+    # matters most under a memory limit. Read when CUDA first allocates, so it must be set before that.
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    plan = plan_memory(settings.device, preserve_gb, settings.gpu_memory_limit_gb, free_gb)
+    if settings.preset == "full-random" and plan.device.type == "cpu":
+        raise InvalidSettings("the full-random preset needs a CUDA GPU; on the CPU use --preset tiny")
+    return plan
 
 
 def default_resolution(preset: str | None) -> int:
@@ -94,12 +116,19 @@ def default_resolution(preset: str | None) -> int:
 
 
 def load_engine(settings: ModelSettings, plan: "MemoryPlan", runtime: "TensorRTRuntime | None") -> "FramePackEngine":
-    """Load the components (the tiny preset is written on first use), wrap them as the settings ask, place them."""
+    """Load the components (presets are built on first use), wrap them as the settings ask, place them."""
     from ..models.assembly import assemble
     from ..models.components import load_components
+    from ..models.full_size_preset import full_size_components
+    from ..models.placement import apply_limit, return_freed_host_memory
     from ..models.tiny_preset import ensure_tiny_models
     from ..pipeline.engine import FramePackEngine
 
-    source = ensure_tiny_models() if settings.preset == "tiny" else settings.models_dir
-    components = load_components(settings.variant, source, plan.dtypes())
+    apply_limit(plan)
+    return_freed_host_memory()
+    if settings.preset == "full-random":
+        components = full_size_components(settings.variant, plan.dtypes(), plan.home)
+    else:
+        source = ensure_tiny_models() if settings.preset == "tiny" else settings.models_dir
+        components = load_components(settings.variant, source, plan.dtypes())
     return FramePackEngine(assemble(components, plan, settings, runtime))

@@ -2,10 +2,11 @@
 
 Hooks on the transformer's blocks nest in registration order, so the order is the design:
 1. the TensorRT block stack (innermost: the first block runs the whole compiled stack),
-2. the step cache (TeaCache decides around the stack, compiled or not),
-3. offloading (outermost: weights arrive on the GPU before anything inside runs).
-The VAE and text-encoder wrappers are swapped in first; the output head is kept in float32 (FramePack's
-"high quality fp32 output"); then everything is placed where the memory plan says.
+2. streaming (a streamed block's weights arrive just before it runs),
+3. the step cache (outermost: TeaCache decides around the stack, compiled or streamed, so a skipped step calls
+   no streamed block and moves no weights; it reads the first block, which therefore always stays resident).
+The VAE and text-encoder wrappers are swapped in first and the output head is kept in float32 (FramePack's
+"high quality fp32 output") before the memory plan places everything.
 """
 
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from ..tensorrt_runtime import (
     install_transformer_stack,
 )
 from .components import Components
-from .placement import MemoryPlan, place_components
+from .placement import MemoryPlan, Placement, place_components
 
 FLOAT32_HEAD_HOOK = "float32_output_head"
 TENSORRT_COMPONENTS = {
@@ -40,14 +41,16 @@ class AssembledModels:
 
     components: Components
     plan: MemoryPlan
+    placement: Placement
     teacache: TeaCache
     settings: ModelSettings
     runtime: TensorRTRuntime | None
 
     def describe(self) -> str:
-        """One line for people: which models, from where, on what device, in which dtypes."""
+        """One line for people: which models, from where, on what device, in which dtypes, what streams."""
         variant = f"{self.components.variant} ({self.components.model_ids()['transformer']})"
-        return f"{variant}, {self.settings.describe_source()}; {self.plan.describe()}"
+        streaming = f" ({self.placement.describe()})" if self.plan.offload else ""
+        return f"{variant}, {self.settings.describe_source()}; {self.plan.describe()}{streaming}"
 
     def backends(self) -> dict[str, str]:
         """What each model runs on, and why (for the sidecar and status displays)."""
@@ -72,9 +75,9 @@ def assemble(
         else:
             accelerate(components, settings.tensorrt, runtime, offloading=plan.offload)
     keep_output_head_float32(components.transformer)
+    placement = place_components(components, plan)
     teacache = apply_teacache(components.transformer)
-    place_components(components, plan)
-    return AssembledModels(components, plan, teacache, settings, runtime)
+    return AssembledModels(components, plan, placement, teacache, settings, runtime)
 
 
 def requested_components(options: TensorRTOptions) -> list[str]:

@@ -1,22 +1,46 @@
-"""The one memory policy: which device and dtypes, and whether models live on the GPU or are offloaded.
+"""The one memory policy: which device and dtypes, what lives on the GPU and what streams through it.
 
-Everything stays on the GPU when the free memory, less "GPU memory to preserve" (kept for activations), holds
-all the weights: FramePack's 60 GB rule at its default of 6 GB preserved. Otherwise the text encoders, image
-encoder and VAE take turns on the GPU (accelerate's model CPU offload), the VAE decodes in tiles, and the
-transformer streams through the GPU one block at a time, the next block prefetched on a side CUDA stream
-(diffusers' group offloading), so its weights take about two blocks of GPU memory.
+The budget is what this process may use on the GPU: `--gpu-memory-limit` when given (enforced with
+`torch.cuda.set_per_process_memory_fraction`, so one large card can stand in for a 6-24 GB one), otherwise what is
+free when the models load (free memory plus what PyTorch holds unused, as FramePack counts it).
+
+Everything stays on the GPU when the budget, less "GPU memory to preserve" (room kept for activations and
+streaming), holds all the weights: FramePack's 60 GB rule at its default of 6 GB preserved. Otherwise, as in
+FramePack's low-VRAM mode, every large model goes through the GPU in pieces:
+- the LLaMA text encoder streams a layer at a time (diffusers group offloading, the next layer prefetched on a
+  side CUDA stream);
+- CLIP, SigLIP and the VAE take turns on the GPU (accelerate's model offload) and leave it before sampling; the
+  VAE decodes in tiles;
+- the transformer keeps its embedders, output head and as many blocks resident as the budget less the memory to
+  preserve holds (always the first block, which the step cache reads), and streams the rest, each block
+  prefetched while the one before it runs. A step the step cache skips calls no streamed block, so it moves no
+  weights (models/assembly.py puts the step cache outside the streaming).
+Streamed weights are pinned where they are, so the host holds one copy of them.
 """
 
-from dataclasses import dataclass
+import ctypes
+import ctypes.util
+import sys
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import cpu_offload_with_hook
+from diffusers.hooks import HookRegistry, apply_group_offloading
+from diffusers.hooks.group_offloading import (
+    GroupOffloadingConfig,
+    GroupOffloadingHook,
+    GroupOffloadingType,
+    ModuleGroup,
+)
 
-from ..settings import DEVICES
+from ..settings import DEVICES, InvalidSettings
 from .components import Components
 
 RESIDENT_WEIGHTS_GB = 54.0  # all FramePack weights (bf16 transformer, fp16 encoders) with some headroom
+MIN_GPU_MEMORY_GB = 6.0  # FramePack's smallest card
 GIB = 1024**3
+GROUP_OFFLOADING_HOOK = "group_offloading"
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter  # the name diffusers' own group offloading registers its hooks under
 
 
 @dataclass(frozen=True)
@@ -25,19 +49,31 @@ class MemoryPlan:
     transformer_dtype: torch.dtype
     encoder_dtype: torch.dtype  # text encoders, image encoder and VAE
     offload: bool
-    free_gb: float
+    budget_gb: float  # what the process may use on the GPU
     preserve_gb: float
+    limit_gb: float | None = None  # --gpu-memory-limit, enforced when the models are placed
 
     def dtypes(self) -> dict[str, torch.dtype]:
         """Per-component dtypes for loading."""
         encoders = ("text_encoder", "text_encoder_2", "image_encoder", "vae")
         return {"transformer": self.transformer_dtype, **{name: self.encoder_dtype for name in encoders}}
 
+    @property
+    def home(self) -> torch.device:
+        """Where the weights live between uses: the GPU when resident, else the CPU."""
+        return torch.device("cpu") if self.offload else self.device
+
+    def resident_bytes(self) -> int:
+        """GPU memory the streaming transformer may keep for resident weights."""
+        return int(max(self.budget_gb - self.preserve_gb, 0.0) * GIB)
+
     def describe(self) -> str:
         if self.device.type == "cpu":
             return "cpu, float32"
-        placement = "offloading (low VRAM)" if self.offload else "all on the GPU (high VRAM)"
-        return f"{self.device}, {placement}, {self.free_gb:.1f} GB free, preserving {self.preserve_gb:g} GB"
+        budget = f"{self.limit_gb:g} GB limit" if self.limit_gb else f"{self.budget_gb:.1f} GB free"
+        placement = "streaming (low VRAM)" if self.offload else "all on the GPU (high VRAM)"
+        dtypes = f"transformer {str(self.transformer_dtype).removeprefix('torch.')}, others float16"
+        return f"{self.device}, {placement}, {budget}, preserving {self.preserve_gb:g} GB; {dtypes}"
 
 
 def free_cuda_memory_gb(device: torch.device) -> float:
@@ -47,39 +83,187 @@ def free_cuda_memory_gb(device: torch.device) -> float:
     return (free + reserved_unused) / GIB
 
 
-def plan_memory(device: str = "auto", preserve_gb: float = 6.0, free_gb: float | None = None) -> MemoryPlan:
-    """Decide placement; `free_gb` overrides the measurement (tests, or a user who knows better)."""
+def plan_memory(
+    device: str = "auto", preserve_gb: float = 6.0, limit_gb: float | None = None, free_gb: float | None = None
+) -> MemoryPlan:
+    """Decide placement. `limit_gb` caps the process (InvalidSettings when the card is smaller or the limit below
+    FramePack's minimum); `free_gb` overrides the measurement (tests, or the app's figure from start-up)."""
     if device not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        raise InvalidSettings(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda was asked for, but PyTorch sees no CUDA GPU")
+        raise InvalidSettings("device cuda was asked for, but PyTorch sees no CUDA GPU")
     if device == "cpu" or not torch.cuda.is_available():
+        if limit_gb is not None:
+            raise InvalidSettings("--gpu-memory-limit needs a CUDA GPU, and PyTorch sees none")
         return MemoryPlan(torch.device("cpu"), torch.float32, torch.float32, False, 0.0, preserve_gb)
     cuda = torch.device("cuda", torch.cuda.current_device())
-    free = free_cuda_memory_gb(cuda) if free_gb is None else free_gb
-    return MemoryPlan(cuda, torch.bfloat16, torch.float16, needs_offload(free, preserve_gb), free, preserve_gb)
+    if limit_gb is not None:
+        total_gb = torch.cuda.get_device_properties(cuda).total_memory / GIB
+        if not MIN_GPU_MEMORY_GB <= limit_gb <= total_gb:
+            raise InvalidSettings(
+                f"--gpu-memory-limit must be between {MIN_GPU_MEMORY_GB:g} GB and this GPU's "
+                f"{total_gb:.1f} GB, got {limit_gb:g}"
+            )
+    budget = limit_gb if limit_gb is not None else free_cuda_memory_gb(cuda) if free_gb is None else free_gb
+    return MemoryPlan(
+        cuda, torch.bfloat16, torch.float16, needs_offload(budget, preserve_gb), budget, preserve_gb, limit_gb
+    )
 
 
-def needs_offload(free_gb: float, preserve_gb: float) -> bool:
-    return free_gb - preserve_gb < RESIDENT_WEIGHTS_GB
+def needs_offload(budget_gb: float, preserve_gb: float) -> bool:
+    return budget_gb - preserve_gb < RESIDENT_WEIGHTS_GB
 
 
-def place_components(components: Components, plan: MemoryPlan) -> None:
+def return_freed_host_memory() -> None:
+    """glibc keeps freed blocks of up to 32 MB in its heap rather than returning them, so moving weights into pinned
+    memory would leave a second copy of every mid-size tensor in the process. A fixed threshold makes each
+    allocation of 1 MB or more a mapping of its own, returned to the system when freed. (Linux only; elsewhere
+    the C library already returns large blocks.)"""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        if hasattr(libc, "mallopt"):
+            libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+
+
+def apply_limit(plan: MemoryPlan) -> None:
+    """Make the GPU refuse this process more than the plan's limit (PyTorch's caching allocator counts it)."""
+    if plan.limit_gb is not None:
+        total = torch.cuda.get_device_properties(plan.device).total_memory
+        torch.cuda.set_per_process_memory_fraction(plan.limit_gb * GIB / total, plan.device)
+
+
+@dataclass
+class Placement:
+    """What the plan did: streamed pieces, the models that take turns, the host memory pinned for streaming."""
+
+    taking_turns: list = field(default_factory=list)  # accelerate's offload hooks
+    resident_blocks: int | None = None  # of the transformer, when it streams
+    blocks: int = 0
+    pinned_bytes: int = 0
+
+    def release_encoders(self) -> None:
+        """Send the models that take turns back to the CPU, so sampling has the GPU to itself."""
+        for hook in self.taking_turns:
+            hook.offload()
+
+    def describe(self) -> str:
+        if self.resident_blocks is None:
+            return "every model resident"
+        return (
+            f"LLaMA streams a layer at a time; transformer: {self.resident_blocks} of {self.blocks} blocks resident, "
+            f"the rest streamed; CLIP, SigLIP and VAE take turns; {self.pinned_bytes / GIB:.1f} GB pinned on the host"
+        )
+
+
+def place_components(components: Components, plan: MemoryPlan) -> Placement:
     """Put every model where the plan says; the only place in the app that moves models between devices."""
     encoders = [components.text_encoder, components.text_encoder_2, components.image_encoder, components.vae]
     if not plan.offload:
         for module in [*encoders, components.transformer]:
             module.to(plan.device)
-        return
+        return Placement()
+    placement = Placement()
+    placement.pinned_bytes += pin_in_place([components.text_encoder])
+    apply_group_offloading(
+        components.text_encoder, plan.device, offload_type="block_level", num_blocks_per_group=1,
+        use_stream=True, record_stream=True,
+    )  # fmt: skip
     hook = None
-    for module in encoders:
+    for module in (components.text_encoder_2, components.image_encoder, components.vae):
         _, hook = cpu_offload_with_hook(module, plan.device, prev_module_hook=hook)
+        placement.taking_turns.append(hook)
     components.vae.enable_slicing()
     components.vae.enable_tiling()
-    components.transformer.enable_group_offload(
-        onload_device=plan.device,
-        offload_device=torch.device("cpu"),
-        offload_type="block_level",
-        num_blocks_per_group=1,
-        use_stream=True,
-    )
+    _stream_transformer(components.transformer, plan, placement)
+    return placement
+
+
+PIN_SLAB_BYTES = 2 * GIB  # a power of two: PyTorch's pinned allocator rounds every allocation up to one
+
+
+def pin_in_place(modules: list[torch.nn.Module]) -> int:
+    """Move the modules' CPU tensors into pinned memory (the streaming copies start from them), one tensor at a time
+    so that the host never holds two copies. They are packed into slabs whose sizes are powers of two, the largest
+    PIN_SLAB_BYTES, because PyTorch's pinned allocator rounds every allocation up to one. Returns the bytes pinned."""
+    tensors = [
+        t for m in modules for t in [*m.parameters(), *m.buffers()] if t.device.type == "cpu" and not t.is_pinned()
+    ]
+    sizes = [-(-t.numel() * t.element_size() // 512) * 512 for t in tensors]  # aligned for fast copies
+    remaining, slab, free = sum(sizes), None, 0
+    for tensor, size in zip(tensors, sizes, strict=True):
+        if size > PIN_SLAB_BYTES:
+            tensor.data = tensor.data.pin_memory()
+        else:
+            if size > free:
+                capacity = min(PIN_SLAB_BYTES, 1 << (remaining - 1).bit_length())
+                slab, free = torch.empty(capacity, dtype=torch.uint8, pin_memory=True), capacity
+            start = slab.numel() - free
+            view = slab[start : start + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
+            view.copy_(tensor.data)
+            tensor.data = view
+            free -= size
+        remaining -= size
+    return sum(sizes)
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in module.parameters())
+
+
+def resident_block_count(room: int, block_bytes: list[int]) -> int:
+    """How many blocks, from the first, fit in `room` bytes; at least one (the step cache reads the first)."""
+    count = 1
+    room -= block_bytes[0]
+    while count < len(block_bytes) and block_bytes[count] <= room:
+        room -= block_bytes[count]
+        count += 1
+    return count
+
+
+def transformer_layout(transformer: torch.nn.Module, plan: MemoryPlan) -> tuple[list, list]:
+    """(resident blocks, streamed blocks): resident first everything but the blocks, then blocks in order while
+    the plan's room lasts."""
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    rest = _bytes(transformer) - sum(_bytes(block) for block in blocks)
+    count = resident_block_count(plan.resident_bytes() - rest, [_bytes(block) for block in blocks])
+    return blocks[:count], blocks[count:]
+
+
+def _stream_transformer(transformer: torch.nn.Module, plan: MemoryPlan, placement: Placement) -> None:
+    """The resident part goes to the GPU; each streamed block becomes one group of diffusers' group offloading,
+    prefetched on a side stream by the block before it."""
+    resident, streamed = transformer_layout(transformer, plan)
+    for name, child in transformer.named_children():
+        if name not in ("transformer_blocks", "single_transformer_blocks"):
+            child.to(plan.device)
+    for block in resident:
+        block.to(plan.device)
+    placement.pinned_bytes += pin_in_place(streamed)
+    placement.resident_blocks, placement.blocks = len(resident), len(resident) + len(streamed)
+    if not streamed:
+        return
+    stream = torch.cuda.Stream(plan.device)
+    config = GroupOffloadingConfig(
+        onload_device=plan.device, offload_device=torch.device("cpu"), offload_type=GroupOffloadingType.BLOCK_LEVEL,
+        num_blocks_per_group=1, non_blocking=True, stream=stream, record_stream=True, low_cpu_mem_usage=False,
+        offload_to_disk_path=None,
+    )  # fmt: skip
+    groups = [
+        ModuleGroup(
+            modules=[block],
+            offload_device=torch.device("cpu"),
+            onload_device=plan.device,
+            offload_leader=block,
+            onload_leader=block,
+            non_blocking=True,
+            stream=stream,
+            record_stream=True,
+            onload_self=index == 0,
+            group_id=f"transformer_block_{len(resident) + index}",
+        )  # fmt: skip
+        for index, block in enumerate(streamed)
+    ]
+    for index, (block, group) in enumerate(zip(streamed, groups, strict=True)):
+        hook = GroupOffloadingHook(group, config=config)
+        hook.next_group = groups[index + 1] if index + 1 < len(groups) else None
+        HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, GROUP_OFFLOADING_HOOK)

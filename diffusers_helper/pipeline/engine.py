@@ -145,6 +145,7 @@ class FramePackEngine:
         conditions = encode_conditions(
             self.pipe, image, settings.prompt, negative_prompt, self.plan.device, transformer_dtype, settings.seed
         )
+        self.models.placement.release_encoders()
         order = ORDERS[settings.variant]
         schedule = framepack_schedule(settings.steps, settings.latent_window, *conditions.start_latent.shape[3:])
         record["schedule"] = schedule.to_dict()
