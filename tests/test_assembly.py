@@ -39,3 +39,39 @@ def test_the_output_head_runs_in_float32_on_a_bf16_transformer(tiny_root):
     assert torch.equal(
         output.reshape(-1), expected.reshape(1, 1, 8, 8, -1, 1, 2, 2).permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(-1)
     )
+
+
+def test_a_step_the_step_cache_skips_reaches_no_streamed_block(tiny_root, tmp_path, monkeypatch):
+    """Streaming hooks sit inside TeaCache's: stand-in streaming hooks (what placement registers on streamed blocks)
+    count the block loads, and a skipped pass loads none."""
+    from diffusers.hooks import HookRegistry, ModelHook
+
+    from diffusers_helper.media.images import example_image
+    from diffusers_helper.media.job_files import JobPaths
+    from diffusers_helper.models import assembly
+    from diffusers_helper.models.placement import GROUP_OFFLOADING_HOOK, Placement, plan_memory
+    from diffusers_helper.pipeline.engine import FramePackEngine
+    from diffusers_helper.settings import GenerationSettings
+
+    loads = []
+
+    class CountingStream(ModelHook):
+        def pre_forward(self, module, *args, **kwargs):
+            loads.append(module)
+            return args, kwargs
+
+    def stream_all_but_the_first_block(components, plan):
+        transformer = components.transformer
+        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks][1:]:
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(CountingStream(), GROUP_OFFLOADING_HOOK)
+        return Placement()
+
+    monkeypatch.setattr(assembly, "place_components", stream_all_but_the_first_block)
+    plan = plan_memory("cpu")
+    models = assemble(load_components("framepack", tiny_root, plan.dtypes()), plan, ModelSettings(preset="tiny"))
+    engine = FramePackEngine(models, write_video=lambda *args: None)
+    settings = GenerationSettings(prompt="a cat walks", seconds=1.0, steps=20, resolution=128)
+    list(engine.generate(example_image(256, 256), settings, JobPaths.for_video(tmp_path / "t.mp4")))
+    streamed_blocks = 2 + 2 - 1  # the tiny transformer: 2 dual + 2 single blocks, the first resident
+    assert engine.teacache.skipped > 0
+    assert len(loads) == engine.teacache.computed * streamed_blocks
