@@ -86,27 +86,24 @@ class GenerationSettings:
 
 @dataclass(frozen=True)
 class TensorRTOptions:
-    """Which components to accelerate; validated like the generation settings."""
+    """Which components run as TensorRT engines (each on its own; the flags tie them to --enable-tensorrt)."""
 
     vae: bool = False
     text_encoders: bool = False
     transformer: bool = False
 
-    def __post_init__(self) -> None:
-        if (self.text_encoders or self.transformer) and not self.vae:
-            flags = [
-                flag
-                for flag, on in (
-                    ("--tensorrt-text-encoders", self.text_encoders),
-                    ("--tensorrt-transformer", self.transformer),
-                )
-                if on
-            ]
+    @classmethod
+    def from_flags(cls, enable: bool, text_encoders: bool, transformer: bool) -> "TensorRTOptions":
+        """--enable-tensorrt (the VAE) is the switch the other two flags need; InvalidSettings names them."""
+        if (text_encoders or transformer) and not enable:
+            flags = [flag for flag, on in (("--tensorrt-text-encoders", text_encoders),
+                                           ("--tensorrt-transformer", transformer)) if on]  # fmt: skip
             raise InvalidSettings(f"{' and '.join(flags)} {'needs' if len(flags) == 1 else 'need'} --enable-tensorrt")
+        return cls(enable, text_encoders, transformer)
 
     @property
     def enabled(self) -> bool:
-        return self.vae
+        return self.vae or self.text_encoders or self.transformer
 
 
 @dataclass(frozen=True)

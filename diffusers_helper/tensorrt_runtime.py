@@ -2,7 +2,9 @@
 
 `TensorRTRuntime` owns the policy: for each call of a wrapped module it finds the engine for that input
 signature (in memory, else on disk, else it compiles one through the backend), checks each new engine's first
-output against PyTorch, and runs it. Anything that goes wrong (no torch_tensorrt, no CUDA, an export or build
+output against PyTorch, and runs it. Once an engine has passed its check it holds the weights on the GPU, and
+the PyTorch copy moves to the CPU (kept there for fallback, for checking new engines and for refits); it comes back
+when the component falls back. Anything that goes wrong (no torch_tensorrt, no CUDA, an export or build
 error, running out of memory while building, an engine that will not load, a wrong or failing engine) costs one
 warning and sends that component back to PyTorch for the rest of the process; the other components keep their
 engines.
@@ -29,7 +31,7 @@ import diffusers
 import torch
 import transformers
 
-from .acceleration.engine_cache import ENGINE_SUFFIX, STAGING_PREFIX, EngineCache, cache_key
+from .acceleration.engine_cache import ENGINE_SUFFIX, EngineCache, cache_key
 from .acceleration.tensorrt_backend import (
     BASE_SETTINGS,
     COMPONENT_SETTINGS,
@@ -157,12 +159,16 @@ class ComponentStatus:
     loads: int = 0
     compile_seconds: list[float] = field(default_factory=list)
     load_seconds: list[float] = field(default_factory=list)
+    pytorch_weights_on_cpu: bool = False  # the engine holds the weights on the GPU; PyTorch's copy waits on the CPU
+    expected_build_seconds: float | None = None  # how long the last build of this component on this GPU took
 
     def describe(self) -> str:
         if self.compiling_since is not None:
             elapsed = time.perf_counter() - self.compiling_since
-            return f"compiling engine (first run of this shape)... {elapsed:.0f}s"
-        return f"{'TensorRT' if self.engine == 'tensorrt' else 'PyTorch'} ({self.reason})"
+            expected = f" of about {self.expected_build_seconds:.0f}s" if self.expected_build_seconds else ""
+            return f"compiling engine (first run of this shape)... {elapsed:.0f}s{expected}"
+        parked = "; PyTorch weights on the CPU" if self.pytorch_weights_on_cpu and self.engine == "tensorrt" else ""
+        return f"{'TensorRT' if self.engine == 'tensorrt' else 'PyTorch'} ({self.reason}{parked})"
 
 
 class TensorRTRuntime:
@@ -175,6 +181,10 @@ class TensorRTRuntime:
         # Held weakly by the module exported: engines and fingerprints go with the models they were made for.
         self._engines: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Callable]] = weakref.WeakKeyDictionary()
         self._fingerprints: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
+        # Modules whose PyTorch weights were (or may have been, by a build) sent to the CPU, and their device.
+        self._parked: weakref.WeakKeyDictionary[torch.nn.Module, torch.device] = weakref.WeakKeyDictionary()
+        self._kept_on_device: dict[str, tuple[torch.nn.Module, ...]] = {}
+        self.host = torch.device("cpu")
         self._unavailable: str | None = None
         self._checked = False
         self._lock = threading.Lock()
@@ -194,8 +204,11 @@ class TensorRTRuntime:
                 self._unavailable = f"engine cache directory {self.cache.directory} is not writable ({error})"
         return self._unavailable
 
-    def register(self, component: str) -> None:
+    def register(self, component: str, keep_on_device: tuple[torch.nn.Module, ...] = ()) -> None:
+        """Announce a component; `keep_on_device` are parts of it that other code runs in PyTorch (a step cache
+        reading the first block), which stay on the GPU when the rest of its PyTorch weights move to the CPU."""
         self.status.setdefault(component, ComponentStatus(reason="waiting for the first call"))
+        self._kept_on_device[component] = keep_on_device
 
     def cannot_serve(self, components: list[str], reason: str) -> None:
         """TensorRT cannot run here at all: these components run in PyTorch, said once."""
@@ -224,20 +237,50 @@ class TensorRTRuntime:
         each new engine must match.
         """
         if not self.is_active(component):
-            return module(*args)
+            return self._in_pytorch(component, module, args)
         unavailable = self.availability()
         if unavailable:
             self.fall_back(component, unavailable)
-            return module(*args)
+            return self._in_pytorch(component, module, args)
         args = tuple(a.contiguous() for a in args)  # engines take dense inputs only
         signature = (component, tuple(tuple(a.shape) for a in args), tuple(a.dtype for a in args))
         try:
-            engine = self._engines.get(module, {}).get(signature) or self._prepare(component, module, args, signature)
-            return module(*args) if engine is None else engine(*args)
+            engine = self._engines.get(module, {}).get(signature)
+            if engine is None:
+                engine = self._prepare(component, module, args, signature)
+            return self._in_pytorch(component, module, args) if engine is None else engine(*args)
         except Exception as error:  # any TensorRT failure: this component continues in PyTorch
             logger.debug("TensorRT %s failed", component, exc_info=True)
             self.fall_back(component, _describe(error))
-            return module(*args)
+            return self._in_pytorch(component, module, args)
+
+    # -- where the PyTorch weights are ---------------------------------------------------------------------------
+
+    def _in_pytorch(self, component: str, module: torch.nn.Module, args: tuple):
+        """Run the PyTorch module; if its weights were sent to the CPU, its engines go and the weights come back."""
+        if module in self._parked:
+            self._engines.pop(module, None)
+            self._bring_back(component, module)
+        return module(*args)
+
+    def _bring_back(self, component: str, module: torch.nn.Module) -> None:
+        device = self._parked.pop(module, None)
+        if device is not None:
+            _move(module, device)
+            self.status[component].pytorch_weights_on_cpu = False
+
+    def _park(self, component: str, module: torch.nn.Module, device: torch.device) -> None:
+        """The engine passed its check and holds the weights: PyTorch's copy goes to the CPU, except the parts other
+        code still runs on the GPU."""
+        if device == self.host:
+            return
+        self._parked[module] = device
+        _move(module, self.host)
+        for part in self._kept_on_device.get(component, ()):
+            _move(part, device)
+        self.status[component].pytorch_weights_on_cpu = True
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _key(self, component: str, module: torch.nn.Module, args: tuple) -> tuple[str, dict]:
         if module not in self._fingerprints:
@@ -260,18 +303,24 @@ class TensorRTRuntime:
         return cache_key(ingredients), ingredients
 
     def _prepare(self, component: str, module: torch.nn.Module, args: tuple, signature: tuple) -> Callable | None:
+        """Load or build the engine for this signature and check it against PyTorch (whose weights must be on the
+        device for that, and go back to the CPU once the engine has passed)."""
         key, ingredients = self._key(component, module, args)
         status = self.status[component]
+        device = args[0].device
         with self._lock, self.cache.lock(key):
             rejected = self.cache.rejection(key)
             if rejected:
                 self.fall_back(component, f"this engine was rejected before ({rejected})")
                 return None
+            self._bring_back(component, module)
+            expected = module(*args)  # before a build, which may move the weights to the CPU
+            if device != self.host:
+                self._parked[module] = device
             engine = self._load(component, key)
             fresh = engine is None
             if fresh:
                 engine = self._build(component, key, module, args, ingredients)
-        expected = module(*args)
         actual = engine(*args)
         error = max(relative_error(a, e) for a, e in zip(_outputs(actual), _outputs(expected), strict=True))
         if error > TOLERANCES[component]:
@@ -283,6 +332,7 @@ class TensorRTRuntime:
         )
         self._engines.setdefault(module, {})[signature] = engine
         status.engine, status.reason, status.engines = "tensorrt", "engine in use", status.engines + 1
+        self._park(component, module, device)
         return engine
 
     def _load(self, component: str, key: str) -> Callable | None:
@@ -307,6 +357,7 @@ class TensorRTRuntime:
         status = self.status[component]
         status.compiling_since = started = time.perf_counter()
         status.reason = "compiling engine (first run of this shape)"
+        status.expected_build_seconds = self._last_build_seconds(component, ingredients["gpu"])
         logger.info(
             "compiling TensorRT engine for %s, inputs %s (first run of this shape; this can take minutes)",
             component,
@@ -315,16 +366,22 @@ class TensorRTRuntime:
         settings = {**BASE_SETTINGS, **COMPONENT_SETTINGS[component]}
         with _Heartbeat(component, started):
             compiled = self.backend.compile(module, args, settings)
-            with tempfile.TemporaryDirectory(dir=self.cache.directory, prefix=STAGING_PREFIX) as staging:
+            with tempfile.TemporaryDirectory(dir=self.cache.directory, prefix=self.cache.staging_prefix(key)) as staging:
                 built = Path(staging) / f"engine{ENGINE_SUFFIX}"
                 self.backend.save(compiled, args, built)
-                self.cache.store(key, built, ingredients)
+                self.cache.store(key, built, {**ingredients, "build_seconds": round(time.perf_counter() - started, 1)})
         elapsed = time.perf_counter() - started
         status.compiling_since = None
         status.compiles += 1
         status.compile_seconds.append(elapsed)
         logger.info("TensorRT %s engine compiled in %.1fs", component, elapsed)
         return compiled
+
+    def _last_build_seconds(self, component: str, gpu: str) -> float | None:
+        """The most recent build of this component on this GPU, for an estimate while the next one runs."""
+        builds = [r["build_seconds"] for r in self.cache.describe()
+                  if r.get("component") == component and r.get("gpu") == gpu and "build_seconds" in r]  # fmt: skip
+        return builds[-1] if builds else None
 
     # -- reports ------------------------------------------------------------------------------------------------
 
@@ -348,6 +405,10 @@ class TensorRTRuntime:
         except TensorRTUnavailable as error:
             info["torch_tensorrt"] = f"unavailable: {error}"
         return info
+
+
+def _move(module: torch.nn.Module, device: torch.device) -> None:
+    module.to(device)
 
 
 def _describe(error: BaseException) -> str:

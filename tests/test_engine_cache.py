@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusers_helper.acceleration.engine_cache import EngineCache
+from diffusers_helper.acceleration.engine_cache import EngineCache, cache_key
 from diffusers_helper.settings import InvalidSettings
 from diffusers_helper.tensorrt_runtime import (
     CACHE_DIR_VARIABLE,
@@ -210,6 +210,18 @@ def test_prepare_removes_what_killed_builds_left_and_keeps_the_rest(tmp_path, ca
     assert cache.lookup("complete") is not None and cache.rejection("rejected") == "relative error 0.5"
     assert cache.size_bytes() == sum(path.stat().st_size for path in cache.directory.rglob("*") if path.is_file())
     assert "interrupted build" in caplog.text
+
+
+def test_a_killed_build_is_cleared_at_the_next_start_unless_it_is_still_running(tmp_path):
+    cache = EngineCache(tmp_path / "engines")
+    killed, running = cache_key({"build": "killed"}), cache_key({"build": "running"})
+    for key in (killed, running):
+        staging = cache.directory / f"{cache.staging_prefix(key)}a1b2"
+        staging.mkdir(parents=True)
+        (staging / "engine.pt2").write_bytes(b"x" * 10)  # fresh: its age alone would keep it for an hour
+    with cache.lock(running):
+        cache.prepare()
+    assert names(cache.directory) == [f"{cache.staging_prefix(running)}a1b2"]
 
 
 # -- environment ---------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ What TensorRT itself does (engines that build, load and match PyTorch) is tested
 
 import gc
 import json
+import re
 import logging
 import subprocess
 import sys
@@ -297,12 +298,15 @@ def test_a_wrong_engine_is_rejected_and_not_rebuilt_by_later_processes(tmp_path,
 
 def test_flags_that_need_enable_tensorrt():
     with pytest.raises(InvalidSettings, match="--tensorrt-transformer needs --enable-tensorrt"):
-        TensorRTOptions(transformer=True)
+        TensorRTOptions.from_flags(False, False, True)
     with pytest.raises(
         InvalidSettings, match="--tensorrt-text-encoders and --tensorrt-transformer need --enable-tensorrt"
     ):
-        TensorRTOptions(text_encoders=True, transformer=True)
-    assert TensorRTOptions(vae=True, text_encoders=True, transformer=True).enabled
+        TensorRTOptions.from_flags(False, True, True)
+    assert TensorRTOptions.from_flags(True, True, True) == TensorRTOptions(
+        vae=True, text_encoders=True, transformer=True
+    )
+    assert TensorRTOptions(transformer=True).enabled  # the components themselves are independent
 
 
 @pytest.mark.parametrize("setup", ["offload", "bitsandbytes"])
@@ -365,3 +369,88 @@ def test_tiny_generation_with_every_wrapper_matches_pytorch(tmp_path, tiny_root,
     compiles = {component: status.compiles for component, status in runtime.status.items()}
     # the VAE decodes in temporal chunks (diffusers' frame-wise decoding): one engine per chunk shape
     assert compiles == {"vae_encoder": 1, "vae_decoder": 3, "text_encoder": 1, "text_encoder_2": 1, "transformer": 1}
+
+
+# -- one engine for every prompt; one copy of the weights ----------------------------------------------------------
+
+
+def test_prompts_of_several_lengths_and_the_negative_prompt_share_one_transformer_engine(tmp_path, tiny_root, engines):
+    import numpy as np
+
+    from diffusers_helper.media.images import example_image
+    from diffusers_helper.media.job_files import JobPaths
+    from diffusers_helper.models.components import load_components
+    from diffusers_helper.models.placement import plan_memory
+    from diffusers_helper.pipeline.engine import FramePackEngine
+    from diffusers_helper.settings import GenerationSettings
+    from tests.conftest import FrameSink
+
+    plan = plan_memory("cpu")
+    runtime, _ = make_runtime(tmp_path)
+    components = load_components("framepack", tiny_root, plan.dtypes())
+    models = assemble(
+        components, plan, ModelSettings(preset="tiny", tensorrt=TensorRTOptions(transformer=True)), runtime
+    )
+    jobs = [
+        GenerationSettings(prompt="a cat", seconds=1.0, resolution=128, steps=2, teacache=False),
+        GenerationSettings(prompt="a small grey cat walks slowly across a sunny garden path", seconds=1.0,
+                           resolution=128, steps=2, teacache=False, cfg=3.0, negative_prompt="blurry, dark"),
+    ]  # fmt: skip
+    reference = engines["framepack"]
+    for index, settings in enumerate(jobs):
+        accelerated, plain = FrameSink(), FrameSink()
+        paths = JobPaths.for_video(tmp_path / f"trt{index}.mp4")
+        list(FramePackEngine(models, write_video=accelerated).generate(example_image(256, 256), settings, paths))
+        reference.write_video, original = plain, reference.write_video
+        try:
+            list(reference.generate(example_image(256, 256), settings, JobPaths.for_video(tmp_path / f"pt{index}.mp4")))
+        finally:
+            reference.write_video = original
+        assert np.abs(accelerated.last.astype(int) - plain.last.astype(int)).max() <= 1
+    assert (runtime.status["transformer"].compiles, runtime.status["transformer"].engines) == (1, 1)
+
+
+class _Moves:
+    """Records where the runtime sends a module's weights (the CPU suite has one device, so nothing really moves)."""
+
+    def __init__(self) -> None:
+        self.log: list[tuple[torch.nn.Module, str]] = []
+
+    def __call__(self, module, device) -> None:
+        self.log.append((module, torch.device(device).type))
+
+
+def test_the_pytorch_copy_leaves_the_device_once_the_engine_passes_and_returns_for_a_fallback(tmp_path, monkeypatch):
+    import diffusers_helper.tensorrt_runtime as runtime_module
+
+    moves = _Moves()
+    monkeypatch.setattr(runtime_module, "_move", moves)
+    runtime, backend = make_runtime(tmp_path)
+    runtime.host = torch.device("meta")  # stands for the CPU, the tensors' own device for the GPU
+    module = seeded_mlp()
+    kept = module[0]
+    runtime.register(COMPONENT, keep_on_device=(kept,))
+    call(runtime, module)
+    assert moves.log == [(module, "meta"), (kept, "cpu")]  # after the check, never before
+    assert "PyTorch weights on the CPU" in runtime.status[COMPONENT].describe()
+    call(runtime, module)
+    assert len(moves.log) == 2  # served by the engine: nothing moves
+    backend.fail = "run"
+    runtime._engines[module] = {
+        sig: backend.compile(module, (torch.ones(2, 8),), {}) for sig in runtime._engines[module]
+    }
+    actual, expected = call(runtime, module)
+    assert torch.equal(actual, expected)
+    assert moves.log[-1] == (module, "cpu") and module not in runtime._engines  # weights back, engines gone
+    assert runtime.status[COMPONENT].engine == "pytorch" and not runtime.status[COMPONENT].pytorch_weights_on_cpu
+
+
+def test_a_build_says_how_long_the_last_one_took(tmp_path):
+    runtime, _ = make_runtime(tmp_path)
+    call(runtime)
+    assert runtime.status[COMPONENT].expected_build_seconds is None  # nothing to go by yet
+    seen = []
+    runtime.backend.compile, original = (lambda *a: seen.append(runtime.status[COMPONENT].describe()) or original(*a),
+                                         runtime.backend.compile)  # fmt: skip
+    call(runtime, shape=(3, 8))
+    assert re.search(r"compiling engine .* of about \d+s", seen[0])

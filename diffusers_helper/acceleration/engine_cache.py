@@ -26,8 +26,8 @@ from ..media.atomic_files import write_bytes
 logger = logging.getLogger(__name__)
 
 ENGINE_SUFFIX = ".pt2"
-STAGING_PREFIX = ".build-"  # the runtime stages each build in a temporary directory of this name here
-ABANDONED_AFTER_SECONDS = 3600  # a build writes its staging files in minutes: untouched for an hour, it was killed
+STAGING_PREFIX = ".build-"  # a build stages its files in `.build-<key>-<random>/` here, holding the key's lock
+ABANDONED_AFTER_SECONDS = 3600  # staging that names no key: untouched for an hour, its writer was killed
 
 
 def cache_key(ingredients: dict) -> str:
@@ -69,8 +69,20 @@ class EngineCache:
             elif not path.name.startswith(".") and path.suffix in (ENGINE_SUFFIX, ".json"):
                 self._remove_if_incomplete(path.stem)
 
+    def staging_prefix(self, key: str) -> str:
+        """The name a build of `key` stages under: a killed build's leftovers are then known by their free lock."""
+        return f"{STAGING_PREFIX}{key}-"
+
     def _remove_if_abandoned(self, path: Path) -> None:
-        """Staging (a build's directory, a half-written file) names no key to lock, so its age tells: an hour."""
+        """A build's staging whose key's lock nobody holds was left by a killed build: removed at once. Staging that
+        names no key (a half-written file) is judged by its age: an hour."""
+        key = path.name.removeprefix(STAGING_PREFIX).split("-")[0]
+        if path.name.startswith(STAGING_PREFIX) and len(key) == 32:
+            with self._lock_if_free(key) as held:
+                if held:
+                    logger.info("removing %s from the TensorRT engine cache: its build was interrupted", path)
+                    shutil.rmtree(path, ignore_errors=True)
+            return
         with contextlib.suppress(FileNotFoundError):  # its build finished, or another process cleared it first
             if _last_modified(path) > time.time() - ABANDONED_AFTER_SECONDS:
                 return
@@ -186,6 +198,27 @@ class EngineCache:
                 engine_bytes = metadata_file.with_suffix(ENGINE_SUFFIX).stat().st_size
                 found.append((metadata_file.stem, engine_bytes, metadata_file.stat().st_mtime))
         return sorted(found, key=lambda entry: entry[2])
+
+    def describe(self) -> list[dict]:
+        """Every complete entry as a record (its metadata, plus `key`, `bytes` and `last_used`), least recently
+        used first: what `engines.py list` shows and `prune` chooses from."""
+        records = []
+        for key, size, last_used in self.entries():
+            metadata = self.metadata(key)
+            if metadata is not None:
+                records.append({**metadata, "key": key, "bytes": size, "last_used": last_used})
+        return records
+
+    def prune(self, keys: list[str]) -> list[str]:
+        """Remove these entries, each under its lock; an entry in use by another process (its lock held) stays.
+        Returns the keys removed."""
+        removed = []
+        for key in keys:
+            with self._lock_if_free(key) as held:
+                if held and self._metadata(key).exists():
+                    self.remove(key, "pruned", logging.INFO)
+                    removed.append(key)
+        return removed
 
     def size_bytes(self) -> int:
         """Every file under the directory, staging and leftovers included: what the cache takes on disk."""

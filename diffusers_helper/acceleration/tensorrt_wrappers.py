@@ -3,7 +3,9 @@
 Each has the call signature of what it replaces: `TensorRTLatentEncoder` / `TensorRTLatentDecoder` the VAE's
 `encoder` / `decoder`, `TensorRTTextEncoder` the LLaMA text encoder, `TensorRTCLIPTextEncoder` the CLIP one, and
 `TensorRTTransformer` the transformer's stack of dual- and single-stream blocks (installed with diffusers hooks,
-so embedders, rope and history packing stay in PyTorch and cache hooks like TeaCache still wrap the stack).
+so embedders, rope and history packing stay in PyTorch and cache hooks like TeaCache still wrap the stack). The
+stack's text is padded to a fixed length and masked out of attention (which runs in PyTorch's fused kernels), so
+every prompt, and real CFG's negative prompt, runs on one engine.
 """
 
 from typing import TYPE_CHECKING
@@ -16,6 +18,10 @@ if TYPE_CHECKING:
     from ..tensorrt_runtime import TensorRTRuntime
 
 TEXT_LENGTH_BUCKET = 64  # LLaMA token counts are padded up to a multiple of this: one engine serves many prompts
+# The stack's text tokens (image embeddings and prompt: 729 + at most 256 for FramePack) are padded up to a multiple
+# of this, so one engine serves every prompt. (Torch-TensorRT 2.11 / TensorRT-RTX 1.4 cannot build the stack with
+# the text length as a dynamic dimension: docs/benchmarks.md.)
+STACK_TEXT_BUCKET = 1024
 STACK_HOOK = "tensorrt_block_stack"
 SKIP_HOOK = "tensorrt_block_skip"
 
@@ -137,22 +143,32 @@ class _BlockStack(torch.nn.Module):
 
 
 class TensorRTTransformer(torch.nn.Module):
-    """Drop-in for the transformer's block stack, called like one block: one engine per (latent tokens, text
-    tokens) shape, i.e. per resolution bucket, latent window and prompt length."""
+    """Drop-in for the transformer's block stack, called like one block: one engine per latent token count (a
+    resolution bucket and latent window), whatever the prompt: the text is padded to a multiple of
+    STACK_TEXT_BUCKET tokens, and an additive key mask keeps the padding out of every token's attention. `keep_on_device` are
+    blocks' parts that other code runs in PyTorch, which stay on the GPU when the engine takes over the weights."""
 
     component = "transformer"
 
-    def __init__(self, transformer: torch.nn.Module, runtime: "TensorRTRuntime") -> None:
+    def __init__(self, transformer: torch.nn.Module, runtime: "TensorRTRuntime", keep_on_device: tuple = ()) -> None:
         super().__init__()
         self.stack = _BlockStack(transformer.transformer_blocks, transformer.single_transformer_blocks)
         self.runtime = runtime
-        runtime.register(self.component)
+        runtime.register(self.component, keep_on_device)
 
     def forward(self, hidden_states, encoder_hidden_states, temb, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:  # only batches > 1 carry a mask; FramePack runs batch 1, engines too
             return self.stack(hidden_states, encoder_hidden_states, temb, *image_rotary_emb, attention_mask)
-        args = (hidden_states, encoder_hidden_states, temb, *image_rotary_emb)
-        return self.runtime.run(self.component, self.stack, args)
+        length = encoder_hidden_states.shape[1]
+        padding = -length % STACK_TEXT_BUCKET
+        padded = torch.nn.functional.pad(encoder_hidden_states, (0, 0, 0, padding))
+        total = hidden_states.shape[1] + length + padding
+        # Additive, in the model's dtype: a boolean mask makes Torch-TensorRT 2.11 type a segment's output int32.
+        keys = torch.zeros(1, 1, 1, total, device=hidden_states.device, dtype=hidden_states.dtype)
+        keys[..., total - padding :] = float("-inf")
+        args = (hidden_states, padded, temb, *image_rotary_emb, keys)
+        hidden_states, encoder_hidden_states = self.runtime.run(self.component, self.stack, args)
+        return hidden_states, encoder_hidden_states[:, :length]
 
 
 class _RunStackHook(ModelHook):
@@ -171,10 +187,12 @@ class _SkipBlockHook(ModelHook):
         return hidden_states, encoder_hidden_states
 
 
-def install_transformer_stack(transformer: torch.nn.Module, runtime: "TensorRTRuntime") -> TensorRTTransformer:
+def install_transformer_stack(
+    transformer: torch.nn.Module, runtime: "TensorRTRuntime", keep_on_device: tuple = ()
+) -> TensorRTTransformer:
     """Route the transformer's block loop through one TensorRTTransformer: the first block runs the whole stack,
     the others pass their inputs through. Install before cache hooks (TeaCache) so those wrap the stack."""
-    stack = TensorRTTransformer(transformer, runtime)
+    stack = TensorRTTransformer(transformer, runtime, keep_on_device)
     first, *rest = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
     HookRegistry.check_if_exists_or_initialize(first).register_hook(_RunStackHook(stack), STACK_HOOK)
     for block in rest:

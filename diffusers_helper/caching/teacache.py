@@ -108,6 +108,11 @@ class TeaCache:
         self.threshold = threshold
 
 
+def modules_read(transformer: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    """What TeaCache runs itself to decide (the first block's modulation): it must stay where the inputs are."""
+    return (transformer.transformer_blocks[0].norm1,)
+
+
 def apply_teacache(transformer: torch.nn.Module) -> TeaCache:
     """Install TeaCache's hooks on the transformer's blocks, switched off until `reset` sets a threshold."""
     cache = TeaCache()

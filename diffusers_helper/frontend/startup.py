@@ -24,6 +24,24 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         default="framepack",
         help="framepack: generates end to start (anti-drifting); f1: generates forward (default: %(default)s)",
     )
+    add_model_source_arguments(models)
+    tensorrt = parser.add_argument_group("TensorRT (see docs/tensorrt.md)")
+    tensorrt.add_argument(
+        "--enable-tensorrt", action="store_true", help="TensorRT engines for the VAE encoder and decoder (default: off)"
+    )
+    tensorrt.add_argument(
+        "--tensorrt-text-encoders", action="store_true", help="also the LLaMA and CLIP text encoders (default: off)"
+    )
+    tensorrt.add_argument(
+        "--tensorrt-transformer", action="store_true", help="also the transformer's block stack (default: off)"
+    )
+    tensorrt.add_argument(
+        "--tensorrt-info", action="store_true", help="print GPU, versions and engine cache, then exit"
+    )
+
+
+def add_model_source_arguments(models: argparse._ArgumentGroup) -> None:
+    """Where the models come from and where they run: shared by every command that loads them."""
     models.add_argument(
         "--device", choices=DEVICES, default="auto", help="auto: CUDA when PyTorch sees a GPU (default: %(default)s)"
     )
@@ -42,19 +60,6 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="GB",
         help="never use more GPU memory than this, and plan for it (6 GB up to the card's size; default: no limit)",
-    )
-    tensorrt = parser.add_argument_group("TensorRT (see docs/tensorrt.md)")
-    tensorrt.add_argument(
-        "--enable-tensorrt", action="store_true", help="TensorRT engines for the VAE encoder and decoder (default: off)"
-    )
-    tensorrt.add_argument(
-        "--tensorrt-text-encoders", action="store_true", help="also the LLaMA and CLIP text encoders (default: off)"
-    )
-    tensorrt.add_argument(
-        "--tensorrt-transformer", action="store_true", help="also the transformer's block stack (default: off)"
-    )
-    tensorrt.add_argument(
-        "--tensorrt-info", action="store_true", help="print GPU, versions and engine cache, then exit"
     )
 
 
@@ -87,7 +92,7 @@ def print_tensorrt_info() -> int:
 
 def model_settings(args: argparse.Namespace) -> ModelSettings:
     """The flags as validated settings; InvalidSettings names the flag that is wrong."""
-    tensorrt = TensorRTOptions(args.enable_tensorrt, args.tensorrt_text_encoders, args.tensorrt_transformer)
+    tensorrt = TensorRTOptions.from_flags(args.enable_tensorrt, args.tensorrt_text_encoders, args.tensorrt_transformer)
     return ModelSettings(
         variant=args.variant, preset=args.preset, models_dir=args.models, device=args.device, tensorrt=tensorrt,
         gpu_memory_limit_gb=args.gpu_memory_limit,
@@ -115,8 +120,11 @@ def default_resolution(preset: str | None) -> int:
     return TINY_RESOLUTION if preset == "tiny" else GenerationSettings(prompt="").resolution
 
 
-def load_engine(settings: ModelSettings, plan: "MemoryPlan", runtime: "TensorRTRuntime | None") -> "FramePackEngine":
-    """Load the components (presets are built on first use), wrap them as the settings ask, place them."""
+def load_engine(
+    settings: ModelSettings, plan: "MemoryPlan", runtime: "TensorRTRuntime | None", keep_video: bool = True
+) -> "FramePackEngine":
+    """Load the components (presets are built on first use), wrap them as the settings ask, place them. Without
+    `keep_video` the engine writes no MP4 (engine prebuilds, benchmarks: the frames are not wanted)."""
     from ..models.assembly import assemble
     from ..models.components import load_components
     from ..models.full_size_preset import full_size_components
@@ -131,4 +139,9 @@ def load_engine(settings: ModelSettings, plan: "MemoryPlan", runtime: "TensorRTR
     else:
         source = ensure_tiny_models() if settings.preset == "tiny" else settings.models_dir
         components = load_components(settings.variant, source, plan.dtypes())
-    return FramePackEngine(assemble(components, plan, settings, runtime))
+    models = assemble(components, plan, settings, runtime)
+    return FramePackEngine(models) if keep_video else FramePackEngine(models, write_video=_discard_video)
+
+
+def _discard_video(*args) -> None:
+    return None

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ..caching.teacache import TeaCache, apply_teacache
+from ..caching.teacache import TeaCache, apply_teacache, modules_read
 from ..settings import ModelSettings, TensorRTOptions
 from ..tensorrt_runtime import (
     TensorRTCLIPTextEncoder,
@@ -111,7 +111,7 @@ def accelerate(components: Components, options: TensorRTOptions, runtime: Tensor
         if reason:
             runtime.fall_back("transformer", f"not compatible with this setup: {reason}")
         else:
-            install_transformer_stack(components.transformer, runtime)
+            install_transformer_stack(components.transformer, runtime, modules_read(components.transformer))
 
 
 def _transformer_engine_obstacle(transformer: torch.nn.Module, offloading: bool) -> str | None:

@@ -40,16 +40,24 @@ def cache_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def transformer():
+def shared_transformer():
     return mid_size_transformer()
+
+
+@pytest.fixture
+def transformer(shared_transformer):
+    """Each test starts with the weights on the GPU (an engine that passed its check sends them to the CPU)."""
+    return shared_transformer.to("cuda")
 
 
 def test_mid_size_block_stack_matches_pytorch_and_attention_stays_non_causal(cache_dir, transformer):
     runtime = TensorRTRuntime(EngineCache(cache_dir))
     stack = TensorRTTransformer(transformer, runtime)
     hidden, text, temb, cos, sin = stack_inputs(transformer)
+    other_text = torch.randn_like(text)
+    reference = stack.stack(hidden, text, temb, cos, sin)[0]  # PyTorch first: the engine takes over the weights
+    reference_delta = (stack.stack(hidden, other_text, temb, cos, sin)[0] - reference).float().flatten()
     engine_out = stack(hidden, text, temb, None, (cos, sin))[0]
-    reference = stack.stack(hidden, text, temb, cos, sin)[0]
     status = runtime.status["transformer"]
     assert status.engine == "tensorrt", status.reason
     assert status.compiles == 1
@@ -58,9 +66,7 @@ def test_mid_size_block_stack_matches_pytorch_and_attention_stays_non_causal(cac
     # token could see the prompt and a new prompt would leave them exactly unchanged. With random weights the
     # change is near bf16 rounding, so the engine's delta follows PyTorch's in direction and size, not digit
     # for digit.
-    other_text = torch.randn_like(text)
     engine_delta = (stack(hidden, other_text, temb, None, (cos, sin))[0] - engine_out).float().flatten()
-    reference_delta = (stack.stack(hidden, other_text, temb, cos, sin)[0] - reference).float().flatten()
     similarity = torch.nn.functional.cosine_similarity(engine_delta, reference_delta, dim=0).item()
     size = (engine_delta.norm() / reference_delta.norm()).item()
     print(f"prompt change: cosine similarity {similarity:.3f}, size ratio {size:.3f}")
@@ -99,7 +105,8 @@ def test_vae_decoder_engine_matches_pytorch(tmp_path):
     wrapper, decoder = _tiny_vae_decoder(runtime)
     latents = torch.randn(*LATENTS, device="cuda", dtype=torch.float16)
     with torch.no_grad():
-        assert relative_error(wrapper(latents), decoder(latents)) < 0.05
+        expected = decoder(latents)
+        assert relative_error(wrapper(latents), expected) < 0.05
     assert runtime.status["vae_decoder"].engine == "tensorrt", runtime.status["vae_decoder"].reason
 
 
@@ -126,7 +133,8 @@ def test_an_engine_file_that_will_not_load_is_rebuilt(tmp_path):
         engine_file.write_bytes(b"\0" * engine_file.stat().st_size)
         runtime = TensorRTRuntime(EngineCache(tmp_path))
         wrapper, decoder = _tiny_vae_decoder(runtime)
-        assert relative_error(wrapper(latents), decoder(latents)) < 0.05
+        expected = decoder(latents)
+        assert relative_error(wrapper(latents), expected) < 0.05
     status = runtime.status["vae_decoder"]
     assert status.engine == "tensorrt" and status.compiles == 1 and status.loads == 0
 
@@ -147,3 +155,30 @@ def test_tiny_generation_with_every_flag_completes(tmp_path):
         ("vae_encoder", "vae_decoder", "text_encoder", "text_encoder_2", "transformer"), "tensorrt"
     )
     assert np.ptp(frames[-1].astype(np.int16), axis=0).mean() > 1
+
+
+def test_two_prompt_lengths_share_one_engine_and_the_gpu_holds_one_copy_of_the_weights(tmp_path, transformer):
+    """Full-width blocks: one build serves a 750- and a 300-token prompt, each matching PyTorch; once the engine has
+    passed its check, PyTorch's copy of the stack leaves the GPU (device memory, which TensorRT's allocations count
+    in, grows by less than half the stack's weights)."""
+    runtime = TensorRTRuntime(EngineCache(tmp_path))
+    stack = TensorRTTransformer(transformer, runtime)
+    hidden, text, temb, cos, sin = stack_inputs(transformer)
+    short_text = text[:, :300].clone()
+    with torch.no_grad():
+        references = [stack.stack(hidden, t, temb, cos, sin)[0] for t in (text, short_text)]
+        weight_bytes = sum(p.numel() * p.element_size() for p in stack.stack.parameters())
+        torch.cuda.synchronize()
+        used_before = torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]
+        outputs = [stack(hidden, t, temb, None, (cos, sin))[0] for t in (text, short_text)]
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        used_after = torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]
+    status = runtime.status["transformer"]
+    errors = [relative_error(o, r) for o, r in zip(outputs, references, strict=True)]
+    print(f"errors {errors}, weights {weight_bytes / 2**30:.2f} GiB, device memory {used_before / 2**30:.2f} -> "
+          f"{used_after / 2**30:.2f} GiB, compile {status.compile_seconds}")  # fmt: skip
+    assert status.engine == "tensorrt" and (status.compiles, status.engines) == (1, 1), status.reason
+    assert max(errors) < 0.05
+    assert next(stack.stack.parameters()).device.type == "cpu" and status.pytorch_weights_on_cpu
+    assert used_after - used_before < weight_bytes / 2

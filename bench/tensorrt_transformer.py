@@ -1,0 +1,287 @@
+"""The transformer as a TensorRT engine on a CUDA GPU: how its shapes are handled, and the full-size figures.
+
+    python bench/tensorrt_transformer.py probe       # full-width blocks at the 544x704 token count: static vs
+                                                     # text as it is vs padded with a key mask, refittable,
+                                                     # weight streaming, masked against unmasked attention
+    python bench/tensorrt_transformer.py full        # full size: `engines.py build` (time, peak GPU memory),
+                                                     # then a fresh process that loads it and serves two prompts
+Prints JSON lines; `--out DIR` also writes them to DIR/tensorrt_transformer.jsonl.
+"""
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+GIB = 1024**3
+PROMPTS = (
+    "a cat walks",
+    (
+        "The girl dances gracefully, with clear movements, full of charm, in a sunlit room with tall windows, while "
+        "the camera slowly circles around her and the curtains move in the breeze."
+    ),
+)
+
+
+def device_used() -> int:
+    """Memory in use on the whole device: TensorRT's own allocations count here, not in torch's allocator."""
+    torch.cuda.synchronize()
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+def median_seconds(function, runs: int = 5, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        function()
+    timings = []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        function()
+        torch.cuda.synchronize()
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+class PeakSampler:
+    """Samples device memory in use every 0.2 s (a child process's use included) and keeps the peak."""
+
+    def __init__(self) -> None:
+        self.peak = 0
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.2):
+            free, total = torch.cuda.mem_get_info()
+            self.peak = max(self.peak, total - free)
+
+    def __enter__(self) -> "PeakSampler":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._done.set()
+        self._thread.join()
+
+
+# -- probe: few full-width blocks ----------------------------------------------------------------------------------
+
+
+def probe() -> list[dict]:
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    from diffusers_helper.acceleration import tensorrt_backend
+    from diffusers_helper.acceleration.engine_cache import EngineCache
+    from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer, relative_error
+
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = HunyuanVideoFramepackTransformer3DModel(num_layers=1, num_single_layers=2, has_image_proj=True,
+                                                        has_clean_x_embedder=True)  # fmt: skip
+    model = model.to(torch.bfloat16).eval().requires_grad_(False)
+    frames, height, width, text_tokens = 12, 68, 88, 793  # 544x704: 12 x 34 x 44 = 17,952 latent tokens
+    generator = torch.Generator("cuda").manual_seed(1)
+    tokens = frames * (height // 2) * (width // 2)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator, device="cuda", dtype=torch.bfloat16)
+
+    cos, sin = model.rope(frame_indices=torch.arange(frames), height=height, width=width, device="cuda")
+    hidden, text, temb = randn(1, tokens, 3072), randn(1, text_tokens, 3072), randn(1, 3072)
+    texts = (text, text[:, :740].clone())
+    settings = tensorrt_backend.COMPONENT_SETTINGS["transformer"]
+    original = dict(settings)
+    rows = [_attention_with_and_without_mask(tokens + 1024)]
+    print(json.dumps(rows[-1]), flush=True)
+    variants = [
+        ("text padded to 1024 with a key mask, refittable (the default)", True, {}),
+        ("padded, refittable, weight streaming", True, {"enable_weight_streaming": True}),
+        ("text as it is (one engine per prompt length), immutable weights", False, {"immutable_weights": True}),
+    ]
+    for name, padded, extra in variants:
+        settings.clear()
+        settings.update({**original, **extra})
+        model.to("cuda")
+        gc.collect()
+        torch.cuda.empty_cache()
+        with tempfile.TemporaryDirectory() as directory:
+            runtime = TensorRTRuntime(EngineCache(Path(directory)))
+            wrapper = TensorRTTransformer(model, runtime)
+            stack = wrapper.stack
+
+            def through_engine(t):
+                if padded:
+                    return wrapper(hidden, t, temb, None, (cos, sin))[0]
+                return runtime.run("transformer", stack, (hidden, t, temb, cos, sin))[0]
+
+            with torch.no_grad():
+                references = [stack(hidden, t, temb, cos, sin)[0] for t in texts]
+                eager = median_seconds(lambda: stack(hidden, text, temb, cos, sin))
+                before = device_used()
+                outputs = [through_engine(t) for t in texts]
+                status = runtime.status["transformer"]
+                row = {"probe": name, "blocks": "1 dual + 2 single, width 3072", "latent_tokens": tokens,
+                       "text_tokens": [t.shape[1] for t in texts], "engine": status.engine, "reason": status.reason,
+                       "compiles": status.compiles, "compile_s": [round(s, 1) for s in status.compile_seconds],
+                       "relative_error": [round(relative_error(o, r), 5) for o, r in zip(outputs, references, strict=True)],
+                       "eager_ms": round(eager * 1000, 2), "device_gb_after_minus_before": round((device_used() - before) / GIB, 2),
+                       "weights_gb": round(sum(p.numel() * 2 for p in stack.parameters()) / GIB, 2),
+                       "pytorch_weights_on_cpu": status.pytorch_weights_on_cpu}  # fmt: skip
+                if status.engine == "tensorrt":
+                    row["engine_ms"] = round(median_seconds(lambda: through_engine(text)) * 1000, 2)  # noqa: B023
+                    row["speedup"] = round(row["eager_ms"] / row["engine_ms"], 3)
+                    if extra.get("enable_weight_streaming"):
+                        engine = next(iter(runtime._engines[stack].values()))
+                        row["weight_streaming"] = _weight_streaming(engine, lambda: through_engine(text))  # noqa: B023
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    settings.clear()
+    settings.update(original)
+    return rows
+
+
+def _weight_streaming(engine, call) -> dict:
+    import torch_tensorrt
+
+    results = {}
+    with torch_tensorrt.runtime.weight_streaming(engine) as streaming:
+        total = streaming.total_device_budget
+        results["streamable_gb"] = round(total / GIB, 3)
+        for fraction in (1.0, 0.5, 0.25):
+            streaming.device_budget = int(total * fraction)
+            results[f"ms_at_{int(fraction * 100)}%"] = round(median_seconds(call) * 1000, 2)
+    return results
+
+
+def _attention_with_and_without_mask(sequence: int) -> dict:
+    """Text padded to a fixed length needs a key mask; SDPA may then leave its fastest kernels."""
+    q, k, v = (torch.randn(1, 24, sequence, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    mask = torch.zeros(1, 1, 1, sequence, device="cuda", dtype=torch.bfloat16)
+    mask[..., -231:] = float("-inf")
+    attention = torch.nn.functional.scaled_dot_product_attention
+    plain = median_seconds(lambda: attention(q, k, v), runs=10)
+    masked = median_seconds(lambda: attention(q, k, v, attn_mask=mask), runs=10)
+    return {"probe": "attention of one block, 24 heads x 128", "tokens": sequence,
+            "unmasked_ms": round(plain * 1000, 2), "masked_ms": round(masked * 1000, 2),
+            "masked_slowdown": round(masked / plain, 2)}  # fmt: skip
+
+
+# -- full size -----------------------------------------------------------------------------------------------------
+
+
+def full(out: Path) -> list[dict]:
+    """Build through the product's command (peak memory sampled from here), then serve from a fresh process."""
+    cache = out / "engines"
+    environment = {**os.environ, "FRAMEPACK_TENSORRT_CACHE_DIR": str(cache)}
+    torch.cuda.init()
+    baseline = device_used()
+    command = [sys.executable, str(REPO / "engines.py"), "build", "--preset", "full-random", "--buckets", "544x704",
+               "--windows", "9"]  # fmt: skip
+    started = time.perf_counter()
+    with PeakSampler() as sampler:
+        result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, check=False)
+    build = {"full_size": "engines.py build (full-random, 544x704, window 9, transformer)", "exit": result.returncode,
+             "seconds": round(time.perf_counter() - started, 1), "peak_device_gb": round((sampler.peak - baseline) / GIB, 2),
+             "engine_files_gb": round(sum(p.stat().st_size for p in cache.glob("*.pt2")) / GIB, 2),
+             "output": result.stdout[-1500:], "stderr": result.stderr[-2500:]}  # fmt: skip
+    print(json.dumps(build), flush=True)
+    served = subprocess.run([sys.executable, __file__, "serve"], cwd=REPO, env=environment, capture_output=True,
+                            text=True, check=False)  # fmt: skip
+    lines = [line for line in served.stdout.splitlines() if line.startswith("{")]
+    serve = json.loads(lines[-1]) if lines else {"serve": "failed", "stderr": served.stderr[-3000:]}
+    print(json.dumps(serve), flush=True)
+    return [build, serve]
+
+
+def serve() -> dict:
+    """A fresh process: load the full-size models with the transformer engine from the cache, time the block stack in
+    PyTorch (before the engine takes its weights) and as the engine, on a short and a long prompt."""
+    from diffusers_helper.frontend.startup import load_engine, plan_for, quiet_libraries
+    from diffusers_helper.media.images import example_image
+    from diffusers_helper.media.job_files import JobPaths
+    from diffusers_helper.pipeline.events import StepProgress
+    from diffusers_helper.settings import GenerationSettings, ModelSettings, TensorRTOptions
+    from diffusers_helper.tensorrt_runtime import TensorRTRuntime, relative_error
+
+    quiet_libraries()
+    models = ModelSettings(preset="full-random", device="cuda", tensorrt=TensorRTOptions(transformer=True))
+    plan = plan_for(models)
+    runtime = TensorRTRuntime()
+    started = time.perf_counter()
+    engine = load_engine(models, plan, runtime, keep_video=False)
+    report = {"serve": "fresh process, full-random, engine from the cache", "load_models_s": round(time.perf_counter() - started, 1),
+              "device_gb_models_loaded": round(device_used() / GIB, 2), "prompts": []}  # fmt: skip
+    original_run = runtime.run
+    seen: dict[int, dict] = {}
+
+    def measured_run(component, module, args):
+        text_tokens = int((args[5] == 0).sum())  # the keys the mask lets through: latent and real text tokens
+        if component != "transformer" or text_tokens in seen:
+            return original_run(component, module, args)
+        record = seen[text_tokens] = {"text_tokens": text_tokens - args[0].shape[1], "padded_to": args[1].shape[1],
+                                      "latent_tokens": args[0].shape[1]}  # fmt: skip
+        with torch.no_grad():
+            parked = module in runtime._parked
+            if parked:
+                runtime._bring_back(component, module)  # PyTorch's copy back for the reference, then away again
+            reference = module(*args)[0]
+            record["eager_stack_s"] = round(median_seconds(lambda: module(*args), runs=3, warmup=1), 3)
+            if parked:
+                runtime._park(component, module, args[0].device)
+            output = original_run(component, module, args)
+            record["relative_error"] = round(relative_error(output[0], reference), 5)
+            record["engine_stack_s"] = round(median_seconds(lambda: original_run(component, module, args),
+                                                            runs=3, warmup=1), 3)  # fmt: skip
+            record["speedup"] = round(record["eager_stack_s"] / record["engine_stack_s"], 3)
+            record["device_gb_engine_serving"] = round(device_used() / GIB, 2)
+        return output
+
+    runtime.run = measured_run
+    for prompt in PROMPTS:
+        settings = GenerationSettings(prompt=prompt, seconds=1.2, steps=3, teacache=False)
+        step_times, last = [], time.perf_counter()
+        for event in engine.generate(
+            example_image(704, 544), settings, JobPaths.for_video(Path(tempfile.mkdtemp()) / "x.mp4")
+        ):
+            if isinstance(event, StepProgress):
+                torch.cuda.synchronize()
+                step_times.append(round(time.perf_counter() - last, 3))
+                last = time.perf_counter()
+        report["prompts"].append({"prompt_words": len(prompt.split()), "step_s": step_times})
+    status = runtime.status["transformer"]
+    report.update(stack_calls=list(seen.values()), compiles=status.compiles, loads=status.loads,
+                  engines=status.engines, load_s=[round(s, 1) for s in status.load_seconds], status=status.describe(),
+                  pytorch_weights_on=str(next(engine.models.components.transformer.transformer_blocks[1].parameters()).device),
+                  gpu=torch.cuda.get_device_name(), **runtime.backend.versions())  # fmt: skip
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("what", choices=("probe", "full", "serve"))
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "tensorrt_transformer")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.what == "serve":
+        print(json.dumps(serve()), flush=True)
+        return
+    rows = probe() if args.what == "probe" else full(args.out)
+    with open(args.out / "tensorrt_transformer.jsonl", "a") as log:
+        log.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""Engines ahead of time (engines.py, frontend/prebuild.py) with the Torch-TensorRT test double on the CPU."""
+
+import os
+import time
+
+import pytest
+
+import engines
+from diffusers_helper.acceleration.engine_cache import EngineCache
+from diffusers_helper.frontend.prebuild import parse_bucket, plan_items, prebuild
+from diffusers_helper.models.assembly import assemble
+from diffusers_helper.models.components import load_components
+from diffusers_helper.models.placement import plan_memory
+from diffusers_helper.pipeline.engine import FramePackEngine
+from diffusers_helper.settings import InvalidSettings, ModelSettings, TensorRTOptions
+from diffusers_helper.tensorrt_runtime import CACHE_DIR_VARIABLE, TensorRTRuntime
+from tests.tensorrt_double import FakeBackend
+
+BUCKETS = [(128, 128), (112, 144)]
+
+
+def run_prebuild(tiny_root, cache_dir, lines):
+    runtime = TensorRTRuntime(EngineCache(cache_dir), FakeBackend())
+    models = ModelSettings(preset="tiny", tensorrt=TensorRTOptions(transformer=True))
+    plan = plan_memory("cpu")
+
+    def load(settings):
+        components = load_components(settings.variant, tiny_root, plan.dtypes())
+        return FramePackEngine(assemble(components, plan, settings, runtime))
+
+    items = plan_items(["framepack"], BUCKETS, [2], resolution=128)
+    return list(prebuild(models, items, 128, load, lines.append)), runtime
+
+
+def test_prebuild_builds_each_shape_once_and_a_second_run_only_loads(tmp_path, tiny_root):
+    lines = []
+    records, _ = run_prebuild(tiny_root, tmp_path / "engines", lines)
+    assert [r["compiled"] for r in records] == [{"transformer": 1}, {"transformer": 1}]  # one engine per bucket
+    assert any("[1/2] framepack 128x128 window 2" in line for line in lines)
+    assert any("min left" in line for line in lines)  # an estimate once a build has been timed
+    again, _ = run_prebuild(tiny_root, tmp_path / "engines", [])
+    assert [r["compiled"] for r in again] == [{}, {}]
+    assert [r["loaded"] for r in again] == [{"transformer": 1}, {"transformer": 1}]
+
+
+def test_bucket_and_plan_errors_are_one_line():
+    assert parse_bucket("544x704") == (544, 704)
+    for bad in ("544", "544x70", "axb", "16x16"):
+        with pytest.raises(InvalidSettings, match="bucket"):
+            parse_bucket(bad)
+    with pytest.raises(InvalidSettings, match="latent_window"):
+        plan_items(["framepack"], None, [40], 640)
+    assert len(plan_items(["framepack", "f1"], None, [9], 640)) == 28  # FramePack's 14 buckets, twice
+
+
+@pytest.fixture
+def filled_cache(tmp_path, tiny_root, monkeypatch):
+    directory = tmp_path / "engines"
+    run_prebuild(tiny_root, directory, [])
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(directory))
+    return EngineCache(directory)
+
+
+def test_list_shows_component_shapes_size_and_last_use(filled_cache, capsys):
+    assert engines.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "2 engine(s)" in out and out.count("transformer") == 2 and "1x1024x32" in out  # the text padded to one length
+
+
+def test_prune_by_age_size_component_and_all(filled_cache, capsys):
+    oldest, newest = filled_cache.describe()
+    old = time.time() - 40 * 86400
+    os.utime(filled_cache.directory / f"{oldest['key']}.json", (old, old))
+    assert engines.main(["prune", "--unused-days", "30"]) == 0
+    assert [r["key"] for r in filled_cache.describe()] == [newest["key"]]
+    assert engines.main(["prune", "--all", "--component", "vae_decoder"]) == 0
+    assert len(filled_cache.describe()) == 1
+    assert engines.main(["prune", "--max-gb", "0"]) == 0
+    assert filled_cache.describe() == [] and "removed 1 engine(s)" in capsys.readouterr().out
+
+
+def test_an_engine_in_use_by_another_process_is_not_pruned(filled_cache):
+    key = filled_cache.describe()[0]["key"]
+    with filled_cache.lock(key):
+        assert engines.main(["prune", "--all"]) == 0
+    assert [r["key"] for r in filled_cache.describe()] == [key]
+
+
+def test_build_without_a_gpu_says_why_in_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path / "engines"))
+    assert engines.main(["build", "--preset", "tiny", "--device", "cpu", "--buckets", "128x128"]) == 2
+    assert capsys.readouterr().err.startswith("error: TensorRT cannot run here")
+    with pytest.raises(SystemExit) as exit_code:
+        engines.main(["prune"])  # one criterion is required
+    assert exit_code.value.code == 2
