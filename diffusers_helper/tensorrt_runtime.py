@@ -4,7 +4,10 @@
 signature (in memory, else on disk, else it compiles one through the backend), checks each new engine's first
 output against PyTorch, and runs it. Once an engine has passed its check it holds the weights on the GPU, and
 the PyTorch copy moves to the CPU (kept there for fallback, for checking new engines and for refits); it comes back
-when the component falls back. Anything that goes wrong (no torch_tensorrt, no CUDA, an export or build
+when the component falls back. Components built with refittable weights (the transformer) are keyed without their
+weights: when the weights change (a LoRA fused in, or any in-place edit, seen through the tensors' version counters)
+or an engine from the cache was built with other weights, the engine is refitted with the current ones instead of
+built again, and checked again. Anything that goes wrong (no torch_tensorrt, no CUDA, an export or build
 error, running out of memory while building, an engine that will not load, a wrong or failing engine) costs one
 warning and sends that component back to PyTorch for the rest of the process; the other components keep their
 engines.
@@ -157,15 +160,17 @@ class ComponentStatus:
     engines: int = 0
     compiles: int = 0
     loads: int = 0
+    refits: int = 0
     compile_seconds: list[float] = field(default_factory=list)
     load_seconds: list[float] = field(default_factory=list)
+    refit_seconds: list[float] = field(default_factory=list)
     pytorch_weights_on_cpu: bool = False  # the engine holds the weights on the GPU; PyTorch's copy waits on the CPU
     expected_build_seconds: float | None = None  # how long the last build of this component on this GPU took
 
     def describe(self) -> str:
         if self.compiling_since is not None:
             elapsed = time.perf_counter() - self.compiling_since
-            expected = f" of about {self.expected_build_seconds:.0f}s" if self.expected_build_seconds else ""
+            expected = "" if self.expected_build_seconds is None else f" of about {self.expected_build_seconds:.0f}s"
             return f"compiling engine (first run of this shape)... {elapsed:.0f}s{expected}"
         parked = "; PyTorch weights on the CPU" if self.pytorch_weights_on_cpu and self.engine == "tensorrt" else ""
         return f"{'TensorRT' if self.engine == 'tensorrt' else 'PyTorch'} ({self.reason}{parked})"
@@ -181,6 +186,10 @@ class TensorRTRuntime:
         # Held weakly by the module exported: engines and fingerprints go with the models they were made for.
         self._engines: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Callable]] = weakref.WeakKeyDictionary()
         self._fingerprints: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
+        # The weights each module's engines were checked with (tensor identity and version), and engines whose
+        # module's weights changed since, waiting to be refitted on their next call.
+        self._weight_states: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
+        self._stale: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Callable]] = weakref.WeakKeyDictionary()
         # Modules whose PyTorch weights were (or may have been, by a build) sent to the CPU, and their device.
         self._parked: weakref.WeakKeyDictionary[torch.nn.Module, torch.device] = weakref.WeakKeyDictionary()
         self._kept_on_device: dict[str, tuple[torch.nn.Module, ...]] = {}
@@ -245,6 +254,8 @@ class TensorRTRuntime:
         args = tuple(a.contiguous() for a in args)  # engines take dense inputs only
         signature = (component, tuple(tuple(a.shape) for a in args), tuple(a.dtype for a in args))
         try:
+            if module in self._weight_states and self._weight_states[module] != _weight_state(module):
+                self._weights_changed(component, module)
             engine = self._engines.get(module, {}).get(signature)
             if engine is None:
                 engine = self._prepare(component, module, args, signature)
@@ -253,6 +264,16 @@ class TensorRTRuntime:
             logger.debug("TensorRT %s failed", component, exc_info=True)
             self.fall_back(component, _describe(error))
             return self._in_pytorch(component, module, args)
+
+    def _weights_changed(self, component: str, module: torch.nn.Module) -> None:
+        """The weights are not those the engines were checked with: each engine is refitted (or, for a component
+        keyed by its weights, found or built anew) on its next call."""
+        logger.info("TensorRT %s: the weights changed; its engines will be refitted", component)
+        self._fingerprints.pop(module, None)
+        self._weight_states.pop(module, None)
+        engines = self._engines.pop(module, {})
+        if _refittable(component):
+            self._stale.setdefault(module, {}).update(engines)
 
     # -- where the PyTorch weights are ---------------------------------------------------------------------------
 
@@ -268,6 +289,8 @@ class TensorRTRuntime:
         if device is not None:
             _move(module, device)
             self.status[component].pytorch_weights_on_cpu = False
+            if module in self._weight_states:  # moved, not changed
+                self._weight_states[module] = _weight_state(module)
 
     def _park(self, component: str, module: torch.nn.Module, device: torch.device) -> None:
         """The engine passed its check and holds the weights: PyTorch's copy goes to the CPU, except the parts other
@@ -282,15 +305,19 @@ class TensorRTRuntime:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _key(self, component: str, module: torch.nn.Module, args: tuple) -> tuple[str, dict]:
+    def _key(self, component: str, module: torch.nn.Module, args: tuple) -> tuple[str, dict, str]:
+        """The cache key, what went into it, and the weights' fingerprint (in the key unless the component's engines
+        are refittable: those are refitted to whatever weights the module has)."""
         if module not in self._fingerprints:
             self._fingerprints[module] = {"weights": weights_fingerprint(module), "code": code_fingerprint(module)}
+        weights = self._fingerprints[module]["weights"]
         device = args[0].device
         gpu = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
         ingredients = {
             "component": component,
             "inputs": _signature(args),
-            **self._fingerprints[module],
+            "code": self._fingerprints[module]["code"],
+            **({} if _refittable(component) else {"weights": weights}),
             "settings": {**BASE_SETTINGS, **COMPONENT_SETTINGS[component]},
             "gpu": gpu.name if gpu else str(device),
             "compute_capability": f"{gpu.major}.{gpu.minor}" if gpu else None,
@@ -300,12 +327,12 @@ class TensorRTRuntime:
                 "transformers": transformers.__version__,
             },
         }
-        return cache_key(ingredients), ingredients
+        return cache_key(ingredients), ingredients, weights
 
     def _prepare(self, component: str, module: torch.nn.Module, args: tuple, signature: tuple) -> Callable | None:
         """Load or build the engine for this signature and check it against PyTorch (whose weights must be on the
         device for that, and go back to the CPU once the engine has passed)."""
-        key, ingredients = self._key(component, module, args)
+        key, ingredients, weights = self._key(component, module, args)
         status = self.status[component]
         device = args[0].device
         with self._lock, self.cache.lock(key):
@@ -317,28 +344,50 @@ class TensorRTRuntime:
             expected = module(*args)  # before a build, which may move the weights to the CPU
             if device != self.host:
                 self._parked[module] = device
-            engine = self._load(component, key)
-            fresh = engine is None
-            if fresh:
-                engine = self._build(component, key, module, args, ingredients)
-        actual = engine(*args)
-        error = max(relative_error(a, e) for a, e in zip(_outputs(actual), _outputs(expected), strict=True))
+            engine, how = self._stale.get(module, {}).pop(signature, None), "refitted"
+            if engine is None:
+                engine, how = self._load(component, key, weights), "loaded"
+            if engine is not None and (how == "refitted" or engine.built_with != weights):
+                engine, how = self._refit(component, engine, module, args), "refitted"
+            error = None if engine is None else _error(engine(*args), expected)
+            if error is None or error > TOLERANCES[component]:
+                if how == "refitted":
+                    logger.warning("TensorRT %s: %s; building the engine again", component,
+                                   "the refit failed" if error is None else f"the refitted engine is off by {error:.3g}")  # fmt: skip
+                engine, how = self._build(component, key, module, args, {**ingredients, "weights": weights}), "built"
+                error = _error(engine(*args), expected)
         if error > TOLERANCES[component]:
             self.cache.reject(key, f"relative error {error:.3g} against PyTorch")
             self.fall_back(component, f"engine output differs from PyTorch (relative error {error:.3g})")
             return None
-        logger.info(
-            "TensorRT %s engine ready (%s, relative error %.2g)", component, "built" if fresh else "loaded", error
-        )
+        logger.info("TensorRT %s engine ready (%s, relative error %.2g)", component, how, error)
         self._engines.setdefault(module, {})[signature] = engine
         status.engine, status.reason, status.engines = "tensorrt", "engine in use", status.engines + 1
         self._park(component, module, device)
+        self._weight_states[module] = _weight_state(module)
         return engine
 
-    def _load(self, component: str, key: str) -> Callable | None:
+    def _refit(self, component: str, engine: Callable, module: torch.nn.Module, args: tuple) -> Callable | None:
+        """The engine with the module's current weights written into it, or None if the refit fails."""
+        started = time.perf_counter()
+        try:
+            refitted = self.backend.refit(engine, module, args)
+        except Exception as error:  # a failed refit costs a build, not the component
+            logger.debug("TensorRT %s refit failed", component, exc_info=True)
+            logger.info("TensorRT %s refit failed: %s", component, _describe(error))
+            return None
+        status = self.status[component]
+        status.refits += 1
+        status.refit_seconds.append(time.perf_counter() - started)
+        logger.info("TensorRT %s engine refitted in %.1fs", component, status.refit_seconds[-1])
+        return refitted
+
+    def _load(self, component: str, key: str, weights: str) -> Callable | None:
+        """The cached engine, marked with the weights it was built with (`built_with`), or None."""
         path = self.cache.lookup(key)
         if path is None:
             return None
+        built_with = (self.cache.metadata(key) or {}).get("weights", weights)
         started = time.perf_counter()
         try:
             engine = self.backend.load(path)
@@ -351,6 +400,7 @@ class TensorRTRuntime:
         status.loads += 1
         status.load_seconds.append(elapsed)
         logger.info("TensorRT %s engine loaded from %s in %.1fs", component, path, elapsed)
+        engine.built_with = built_with
         return engine
 
     def _build(self, component: str, key: str, module, args: tuple, ingredients: dict) -> Callable:
@@ -366,7 +416,9 @@ class TensorRTRuntime:
         settings = {**BASE_SETTINGS, **COMPONENT_SETTINGS[component]}
         with _Heartbeat(component, started):
             compiled = self.backend.compile(module, args, settings)
-            with tempfile.TemporaryDirectory(dir=self.cache.directory, prefix=self.cache.staging_prefix(key)) as staging:
+            with tempfile.TemporaryDirectory(
+                dir=self.cache.directory, prefix=self.cache.staging_prefix(key)
+            ) as staging:
                 built = Path(staging) / f"engine{ENGINE_SUFFIX}"
                 self.backend.save(compiled, args, built)
                 self.cache.store(key, built, {**ingredients, "build_seconds": round(time.perf_counter() - started, 1)})
@@ -405,6 +457,19 @@ class TensorRTRuntime:
         except TensorRTUnavailable as error:
             info["torch_tensorrt"] = f"unavailable: {error}"
         return info
+
+
+def _refittable(component: str) -> bool:
+    return COMPONENT_SETTINGS[component].get("immutable_weights") is False
+
+
+def _weight_state(module: torch.nn.Module) -> tuple:
+    """Which tensors hold the weights and how often each was changed in place: any edit shows, at no real cost."""
+    return tuple((t.data_ptr(), t._version) for t in [*module.parameters(), *module.buffers()])
+
+
+def _error(actual, expected) -> float:
+    return max(relative_error(a, e) for a, e in zip(_outputs(actual), _outputs(expected), strict=True))
 
 
 def _move(module: torch.nn.Module, device: torch.device) -> None:

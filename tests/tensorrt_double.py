@@ -11,7 +11,7 @@ import torch
 
 from diffusers_helper.tensorrt_runtime import TensorRTUnavailable
 
-FAILURES = ("unavailable", "export", "oom", "save", "load", "run")
+FAILURES = ("unavailable", "export", "oom", "save", "load", "run", "refit")
 
 
 class FakeEngine(torch.nn.Module):
@@ -39,6 +39,8 @@ class FakeBackend:
         self.fail, self.scale, self.compile_delay, self.version = fail, scale, compile_delay, version
         self.compiled = 0
         self.loaded = 0
+        self.refitted = 0
+        self.refit_scale = scale
 
     def check_available(self) -> None:
         if self.fail == "unavailable":
@@ -62,6 +64,12 @@ class FakeBackend:
             path.write_bytes(b"half an engi")
             raise OSError(28, "No space left on device")
         torch.export.save(compiled.exported, path)
+
+    def refit(self, engine, module, args):
+        if self.fail == "refit":
+            raise RuntimeError("refit: weight shapes do not match the engine")
+        self.refitted += 1
+        return FakeEngine(torch.export.export(module, args, strict=False), self.refit_scale, False)
 
     def load(self, path):
         if self.fail == "load":

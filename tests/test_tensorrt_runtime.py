@@ -112,8 +112,8 @@ class Tripling(Doubling):
 def test_the_code_that_is_exported_and_the_library_versions_are_in_the_key(tmp_path):
     runtime, _ = make_runtime(tmp_path)
     args = (torch.ones(2, 8),)
-    doubling_key, ingredients = runtime._key(COMPONENT, Doubling(), args)
-    tripling_key, _ = runtime._key(COMPONENT, Tripling(), args)
+    doubling_key, ingredients, _ = runtime._key(COMPONENT, Doubling(), args)
+    tripling_key = runtime._key(COMPONENT, Tripling(), args)[0]
     assert doubling_key != tripling_key  # same weights, other code
     assert {"diffusers", "transformers", "torch", "torch_tensorrt"} <= set(ingredients["versions"])
 
@@ -454,3 +454,69 @@ def test_a_build_says_how_long_the_last_one_took(tmp_path):
                                          runtime.backend.compile)  # fmt: skip
     call(runtime, shape=(3, 8))
     assert re.search(r"compiling engine .* of about \d+s", seen[0])
+
+
+# -- new weights: refit, never a stale engine ---------------------------------------------------------------------
+
+
+def refittable_runtime(tmp_path, monkeypatch, **backend_options):
+    from diffusers_helper.acceleration import tensorrt_backend
+
+    monkeypatch.setitem(tensorrt_backend.COMPONENT_SETTINGS, COMPONENT, {"immutable_weights": False})
+    return make_runtime(tmp_path, **backend_options)
+
+
+@pytest.mark.parametrize("edit", ["in place", "new tensor"])
+def test_changed_weights_are_refitted_into_the_engine_not_rebuilt(tmp_path, monkeypatch, edit):
+    runtime, backend = refittable_runtime(tmp_path, monkeypatch)
+    module = seeded_mlp()
+    call(runtime, module)
+    with torch.no_grad():  # a LoRA fused into the weights, or an edit made behind the runtime's back
+        if edit == "in place":
+            module[0].weight.add_(0.5)
+        else:
+            module[0].weight.data = module[0].weight.data + 0.5
+    actual, expected = call(runtime, module)
+    assert torch.equal(actual, expected)  # the new weights' output, never the stale engine's
+    assert (backend.compiled, backend.refitted) == (1, 1)
+    assert runtime.status[COMPONENT].refits == 1
+    call(runtime, module)
+    assert backend.refitted == 1  # unchanged since: nothing to do
+
+
+def test_a_later_process_with_other_weights_refits_the_cached_engine(tmp_path, monkeypatch):
+    runtime, _ = refittable_runtime(tmp_path, monkeypatch)
+    call(runtime)
+    other = seeded_mlp()
+    with torch.no_grad():
+        other[2].bias.add_(1.0)
+    later, backend = refittable_runtime(tmp_path, monkeypatch)
+    actual, expected = call(later, other)
+    assert torch.equal(actual, expected)
+    assert (backend.compiled, backend.loaded, backend.refitted) == (0, 1, 1)
+    assert len(EngineCache(tmp_path / "engines").entries()) == 1  # one engine per shape, whatever the weights
+
+
+@pytest.mark.parametrize("failure", ["refit fails", "refit is wrong"])
+def test_a_failed_or_wrong_refit_falls_back_to_a_build(tmp_path, monkeypatch, caplog, failure):
+    runtime, backend = refittable_runtime(tmp_path, monkeypatch)
+    module = seeded_mlp()
+    call(runtime, module)
+    backend.fail, backend.refit_scale = ("refit", 1.0) if failure == "refit fails" else (None, 1.5)
+    with torch.no_grad():
+        module[0].weight.add_(0.5)
+    with caplog.at_level(logging.WARNING):
+        actual, expected = call(runtime, module)
+    assert torch.equal(actual, expected)
+    assert backend.compiled == 2 and runtime.status[COMPONENT].engine == "tensorrt"
+    assert "building the engine again" in caplog.text
+
+
+def test_a_component_keyed_by_its_weights_builds_for_new_weights(tmp_path):
+    runtime, backend = make_runtime(tmp_path)  # the VAE decoder: immutable weights
+    module = seeded_mlp()
+    call(runtime, module)
+    with torch.no_grad():
+        module[0].weight.add_(0.5)
+    actual, expected = call(runtime, module)
+    assert torch.equal(actual, expected) and (backend.compiled, backend.refitted) == (2, 0)

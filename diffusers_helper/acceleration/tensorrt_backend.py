@@ -102,6 +102,13 @@ class TorchTensorRTBackend:
     def save(self, compiled: Callable, args: tuple, path: Path) -> None:
         self._trt.save(compiled, str(path), output_format="exported_program", arg_inputs=list(args))
 
+    def refit(self, engine: Callable, module: torch.nn.Module, args: tuple) -> Callable:
+        """The engine with the module's current weights (same graph, other values), without building it again. An
+        engine loaded from disk is one inlined graph, which Torch-TensorRT refits into a copy."""
+        exported = torch.export.export(module, args, strict=False)
+        in_place = bool(list(engine.named_children()))
+        return self._trt.dynamo.refit_module_weights(engine, exported, arg_inputs=list(args), in_place=in_place)
+
     def load(self, path: Path) -> Callable:
         return self._trt.load(str(path)).module()
 
