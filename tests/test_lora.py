@@ -1,16 +1,26 @@
 """LoRAs on the tiny transformer (CPU): both file formats, scales, mixes, switching, exact removal, one-line errors
-for bad files that change nothing."""
+for bad files that change nothing, and jobs that record which LoRAs made them."""
 
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
 import pytest
 import torch
 from diffusers import HunyuanVideoFramepackTransformer3DModel
 from safetensors.torch import save_file
 
+from diffusers_helper.media.images import example_image
+from diffusers_helper.media.job_files import JobPaths
 from diffusers_helper.models.components import TRANSFORMER_REPOS
 from diffusers_helper.models.lora import FusedLoras, read_lora
+from diffusers_helper.models.tiny_preset import TINY_RESOLUTION
+from diffusers_helper.pipeline.events import APPLYING_LORAS, Failed, Finished, StageStarted
 from diffusers_helper.pipeline.sections import InvertedAntiDrifting
-from diffusers_helper.settings import InvalidSettings
+from diffusers_helper.settings import GenerationSettings, InvalidSettings, LoraChoice
 
+from .conftest import FrameSink
 from .lora_files import TINY_LAYERS, delta, random_layers, write_kohya, write_peft
 
 
@@ -246,3 +256,63 @@ def test_kohya_names_of_the_image_projection_and_single_blocks_resolve(transform
     weights = random_layers({"image_projection.up": (96, 32), "single_transformer_blocks.1.proj_out": (32, 96)}, 2, 9)
     lora = read_lora(write_kohya(tmp_path / "k.safetensors", weights))
     assert set(FusedLoras(transformer).check(lora)) == set(weights)
+
+
+def test_lora_choices_parse_paths_with_colons():
+    assert LoraChoice.parse("x.safetensors:0.5") == LoraChoice(Path("x.safetensors"), 0.5)
+    assert LoraChoice.parse("x.safetensors") == LoraChoice(Path("x.safetensors"), 1.0)
+    assert LoraChoice.parse(r"C:\loras\x.safetensors") == LoraChoice(Path(r"C:\loras\x.safetensors"), 1.0)
+    assert LoraChoice.parse(r"C:\loras\x.safetensors:-1.5") == LoraChoice(Path(r"C:\loras\x.safetensors"), -1.5)
+    assert LoraChoice.parse("dir:v2/x.safetensors") == LoraChoice(Path("dir:v2/x.safetensors"), 1.0)
+    for text, words in (
+        ("x.safetensors:11", "LoRA scale must be in [-10, 10], got 11.0"),
+        ("x:nan", "got nan"),
+        (":0.5", "needs a file path"),
+    ):
+        with pytest.raises(InvalidSettings, match=words.replace("[", r"\[").replace("]", r"\]")):
+            LoraChoice.parse(text)
+
+
+def tiny_job(**overrides) -> GenerationSettings:
+    values = {"prompt": "a cat walks", "seconds": 0.4, "steps": 2, "latent_window": 3, "resolution": TINY_RESOLUTION}
+    return GenerationSettings(**{**values, **overrides})
+
+
+def test_a_job_fuses_its_loras_records_them_and_the_next_job_takes_them_out(engines, lora_a, tmp_path):
+    engine, sink = engines["framepack"], FrameSink()
+    original_writer, engine.write_video = engine.write_video, sink
+    try:
+        image = example_image(256, 256)
+        stages = []
+        for name, loras in (("plain", ()), ("lora", (LoraChoice(lora_a[1], 0.8),)), ("again", ())):
+            events = list(engine.generate(image, tiny_job(loras=loras), JobPaths.for_video(tmp_path / f"{name}.mp4")))
+            assert isinstance(events[-1], Finished), events[-1]
+            stages.append(StageStarted(APPLYING_LORAS) in events)
+    finally:
+        engine.write_video = original_writer
+    plain, with_lora, again = sink.calls
+    assert np.abs(plain.astype(int) - with_lora.astype(int)).mean() > 0.5
+    assert np.array_equal(plain, again)  # taken out bit for bit
+    assert stages == [False, True, True]
+    record = json.loads((tmp_path / "lora.json").read_text())
+    sha256 = hashlib.sha256(lora_a[1].read_bytes()).hexdigest()
+    assert record["loras"] == [{"name": "a.safetensors", "path": str(lora_a[1]), "scale": 0.8, "sha256": sha256}]
+    assert record["settings"]["loras"] == [{"path": str(lora_a[1]), "scale": 0.8}]
+    assert json.loads((tmp_path / "again.json").read_text())["loras"] == []
+
+
+def test_a_job_with_a_bad_lora_fails_as_bad_input_before_writing_or_changing_anything(engines, tmp_path):
+    engine = engines["framepack"]
+    before = weights_of(engine.components.transformer)
+    other = tmp_path / "other.safetensors"
+    write_peft(other, random_layers({"blocks.0.self_attn.q": (32, 32)}, 4, 10))
+    outputs = tmp_path / "outputs"
+    outputs.mkdir()
+    events = list(
+        engine.generate(
+            example_image(256, 256), tiny_job(loras=(LoraChoice(other),)), JobPaths.for_video(outputs / "x.mp4")
+        )
+    )
+    assert len(events) == 1 and isinstance(events[0], Failed) and events[0].bad_input
+    assert str(other) in events[0].message and "another model" in events[0].message
+    assert list(outputs.iterdir()) == [] and same_weights(engine.components.transformer, before)
