@@ -316,3 +316,18 @@ def test_a_job_with_a_bad_lora_fails_as_bad_input_before_writing_or_changing_any
     assert len(events) == 1 and isinstance(events[0], Failed) and events[0].bad_input
     assert str(other) in events[0].message and "another model" in events[0].message
     assert list(outputs.iterdir()) == [] and same_weights(engine.components.transformer, before)
+
+
+def test_loras_are_refused_while_the_transformer_runs_on_tensorrt(engines, lora_a, tmp_path, monkeypatch):
+    """Its engine holds the weights it was built with; refitting it is not there yet."""
+
+    class TransformerOnTensorRT:
+        def is_active(self, component: str) -> bool:
+            return component == "transformer"
+
+    engine = engines["framepack"]
+    monkeypatch.setattr(engine.models, "runtime", TransformerOnTensorRT())
+    job = tiny_job(loras=(LoraChoice(lora_a[1]),))
+    (event,) = engine.generate(example_image(256, 256), job, JobPaths.for_video(tmp_path / "x.mp4"))
+    assert event.bad_input and "start without --tensorrt-transformer" in event.message
+    assert engine.models.loras.applied == () and list(tmp_path.iterdir()) == [lora_a[1]]
