@@ -34,6 +34,30 @@ def progress_html(fraction: float, text: str, notices: list[str] = ()) -> str:
     )
 
 
+def lora_choices(folder: Path, available: list[str], names: list[str] | None, scales: str | None) -> tuple:
+    """The page's LoRA picks as job settings: names from the folder's list, and a scale each from the scales box
+    (comma-separated, in the order picked; empty for 1.0 each). InvalidSettings in one line otherwise."""
+    from diffusers_helper.settings import InvalidSettings, LoraChoice
+
+    names = list(names or [])
+    for name in names:
+        if name not in available:
+            raise InvalidSettings(f"LoRA {name!r} is not in {folder}; refresh the list")
+    texts = [text.strip() for text in scales.split(",")] if scales and scales.strip() else ["1"] * len(names)
+    if len(texts) != len(names):
+        raise InvalidSettings(
+            f"LoRA scales: give one per chosen LoRA, in the order chosen ({len(names)} chosen, {len(texts)} given), "
+            "or none for 1.0 each"
+        )
+    values = []
+    for text in texts:
+        try:
+            values.append(float(text))
+        except ValueError:
+            raise InvalidSettings(f"LoRA scales: {text!r} is not a number") from None
+    return tuple(LoraChoice(folder / name, value) for name, value in zip(names, values, strict=True))
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffusers_helper.frontend.startup import add_model_arguments
     from diffusers_helper.settings import OUTPUTS_DIR
@@ -44,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--share", action="store_true", help="also publish a public Gradio link (off by default)")
     parser.add_argument("--inbrowser", action="store_true", help="open a browser tab")
     parser.add_argument("--outputs", type=Path, default=OUTPUTS_DIR, help="where videos go; the only folder served")
+    parser.add_argument("--loras", type=Path, help="folder of LoRA .safetensors files offered on the page "
+                        "(default: loras/ in the checkout)")  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="debug logging, with tracebacks")
     add_model_arguments(parser)
     return parser
@@ -56,9 +82,13 @@ class App:
     def __init__(self, args: argparse.Namespace) -> None:
         from diffusers_helper.frontend.startup import default_resolution, load_engine, model_settings, plan_for
         from diffusers_helper.frontend.worker import JobRunner
+        from diffusers_helper.settings import LORAS_DIR, InvalidSettings
         from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
+        if args.loras is not None and not args.loras.is_dir():
+            raise InvalidSettings(f"LoRA folder not found: {args.loras}")
         self.outputs = args.outputs
+        self.loras = args.loras or LORAS_DIR
         self.models = model_settings(args)
         self.runtime = TensorRTRuntime() if self.models.tensorrt.enabled else None
         self._plan_for, self._load_engine = plan_for, load_engine
@@ -68,6 +98,12 @@ class App:
         self.resolution = default_resolution(self.models.preset)
         self.runner = JobRunner()
         self._stops: dict[str, threading.Event] = {}  # each page's (session's) current or next job
+
+    def lora_files(self) -> list[str]:
+        """The LoRA files in the folder now, by their paths inside it."""
+        if not self.loras.is_dir():
+            return []
+        return sorted(path.relative_to(self.loras).as_posix() for path in self.loras.rglob("*.safetensors"))
 
     def stop_event(self, session: str) -> threading.Event:
         """The stop event of the session's next or running job: End sets it, and so does closing the page."""
@@ -115,6 +151,10 @@ class App:
     def status(self) -> str:
         """Which models run where, and what each TensorRT component runs on."""
         models = f"**Models:** {self.engine.models.describe()}" if self.engine else "**Models:** loading"
+        if self.engine is not None:
+            applied = self.engine.models.loras.applied
+            mix = ", ".join(f"{lora.path.name} x{scale:g}" for lora, scale in applied) or "none"
+            models += f"\n\n**LoRAs:** {mix}"
         if self.runtime is None:
             return f"{models}\n\n**TensorRT:** off (start with --enable-tensorrt)"
         lines = self.runtime.report() or ["no component has run yet"]
@@ -153,7 +193,8 @@ def build_ui(app: App):
         app.forget(request.session_hash)
 
     def generate(image_path, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale,
-                 preserve, teacache, crf, variant, resolution, request: gr.Request):  # fmt: skip
+                 preserve, teacache, crf, variant, resolution, lora_names=None, lora_scales="",
+                 request: gr.Request = None):  # fmt: skip
         idle = gr.update(interactive=True), gr.update(interactive=False)  # start, end
         running = gr.update(interactive=False), gr.update(interactive=True)
         try:
@@ -165,6 +206,7 @@ def build_ui(app: App):
                 steps=int(steps), cfg=float(cfg), distilled_cfg=float(distilled_cfg), cfg_rescale=float(rescale),
                 latent_window=int(window), variant=variant, resolution=int(resolution), teacache=bool(teacache),
                 crf=int(crf), gpu_memory_preservation=float(preserve),
+                loras=lora_choices(app.loras, app.lora_files(), lora_names, lora_scales),
             )  # fmt: skip
         except InvalidSettings as error:
             yield None, None, progress_html(0, f"error: {error}"), app.status(), gr.update(), *idle
@@ -237,6 +279,16 @@ def build_ui(app: App):
                     label="MP4 compression (CRF)", minimum=0, maximum=51, step=1, value=defaults.crf,
                     info="Lower means better quality; 0 is lossless. Change to 16 if you get black outputs.",
                 )  # fmt: skip
+                with gr.Accordion("LoRAs", open=False):
+                    lora_names = gr.Dropdown(
+                        label="LoRAs", choices=app.lora_files(), value=[], multiselect=True,
+                        info=f"The .safetensors files in {app.loras}; applied in the order chosen.",
+                    )  # fmt: skip
+                    lora_scales = gr.Textbox(
+                        label="LoRA scales", value="", placeholder="1.0 each; or one per LoRA, e.g. 0.8, 1.2",
+                        info="How strongly each applies, -10 to 10, in the order chosen.",
+                    )  # fmt: skip
+                    refresh_loras = gr.Button("Refresh the list", size="sm")
                 with gr.Accordion("Advanced", open=False):
                     window = gr.Slider(
                         label="Latent window size", minimum=1, maximum=33, step=1, value=defaults.latent_window
@@ -259,8 +311,10 @@ def build_ui(app: App):
         variant.change(
             lambda chosen: gr.update(visible=chosen == "framepack"), inputs=variant, outputs=order_note, api_name=False
         )
+        for event in (refresh_loras.click, ui.load):  # a page opened later lists the files there now
+            event(lambda: gr.update(choices=app.lora_files()), outputs=lora_names, queue=False, api_name=False)
         inputs = [image, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale, preserve,
-                  teacache, crf, variant, resolution]  # fmt: skip
+                  teacache, crf, variant, resolution, lora_names, lora_scales]  # fmt: skip
         outputs = [video, preview, progress, status, download, start_button, end_button]
         start_button.click(start, outputs=[start_button, end_button], queue=False, api_name=False).then(
             generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_id="gpu"

@@ -6,6 +6,7 @@ kept in both cases, and its JSON says "stopped").
 
 import argparse
 import contextlib
+import itertools
 import logging
 import signal
 import sys
@@ -18,7 +19,7 @@ EXIT_STOPPED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as
 EPILOG = """exit codes:
   0    the video is complete
   1    the job failed (models could not load, generation failed); the message says why
-  2    bad input (settings, image, output path); nothing was written
+  2    bad input (settings, image, output path, LoRA files); nothing was written
   130  stopped with Ctrl-C: the first stops after the current step, a second at once
   143  stopped by SIGTERM (a second SIGTERM or Ctrl-C stops at once)
   Stopped jobs keep the video so far; their JSON says "stopped" and no temporary file is left behind.
@@ -26,6 +27,7 @@ EPILOG = """exit codes:
 examples:
   python generate.py --preset tiny --image example.png --prompt "a cat walks" --seconds 2
   python generate.py --image photo.jpg --prompt "The girl dances gracefully." --seconds 5 --enable-tensorrt
+  python generate.py --image photo.jpg --prompt "A cat turns." --lora loras/turn.safetensors:0.8 --lora loras/style.safetensors
 """
 
 
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     job.add_argument("--gpu-memory-preservation", type=float, default=defaults.gpu_memory_preservation,
                      help="GB of GPU memory to keep free; larger is slower, raise it on out-of-memory "
                           "(default: %(default)s)")  # fmt: skip
+    job.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
+                     help="a LoRA for the transformer (diffusers/PEFT or kohya/musubi-tuner safetensors) and its "
+                          "scale, in [-10, 10]; repeat to mix several (default: none; scale 1.0)")  # fmt: skip
     output = parser.add_argument_group("output")
     target = output.add_mutually_exclusive_group()
     target.add_argument("--output", type=Path, help="the MP4 to write; its PNG and JSON go beside it (default: none)")
@@ -88,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace):
     from diffusers_helper.frontend.startup import default_resolution
-    from diffusers_helper.settings import GenerationSettings
+    from diffusers_helper.settings import GenerationSettings, LoraChoice
 
     resolution = default_resolution(args.preset) if args.resolution is None else args.resolution
     return GenerationSettings(
@@ -96,6 +101,7 @@ def _settings(args: argparse.Namespace):
         steps=args.steps, cfg=args.cfg, distilled_cfg=args.distilled_cfg, cfg_rescale=args.cfg_rescale,
         latent_window=args.latent_window, variant=args.variant, resolution=resolution, teacache=args.teacache,
         teacache_threshold=args.teacache_threshold, crf=args.crf, gpu_memory_preservation=args.gpu_memory_preservation,
+        loras=tuple(LoraChoice.parse(text) for text in args.lora),
     )  # fmt: skip
 
 
@@ -136,11 +142,15 @@ def _run(engine, image, settings, paths, stop: threading.Event, overwrite: bool)
     from diffusers_helper.frontend.progress import ProgressText
     from diffusers_helper.pipeline.events import Failed, Finished, SectionFinished, StageStarted, StepProgress
 
+    events = engine.generate(image, settings, paths, stop, overwrite=overwrite)
+    first = next(events)
+    if isinstance(first, Failed):  # refused before it started (a bad LoRA): no progress bar
+        return _failed(first)
     progress = ProgressText(settings.sections, settings.steps)
     bar_format = "{desc} {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]"
     bar = tqdm(total=settings.sections * settings.steps, bar_format=bar_format, dynamic_ncols=True, file=sys.stderr)
     with bar, logging_redirect_tqdm():  # log lines go above the bar, never onto it
-        for event in engine.generate(image, settings, paths, stop, overwrite=overwrite):
+        for event in itertools.chain([first], events):
             progress.update(event)
             if isinstance(event, StageStarted) and event.section:
                 bar.set_description(f"section {event.section}/{event.sections} {event.stage}")
@@ -150,8 +160,7 @@ def _run(engine, image, settings, paths, stop: threading.Event, overwrite: bool)
                 bar.set_postfix_str(progress.left_text(), refresh=False)
             if isinstance(event, Failed):
                 bar.close()
-                print(f"error: {event.message}", file=sys.stderr)
-                return EXIT_FAILURE
+                return _failed(event)
             if isinstance(event, Finished):
                 bar.close()
                 if event.video is None:
@@ -162,6 +171,11 @@ def _run(engine, image, settings, paths, stop: threading.Event, overwrite: bool)
                 logging.getLogger("diffusers_helper").info("%s", progress.final(event))
                 return None if event.stopped else EXIT_OK
     return EXIT_FAILURE
+
+
+def _failed(event) -> int:
+    print(f"error: {event.message}", file=sys.stderr)
+    return EXIT_BAD_INPUT if event.bad_input else EXIT_FAILURE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,6 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers_helper.frontend.startup import model_settings, plan_for, quiet_libraries
     from diffusers_helper.media.images import load_input_image
     from diffusers_helper.media.job_files import JobPaths, ensure_writable_dir
+    from diffusers_helper.models.lora import read_lora
     from diffusers_helper.settings import InvalidSettings
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
@@ -185,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         models = model_settings(args)
         settings = _settings(args)
+        for choice in settings.loras:  # the files now, before the models load; how they fit the model after
+            read_lora(choice.path)
         image = load_input_image(args.image)
         paths = JobPaths.for_video(args.output) if args.output else JobPaths.new_job(args.outputs)
         ensure_writable_dir(paths.video.parent)

@@ -9,6 +9,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CACHE_DIR = REPO_ROOT / "Cache"  # like FramePack's own folders, relative to the checkout
 OUTPUTS_DIR = REPO_ROOT / "outputs"
+LORAS_DIR = REPO_ROOT / "loras"  # the app's LoRA folder
 
 VARIANTS = ("framepack", "f1")
 DEVICES = ("auto", "cpu", "cuda")
@@ -34,6 +35,35 @@ def _check_range(name: str, value: float, low: float, high: float, *, low_open: 
         raise InvalidSettings(f"{name} must be in {allowed}, got {value}")
 
 
+LORA_SCALE_LIMIT = 10.0
+
+
+@dataclass(frozen=True)
+class LoraChoice:
+    """One LoRA of a job and how strongly it applies (negative scales invert it); the file is checked when read."""
+
+    path: Path
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.scale) or abs(self.scale) > LORA_SCALE_LIMIT:
+            limit = f"{LORA_SCALE_LIMIT:g}"
+            raise InvalidSettings(f"LoRA scale must be in [-{limit}, {limit}], got {self.scale} for {self.path}")
+
+    @classmethod
+    def parse(cls, text: str) -> "LoraChoice":
+        """`PATH[:SCALE]`: the scale is split off the last colon only when what follows is a number, so Windows
+        paths (`C:\\loras\\x.safetensors`) and paths with colons stay whole."""
+        head, colon, tail = text.rpartition(":")
+        try:
+            path, scale = (head, float(tail)) if colon else (text, 1.0)
+        except ValueError:
+            path, scale = text, 1.0
+        if not path.strip():
+            raise InvalidSettings(f"--lora needs a file path, got {text!r}")
+        return cls(Path(path), scale)
+
+
 @dataclass(frozen=True)
 class GenerationSettings:
     """Everything that decides a video besides the input image; defaults are FramePack's."""
@@ -53,6 +83,7 @@ class GenerationSettings:
     teacache_threshold: float = 0.15
     crf: int = 16
     gpu_memory_preservation: float = 6.0
+    loras: tuple[LoraChoice, ...] = ()  # fused into the transformer for this job, in this order
 
     def __post_init__(self) -> None:
         _check_range("seconds", self.seconds, 0, 120, low_open=True)

@@ -26,12 +26,13 @@ class RunningApp:
 
 
 @contextlib.contextmanager
-def running_app(outputs: Path, log: Path) -> Iterator[RunningApp]:
+def running_app(outputs: Path, log: Path, *extra: str) -> Iterator[RunningApp]:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
     with open(log, "w") as log_file:
         process = subprocess.Popen(
-            [sys.executable, "demo_gradio.py", "--preset", "tiny", "--port", str(port), "--outputs", str(outputs)],
+            [sys.executable, "demo_gradio.py", "--preset", "tiny", "--port", str(port), "--outputs", str(outputs),
+             *extra],
             cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:

@@ -11,7 +11,10 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
+from demo_gradio import lora_choices
+from diffusers_helper.settings import InvalidSettings, LoraChoice
 from tests.app_server import running_app
+from tests.lora_files import TINY_LAYERS, random_layers, write_kohya, write_peft
 
 # image, prompt, negative prompt, seed, seconds, steps, distilled CFG, window, CFG, rescale, preserve, TeaCache, CRF,
 # variant, resolution
@@ -23,9 +26,20 @@ def with_seconds(seconds: float, steps: int = 6) -> list:
 
 
 @pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def app_dir(tmp_path_factory):
+    """The app's folders: outputs, and LoRAs (one for the tiny transformer, one for another model)."""
     directory = tmp_path_factory.mktemp("app")
-    with running_app(directory / "outputs", directory / "app.log") as app:
+    (directory / "loras" / "other").mkdir(parents=True)
+    write_kohya(directory / "loras" / "style.safetensors", random_layers(TINY_LAYERS, 4, 1), alpha=4.0)
+    write_peft(
+        directory / "loras" / "other" / "wan.safetensors", random_layers({"blocks.0.self_attn.q": (32, 32)}, 4, 2)
+    )
+    return directory
+
+
+@pytest.fixture(scope="module")
+def app_url(app_dir):
+    with running_app(app_dir / "outputs", app_dir / "app.log", "--loras", str(app_dir / "loras")) as app:
         yield app.url
 
 
@@ -155,3 +169,45 @@ def test_sigterm_stops_the_running_job_and_records_it(tmp_path, image_file):
     assert record["status"] == "stopped" and record["sections_done"] >= 1
     assert frame_count(str(outputs / record["video"])) == record["frames"]
     assert not [path for path in outputs.iterdir() if path.name.startswith(".")]
+
+
+def test_a_job_with_a_lora_records_it_and_the_page_names_it(app_url, app_dir, image_file):
+    client = Client(app_url, verbose=False)
+    style = app_dir / "loras" / "style.safetensors"
+    _, _, progress, status, _ = client.predict(
+        handle_file(str(image_file)), *with_seconds(1.0), ["style.safetensors"], "0.5", api_name="/generate"
+    )
+    assert text(progress).startswith("done: 37 frames") and "**LoRAs:** style.safetensors x0.5" in status
+    (record,) = [record for record in records(app_dir / "outputs") if record["loras"]]
+    assert record["loras"][0]["name"] == "style.safetensors" and record["loras"][0]["scale"] == 0.5
+    assert record["loras"][0]["path"] == str(style) and len(record["loras"][0]["sha256"]) == 64
+    _, _, progress, status, _ = client.predict(handle_file(str(image_file)), *with_seconds(1.0), api_name="/generate")
+    assert text(progress).startswith("done: 37 frames") and "**LoRAs:** none" in status  # taken out again
+
+
+def test_bad_lora_picks_get_one_line_messages(app_url, image_file):
+    client = Client(app_url, verbose=False)
+    cases = [
+        (["style.safetensors"], "1, 2", "error: LoRA scales: give one per chosen LoRA"),
+        (["style.safetensors"], "strong", "error: LoRA scales: 'strong' is not a number"),
+        (["style.safetensors"], "12", "error: LoRA scale must be in [-10, 10], got 12.0"),
+        (["other/wan.safetensors"], "", "failed: LoRA "),
+    ]
+    for names, scales, expected in cases:
+        progress = text(
+            client.predict(handle_file(str(image_file)), *with_seconds(1.0), names, scales, api_name="/generate")[2]
+        )
+        assert progress.startswith(expected) and "\n" not in progress, progress
+    assert "wan.safetensors does not fit this FramePack transformer" in progress
+
+
+def test_lora_picks_become_job_settings(tmp_path):
+    available = ["a.safetensors", "sub/b.safetensors"]
+    assert lora_choices(tmp_path, available, [], "") == ()
+    assert lora_choices(tmp_path, available, ["sub/b.safetensors", "a.safetensors"], " 0.5, -1 ") == (
+        LoraChoice(tmp_path / "sub/b.safetensors", 0.5),
+        LoraChoice(tmp_path / "a.safetensors", -1.0),
+    )
+    assert lora_choices(tmp_path, available, ["a.safetensors"], None) == (LoraChoice(tmp_path / "a.safetensors"),)
+    with pytest.raises(InvalidSettings, match="LoRA '../x.safetensors' is not in"):
+        lora_choices(tmp_path, available, ["../x.safetensors"], "")

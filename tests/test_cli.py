@@ -146,7 +146,7 @@ def test_help_gives_every_flag_a_text_and_its_default_and_ends_with_exit_codes_a
             assert action.help, action.option_strings
             if action.dest not in ("image", "tensorrt_info"):
                 assert "default" in action.help, action.option_strings
-    assert "exit codes:" in text and "130" in text and text.count("python generate.py") == 2
+    assert "exit codes:" in text and "130" in text and text.count("python generate.py") == 3
 
 
 def test_tensorrt_flags_need_enable_tensorrt(capsys, image_file, tmp_path):
@@ -211,3 +211,53 @@ def test_the_readme_commands_run_as_written(tmp_path):
 def test_gpu_only_settings_on_a_machine_without_one(capsys, image_file, tmp_path, extra, message):
     code, err = run_main(capsys, "--image", image_file, "--output", tmp_path / "x.mp4", *extra)
     assert code == 2 and err.strip() == message and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("lora", "message"),
+    [
+        ("missing.safetensors:0.5", "error: LoRA file not found: {tmp}/missing.safetensors"),
+        (r"C:\loras\x.safetensors:0.5", r"error: LoRA file not found: C:\loras\x.safetensors"),
+        ("x.safetensors:20", "error: LoRA scale must be in [-10, 10], got 20.0 for x.safetensors"),
+    ],
+)
+def test_a_bad_lora_is_refused_before_the_models_load(capsys, image_file, tmp_path, monkeypatch, lora, message):
+    from diffusers_helper.frontend import startup
+
+    monkeypatch.setattr(startup, "load_engine", lambda *args: pytest.fail("the models were loaded"))
+    lora = lora.replace("missing", str(tmp_path / "missing"))
+    code, err = run_main(
+        capsys, "--preset", "tiny", "--image", image_file, "--output", tmp_path / "x.mp4", "--lora", lora
+    )
+    assert code == 2 and err == message.format(tmp=tmp_path) + "\n"
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_a_lora_for_another_model_is_bad_input_and_writes_nothing(capsys, image_file, tmp_path):
+    from tests.lora_files import random_layers, write_peft
+
+    wan = write_peft(tmp_path / "wan.safetensors", random_layers({"blocks.0.self_attn.q": (32, 32)}, 4, 0))
+    outputs = tmp_path / "out"
+    code, err = run_main(
+        capsys, "--preset", "tiny", "--image", image_file, "--output", outputs / "x.mp4", "--lora", wan
+    )
+    assert code == 2 and err.count("\n") == 1 and err.startswith(f"error: LoRA {wan} does not fit")
+    assert list(outputs.iterdir()) == []
+
+
+def test_the_sidecar_records_each_loras_name_scale_and_hash(capsys, image_file, tmp_path):
+    import hashlib
+
+    from tests.lora_files import TINY_LAYERS, random_layers, write_kohya, write_peft
+
+    first = write_peft(tmp_path / "first.safetensors", random_layers(TINY_LAYERS, 4, 1))
+    second = write_kohya(tmp_path / "second.safetensors", random_layers(TINY_LAYERS, 2, 2), alpha=1.0)
+    output = tmp_path / "x.mp4"
+    code, err = run_main(capsys, "--preset", "tiny", "--image", image_file, "--output", output, "--seconds", "0.4",
+                         "--latent-window", "3", "--steps", "1", "--lora", f"{first}:0.5", "--lora", second)  # fmt: skip
+    assert code == 0, err
+    record = json.loads(output.with_suffix(".json").read_text())
+    assert record["loras"] == [
+        {"name": path.name, "path": str(path), "scale": scale, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+        for path, scale in ((first, 0.5), (second, 1.0))
+    ]

@@ -6,7 +6,8 @@ Hooks on the transformer's blocks nest in registration order, so the order is th
 3. the step cache (outermost: TeaCache decides around the stack, compiled or streamed, so a skipped step calls
    no streamed block and moves no weights; it reads the first block, which therefore always stays resident).
 The VAE and text-encoder wrappers are swapped in first and the output head is kept in float32 (FramePack's
-"high quality fp32 output") before the memory plan places everything.
+"high quality fp32 output") before the memory plan places everything. LoRAs wrap nothing: they are fused into the
+weights where the plan put them (models/lora.py).
 """
 
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from ..tensorrt_runtime import (
     install_transformer_stack,
 )
 from .components import Components
+from .lora import FusedLoras
 from .placement import MemoryPlan, Placement, place_components
 
 FLOAT32_HEAD_HOOK = "float32_output_head"
@@ -45,6 +47,7 @@ class AssembledModels:
     teacache: TeaCache
     settings: ModelSettings
     runtime: TensorRTRuntime | None
+    loras: FusedLoras
 
     def describe(self) -> str:
         """One line for people: which models, from where, on what device, in which dtypes, what streams."""
@@ -77,7 +80,7 @@ def assemble(
     keep_output_head_float32(components.transformer)
     placement = place_components(components, plan)
     teacache = apply_teacache(components.transformer)
-    return AssembledModels(components, plan, placement, teacache, settings, runtime)
+    return AssembledModels(components, plan, placement, teacache, settings, runtime, FusedLoras(components.transformer))
 
 
 def requested_components(options: TensorRTOptions) -> list[str]:

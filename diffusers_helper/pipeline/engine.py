@@ -19,9 +19,11 @@ from ..media.job_files import JobPaths, ensure_writable_dir, save_image, softwar
 from ..media.preview import latent_preview
 from ..media.video import VideoWriter, write_mp4
 from ..models.assembly import AssembledModels
-from ..settings import FPS, GenerationSettings
+from ..models.lora import LoraFile, read_lora
+from ..settings import FPS, GenerationSettings, InvalidSettings
 from .conditioning import Conditions, encode_conditions, encoding_pipeline, prompt_overflow
 from .events import (
+    APPLYING_LORAS,
     DECODING,
     ENCODING,
     SAMPLING,
@@ -65,7 +67,9 @@ class FramePackEngine:
         overwrite: bool = False,
     ) -> Iterator[Event]:
         """Run one job; failures end it with a Failed event, never an exception (the traceback is logged at debug
-        level). An earlier job's files at `paths` are replaced only with `overwrite`. If the job is interrupted
+        level). An earlier job's files at `paths` are replaced only with `overwrite`. Its LoRAs are read and checked
+        before anything is written or changed (a bad one fails the job with `bad_input`), fused before sampling and
+        left in the weights until a job asks for another mix. If the job is interrupted
         (KeyboardInterrupt, or its consumer closes this generator), its sidecar says "stopped" before it ends."""
         if not self._running.acquire(blocking=False):
             yield Failed("this engine is already running a job; jobs run one at a time")
@@ -75,13 +79,18 @@ class FramePackEngine:
                 loaded = self.components.variant
                 yield Failed(f"variant {settings.variant!r} asked for, but the loaded transformer is {loaded!r}")
                 return
-            record = self._record(settings, paths)
+            try:
+                loras = self._read_loras(settings)
+            except InvalidSettings as error:
+                yield Failed(str(error), bad_input=True)
+                return
+            record = self._record(settings, paths, loras)
             self._job = (paths, record)
             try:
                 ensure_writable_dir(paths.video.parent)
                 paths.check(overwrite)
                 paths.remove_existing()
-                yield from self._generate(image, settings, paths, stop or threading.Event(), record)
+                yield from self._generate(image, settings, paths, stop or threading.Event(), record, loras)
             except Exception as error:  # the job fails, the process (and any UI) goes on
                 logger.debug("generation failed", exc_info=True)
                 message = _failure_message(error)
@@ -101,9 +110,26 @@ class FramePackEngine:
             paths, record = self._job
             self._record_end(paths, record, status="stopped")
 
-    def _record(self, settings: GenerationSettings, paths: JobPaths) -> dict:
+    def _read_loras(self, settings: GenerationSettings) -> list[tuple[LoraFile, float]]:
+        """The job's LoRAs, read and checked against the transformer; InvalidSettings names a bad file."""
+        runtime = self.models.runtime
+        if settings.loras and runtime is not None and runtime.is_active("transformer"):
+            raise InvalidSettings(
+                "LoRAs need the PyTorch transformer: its TensorRT engine cannot take new weights yet; "
+                "start without --tensorrt-transformer to use LoRAs"
+            )
+        loras = [(read_lora(choice.path), choice.scale) for choice in settings.loras]
+        for lora, _ in loras:
+            self.models.loras.check(lora)
+        return loras
+
+    def _record(self, settings: GenerationSettings, paths: JobPaths, loras: list[tuple[LoraFile, float]]) -> dict:
         return {
             "settings": settings.to_dict(),
+            "loras": [
+                {"name": lora.path.name, "path": str(lora.path), "scale": scale, "sha256": lora.sha256}
+                for lora, scale in loras
+            ],
             "started_at": datetime.now().astimezone().isoformat(timespec="seconds"),
             "video": paths.video.name,
             "input_image": paths.image.name,
@@ -126,7 +152,13 @@ class FramePackEngine:
             logger.warning("could not record the job's end in %s: %s", paths.sidecar, error)
 
     def _generate(
-        self, image: np.ndarray, settings: GenerationSettings, paths: JobPaths, stop: threading.Event, record: dict
+        self,
+        image: np.ndarray,
+        settings: GenerationSettings,
+        paths: JobPaths,
+        stop: threading.Event,
+        record: dict,
+        loras: list[tuple[LoraFile, float]],
     ) -> Iterator[Event]:
         started = time.perf_counter()
         yield StageStarted(ENCODING)
@@ -146,6 +178,9 @@ class FramePackEngine:
             self.pipe, image, settings.prompt, negative_prompt, self.plan.device, transformer_dtype, settings.seed
         )
         self.models.placement.release_encoders()
+        if not self.models.loras.is_applied(loras):
+            yield StageStarted(APPLYING_LORAS)
+            self.models.loras.apply(loras)
         order = ORDERS[settings.variant]
         schedule = framepack_schedule(settings.steps, settings.latent_window, *conditions.start_latent.shape[3:])
         record["schedule"] = schedule.to_dict()

@@ -8,6 +8,7 @@ import numpy as np
 WAITING = "waiting for the previous job to stop"
 LOADING = "loading models"
 ENCODING = "encoding the prompt and image"
+APPLYING_LORAS = "applying LoRAs"
 SAMPLING = "sampling"
 DECODING = "decoding"
 WRITING = "writing the MP4"
@@ -58,6 +59,7 @@ class Finished:
 @dataclass(frozen=True)
 class Failed:
     message: str
+    bad_input: bool = False  # the job's own settings are at fault (a bad LoRA file, ...), found before it started
 
 
 Event = StageStarted | StepProgress | SectionFinished | Notice | Finished | Failed
