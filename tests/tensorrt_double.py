@@ -5,6 +5,7 @@ file" is the saved ExportedProgram. Failure modes reproduce what the
 real compiler does wrong, one at a time. It proves nothing about TensorRT itself: GPU tests do that.
 """
 
+import copy
 import time
 
 import torch
@@ -18,7 +19,7 @@ class FakeEngine(torch.nn.Module):
     def __init__(self, exported: torch.export.ExportedProgram, scale: float, fail_run: bool) -> None:
         super().__init__()
         self.exported = exported
-        self.module = exported.module()
+        self.module = copy.deepcopy(exported.module())  # its own copy of the weights, as a TensorRT engine holds
         self.scale = scale
         self.fail_run = fail_run
 

@@ -318,16 +318,36 @@ def test_a_job_with_a_bad_lora_fails_as_bad_input_before_writing_or_changing_any
     assert list(outputs.iterdir()) == [] and same_weights(engine.components.transformer, before)
 
 
-def test_loras_are_refused_while_the_transformer_runs_on_tensorrt(engines, lora_a, tmp_path, monkeypatch):
-    """Its engine holds the weights it was built with; refitting it is not there yet."""
+def test_a_lora_switch_refits_the_transformer_engine_and_never_builds_it_again(engines, lora_a, tiny_root, tmp_path):
+    """With the transformer on TensorRT (the test double), each change of mix is a refit checked against PyTorch:
+    the frames are those of the PyTorch transformer with the same LoRA, and only the first job builds."""
+    from diffusers_helper.acceleration.engine_cache import EngineCache
+    from diffusers_helper.models.assembly import assemble
+    from diffusers_helper.models.components import load_components
+    from diffusers_helper.models.placement import plan_memory
+    from diffusers_helper.pipeline.engine import FramePackEngine
+    from diffusers_helper.settings import ModelSettings, TensorRTOptions
+    from diffusers_helper.tensorrt_runtime import TensorRTRuntime
+    from tests.tensorrt_double import FakeBackend
 
-    class TransformerOnTensorRT:
-        def is_active(self, component: str) -> bool:
-            return component == "transformer"
-
-    engine = engines["framepack"]
-    monkeypatch.setattr(engine.models, "runtime", TransformerOnTensorRT())
-    job = tiny_job(loras=(LoraChoice(lora_a[1]),))
-    (event,) = engine.generate(example_image(256, 256), job, JobPaths.for_video(tmp_path / "x.mp4"))
-    assert event.bad_input and "start without --tensorrt-transformer" in event.message
-    assert engine.models.loras.applied == () and list(tmp_path.iterdir()) == [lora_a[1]]
+    plan = plan_memory("cpu")
+    backend = FakeBackend()
+    runtime = TensorRTRuntime(EngineCache(tmp_path / "engines"), backend)
+    components = load_components("framepack", tiny_root, plan.dtypes())
+    settings = ModelSettings(preset="tiny", tensorrt=TensorRTOptions(transformer=True))
+    accelerated, accelerated_sink = FramePackEngine(assemble(components, plan, settings, runtime)), FrameSink()
+    accelerated.write_video = accelerated_sink
+    reference, reference_sink = engines["framepack"], FrameSink()
+    original_writer, reference.write_video = reference.write_video, reference_sink
+    try:
+        for name, loras in (("plain", ()), ("lora", (LoraChoice(lora_a[1], 0.8),)), ("again", ())):
+            for engine, folder in ((accelerated, "trt"), (reference, "pt")):
+                paths = JobPaths.for_video(tmp_path / folder / f"{name}.mp4")
+                events = list(engine.generate(example_image(256, 256), tiny_job(loras=loras), paths))
+                assert isinstance(events[-1], Finished), events[-1]
+    finally:
+        reference.write_video = original_writer
+    for trt_frames, pt_frames in zip(accelerated_sink.calls, reference_sink.calls, strict=True):
+        assert np.abs(trt_frames.astype(int) - pt_frames.astype(int)).max() <= 1
+    status = runtime.status["transformer"]
+    assert status.engine == "tensorrt" and (status.compiles, status.refits) == (1, 2)

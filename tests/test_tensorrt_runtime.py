@@ -5,8 +5,8 @@ What TensorRT itself does (engines that build, load and match PyTorch) is tested
 
 import gc
 import json
-import re
 import logging
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -466,7 +466,7 @@ def refittable_runtime(tmp_path, monkeypatch, **backend_options):
     return make_runtime(tmp_path, **backend_options)
 
 
-@pytest.mark.parametrize("edit", ["in place", "new tensor"])
+@pytest.mark.parametrize("edit", ["in place", "new tensor", "through .data"])
 def test_changed_weights_are_refitted_into_the_engine_not_rebuilt(tmp_path, monkeypatch, edit):
     runtime, backend = refittable_runtime(tmp_path, monkeypatch)
     module = seeded_mlp()
@@ -474,8 +474,10 @@ def test_changed_weights_are_refitted_into_the_engine_not_rebuilt(tmp_path, monk
     with torch.no_grad():  # a LoRA fused into the weights, or an edit made behind the runtime's back
         if edit == "in place":
             module[0].weight.add_(0.5)
-        else:
+        elif edit == "new tensor":
             module[0].weight.data = module[0].weight.data + 0.5
+        else:  # no version counter sees this one
+            module[0].weight.data.add_(0.5)
     actual, expected = call(runtime, module)
     assert torch.equal(actual, expected)  # the new weights' output, never the stale engine's
     assert (backend.compiled, backend.refitted) == (1, 1)

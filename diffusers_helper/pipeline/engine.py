@@ -112,12 +112,6 @@ class FramePackEngine:
 
     def _read_loras(self, settings: GenerationSettings) -> list[tuple[LoraFile, float]]:
         """The job's LoRAs, read and checked against the transformer; InvalidSettings names a bad file."""
-        runtime = self.models.runtime
-        if settings.loras and runtime is not None and runtime.is_active("transformer"):
-            raise InvalidSettings(
-                "LoRAs need the PyTorch transformer: its TensorRT engine cannot take new weights yet; "
-                "start without --tensorrt-transformer to use LoRAs"
-            )
         loras = [(read_lora(choice.path), choice.scale) for choice in settings.loras]
         for lora, _ in loras:
             self.models.loras.check(lora)
