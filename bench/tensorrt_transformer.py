@@ -12,7 +12,6 @@ import argparse
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -43,16 +42,9 @@ def device_used() -> int:
 
 
 def median_seconds(function, runs: int = 5, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        function()
-    timings = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        function()
-        torch.cuda.synchronize()
-        timings.append(time.perf_counter() - started)
-    return statistics.median(timings)
+    from bench.tensorrt_components import median_ms
+
+    return median_ms(function, runs, warmup) / 1000
 
 
 class PeakSampler:
