@@ -145,8 +145,9 @@ class _BlockStack(torch.nn.Module):
 class TensorRTTransformer(torch.nn.Module):
     """Drop-in for the transformer's block stack, called like one block: one engine per latent token count (a
     resolution bucket and latent window), whatever the prompt: the text is padded to a multiple of
-    STACK_TEXT_BUCKET tokens, and an additive key mask keeps the padding out of every token's attention. `keep_on_device` are
-    blocks' parts that other code runs in PyTorch, which stay on the GPU when the engine takes over the weights."""
+    STACK_TEXT_BUCKET tokens, and an additive key mask keeps the padding out of every token's attention.
+    `keep_on_device` are blocks' parts that other code runs in PyTorch, which stay on the GPU when the engine takes
+    over the weights."""
 
     component = "transformer"
 
