@@ -6,17 +6,14 @@ stores it. An engine already in the cache loads instead of building, so a run th
 it stopped; what a later job needs and no prebuild made is still built just in time.
 """
 
-import logging
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..media.buckets import bucket_options
 from ..settings import FPS, GenerationSettings, InvalidSettings, ModelSettings
-
-logger = logging.getLogger(__name__)
 
 PROMPT = "a person walks along a beach at sunset, the camera follows smoothly"
 
@@ -77,7 +74,7 @@ def prebuild(
         if item.variant != variant:
             engine, variant = None, item.variant
             say(f"loading models for {item.variant}")
-            engine = load(_with_variant(models, item.variant))
+            engine = load(replace(models, variant=item.variant))
         runtime = engine.models.runtime
         before = _counts(runtime)
         say(f"[{index}/{len(items)}] {item.describe()}{_estimate(built_seconds, len(items) - index + 1)}")
@@ -99,12 +96,6 @@ def prebuild(
         say(f"[{index}/{len(items)}] {item.describe()}: {seconds:.0f}s, {_summary(compiled, loaded)}")
         yield record
     say(f"done: {len(items)} item(s) in {time.perf_counter() - started:.0f}s")
-
-
-def _with_variant(models: ModelSettings, variant: str) -> ModelSettings:
-    import dataclasses
-
-    return dataclasses.replace(models, variant=variant)
 
 
 def _counts(runtime) -> dict[str, tuple[int, int]]:
