@@ -3,14 +3,18 @@
     python bench/tensorrt_transformer.py probe       # full-width blocks at the 544x704 token count: static vs
                                                      # text as it is vs padded with a key mask, refittable,
                                                      # weight streaming, masked against unmasked attention
+    python bench/tensorrt_transformer.py refit       # the same blocks: build, then a LoRA on and off (two refits)
+    python bench/tensorrt_transformer.py save        # few blocks: save time, load, the device memory taken
     python bench/tensorrt_transformer.py full        # full size: `engines.py build` (time, peak GPU memory),
-                                                     # then a fresh process that loads it and serves two prompts
+                                                     # then a fresh process that loads it, serves two prompts
+                                                     # and a job with a LoRA (a refit)
 Prints JSON lines; `--out DIR` also writes them to DIR/tensorrt_transformer.jsonl.
 """
 
 import argparse
 import gc
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -72,19 +76,16 @@ class PeakSampler:
 # -- probe: few full-width blocks ----------------------------------------------------------------------------------
 
 
-def probe() -> list[dict]:
+def few_blocks(frames: int = 12) -> tuple:
+    """1 dual + 2 single full-width blocks, and the stack's inputs (12 frames: the 544x704 latent token count)."""
     from diffusers import HunyuanVideoFramepackTransformer3DModel
-
-    from diffusers_helper.acceleration import tensorrt_backend
-    from diffusers_helper.acceleration.engine_cache import EngineCache
-    from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer, relative_error
 
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = HunyuanVideoFramepackTransformer3DModel(num_layers=1, num_single_layers=2, has_image_proj=True,
                                                         has_clean_x_embedder=True)  # fmt: skip
     model = model.to(torch.bfloat16).eval().requires_grad_(False)
-    frames, height, width, text_tokens = 12, 68, 88, 793  # 544x704: 12 x 34 x 44 = 17,952 latent tokens
+    height, width, text_tokens = 68, 88, 793  # 544x704: 12 x 34 x 44 = 17,952 latent tokens
     generator = torch.Generator("cuda").manual_seed(1)
     tokens = frames * (height // 2) * (width // 2)
 
@@ -92,7 +93,16 @@ def probe() -> list[dict]:
         return torch.randn(*shape, generator=generator, device="cuda", dtype=torch.bfloat16)
 
     cos, sin = model.rope(frame_indices=torch.arange(frames), height=height, width=width, device="cuda")
-    hidden, text, temb = randn(1, tokens, 3072), randn(1, text_tokens, 3072), randn(1, 3072)
+    return model, randn(1, tokens, 3072), randn(1, text_tokens, 3072), randn(1, 3072), cos, sin
+
+
+def probe() -> list[dict]:
+    from diffusers_helper.acceleration import tensorrt_backend
+    from diffusers_helper.acceleration.engine_cache import EngineCache
+    from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer, relative_error
+
+    model, hidden, text, temb, cos, sin = few_blocks()
+    tokens = hidden.shape[1]
     texts = (text, text[:, :740].clone())
     settings = tensorrt_backend.COMPONENT_SETTINGS["transformer"]
     original = dict(settings)
@@ -171,11 +181,108 @@ def _attention_with_and_without_mask(sequence: int) -> dict:
             "masked_slowdown": round(masked / plain, 2)}  # fmt: skip
 
 
+def block_lora(model: torch.nn.Module, path: Path, rank: int = 32) -> Path:
+    """A PEFT LoRA file on every linear layer of the blocks: the refit a LoRA switch costs."""
+    from safetensors.torch import save_file
+
+    generator = torch.Generator().manual_seed(2)
+    tensors = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith(
+            ("transformer_blocks.", "single_transformer_blocks.")
+        ):
+            tensors[f"transformer.{name}.lora_A.weight"] = (
+                torch.randn(rank, module.in_features, generator=generator) * 0.02
+            )
+            tensors[f"transformer.{name}.lora_B.weight"] = (
+                torch.randn(module.out_features, rank, generator=generator) * 0.02
+            )
+    save_file(tensors, path)
+    return path
+
+
+def refit() -> list[dict]:
+    """Few full-width blocks: build the engine, switch a LoRA on (a refit), then off again (a refit); each call
+    checked against PyTorch by the runtime and here."""
+    from diffusers_helper.acceleration.engine_cache import EngineCache
+    from diffusers_helper.models.lora import FusedLoras, read_lora
+    from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer, relative_error
+
+    model, hidden, text, temb, cos, sin = few_blocks()
+    rows = []
+    with tempfile.TemporaryDirectory() as directory, torch.no_grad():
+        lora = read_lora(block_lora(model, Path(directory) / "lora.safetensors"))
+        loras = FusedLoras(model)
+        runtime = TensorRTRuntime(EngineCache(Path(directory) / "engines"))
+        wrapper = TensorRTTransformer(model, runtime)
+        references = {"base": wrapper.stack(hidden, text, temb, cos, sin)[0]}
+        loras.apply([(lora, 1.0)])
+        references["lora"] = wrapper.stack(hidden, text, temb, cos, sin)[0]
+        loras.remove()
+        status = runtime.status["transformer"]
+        for step, mix in (("build", []), ("LoRA on", [(lora, 1.0)]), ("LoRA off", [])):
+            loras.apply(mix)
+            started = time.perf_counter()
+            output = wrapper(hidden, text, temb, None, (cos, sin))[0]
+            torch.cuda.synchronize()
+            expected = references["lora" if mix else "base"]
+            rows.append({"refit": step, "blocks": "1 dual + 2 single, width 3072", "latent_tokens": hidden.shape[1],
+                         "seconds": round(time.perf_counter() - started, 2), "compiles": status.compiles,
+                         "refits": status.refits, "engine": status.engine, "reason": status.reason,
+                         "relative_error": round(relative_error(output, expected), 5),
+                         "lora_moves_output": round(relative_error(references["lora"], references["base"]), 4),
+                         "compile_s": [round(s, 1) for s in status.compile_seconds],
+                         "refit_s": [round(s, 2) for s in status.refit_seconds]})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def save() -> list[dict]:
+    """Few blocks: how long saving the engine takes (the retrace Torch-TensorRT needs), loading it back and its
+    output against the engine in memory; the device memory the engine takes (activation memory allocated per call)."""
+    from diffusers_helper.acceleration.engine_cache import EngineCache
+    from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer, relative_error
+
+    model, hidden, text, temb, cos, sin = few_blocks(frames=3)
+    with tempfile.TemporaryDirectory() as directory, torch.no_grad():
+        runtime = TensorRTRuntime(EngineCache(Path(directory) / "engines"))
+        wrapper = TensorRTTransformer(model, runtime)
+        captured = {}
+        original_run = runtime.run
+
+        def capturing_run(component, module, args):
+            captured["args"] = args
+            return original_run(component, module, args)
+
+        runtime.run = capturing_run
+        before = device_used()
+        wrapper(hidden, text, temb, None, (cos, sin))
+        status = runtime.status["transformer"]
+        engine = next(iter(runtime._engines[wrapper.stack].values()))
+        args = captured["args"]
+        expected = engine(*args)[0]
+        path = Path(directory) / "engine.pt2"
+        started = time.perf_counter()
+        runtime.backend.save(engine, args, path)
+        saved = time.perf_counter() - started
+        started = time.perf_counter()
+        output = runtime.backend.load(path)(*args)[0]
+        torch.cuda.synchronize()
+        row = {"blocks": "1 dual + 2 single, width 3072", "latent_tokens": hidden.shape[1],
+               "build_and_save_s": round(status.compile_seconds[0], 1), "save_s": round(saved, 1),
+               "load_and_first_call_s": round(time.perf_counter() - started, 1),
+               "file_gb": round(path.stat().st_size / GIB, 3), "device_gb_added": round((device_used() - before) / GIB, 2),
+               "relative_error_to_engine": round(relative_error(output, expected), 6)}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
 # -- full size -----------------------------------------------------------------------------------------------------
 
 
 def full(out: Path) -> list[dict]:
-    """Build through the product's command (peak memory sampled from here), then serve from a fresh process."""
+    """Build through the product's command (its output live, peak device memory sampled from here), then serve from
+    a fresh process, which appends its own row."""
     cache = out / "engines"
     environment = {**os.environ, "FRAMEPACK_TENSORRT_CACHE_DIR": str(cache)}
     torch.cuda.init()
@@ -184,18 +291,13 @@ def full(out: Path) -> list[dict]:
                "--windows", "9"]  # fmt: skip
     started = time.perf_counter()
     with PeakSampler() as sampler:
-        result = subprocess.run(command, cwd=REPO, env=environment, capture_output=True, text=True, check=False)
+        result = subprocess.run(command, cwd=REPO, env=environment, check=False)
     build = {"full_size": "engines.py build (full-random, 544x704, window 9, transformer)", "exit": result.returncode,
              "seconds": round(time.perf_counter() - started, 1), "peak_device_gb": round((sampler.peak - baseline) / GIB, 2),
-             "engine_files_gb": round(sum(p.stat().st_size for p in cache.glob("*.pt2")) / GIB, 2),
-             "output": result.stdout[-1500:], "stderr": result.stderr[-2500:]}  # fmt: skip
+             "engine_files_gb": round(sum(p.stat().st_size for p in cache.rglob("*.pt2")) / GIB, 2)}  # fmt: skip
     print(json.dumps(build), flush=True)
-    served = subprocess.run([sys.executable, __file__, "serve"], cwd=REPO, env=environment, capture_output=True,
-                            text=True, check=False)  # fmt: skip
-    lines = [line for line in served.stdout.splitlines() if line.startswith("{")]
-    serve = json.loads(lines[-1]) if lines else {"serve": "failed", "stderr": served.stderr[-3000:]}
-    print(json.dumps(serve), flush=True)
-    return [build, serve]
+    subprocess.run([sys.executable, __file__, "serve", "--out", str(out)], cwd=REPO, env=environment, check=False)
+    return [build]
 
 
 def serve() -> dict:
@@ -209,6 +311,8 @@ def serve() -> dict:
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime, relative_error
 
     quiet_libraries()
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("diffusers_helper").setLevel(logging.INFO)  # loads, refits and checks, as they happen
     models = ModelSettings(preset="full-random", device="cuda", tensorrt=TensorRTOptions(transformer=True))
     plan = plan_for(models)
     runtime = TensorRTRuntime()
@@ -258,19 +362,42 @@ def serve() -> dict:
                   engines=status.engines, load_s=[round(s, 1) for s in status.load_seconds], status=status.describe(),
                   pytorch_weights_on=str(next(engine.models.components.transformer.transformer_blocks[1].parameters()).device),
                   gpu=torch.cuda.get_device_name(), **runtime.backend.versions())  # fmt: skip
+    print(json.dumps(report), flush=True)
+    report["lora"] = _lora_switch(engine, runtime)
     return report
+
+
+def _lora_switch(engine, runtime) -> dict:
+    """A LoRA on every block layer for one more job: the engine loaded from disk is refitted (and checked by the
+    runtime), never built again."""
+    from diffusers_helper.media.images import example_image
+    from diffusers_helper.media.job_files import JobPaths
+    from diffusers_helper.settings import GenerationSettings, LoraChoice
+
+    directory = Path(tempfile.mkdtemp())
+    path = block_lora(engine.models.components.transformer, directory / "lora.safetensors")
+    settings = GenerationSettings(prompt=PROMPTS[0], seconds=1.2, steps=1, teacache=False,
+                                  loras=(LoraChoice(path, 0.5),))  # fmt: skip
+    started = time.perf_counter()
+    for _ in engine.generate(example_image(704, 544), settings, JobPaths.for_video(directory / "x.mp4")):
+        pass
+    status = runtime.status["transformer"]
+    return {"job_s": round(time.perf_counter() - started, 1), "refits": status.refits,
+            "refit_s": [round(s, 1) for s in status.refit_seconds], "compiles": status.compiles,
+            "status": status.describe(), "device_gb": round(device_used() / GIB, 2)}  # fmt: skip
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("probe", "full", "serve"))
+    parser.add_argument("what", choices=("probe", "refit", "save", "full", "serve"))
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "tensorrt_transformer")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what == "serve":
-        print(json.dumps(serve()), flush=True)
-        return
-    rows = probe() if args.what == "probe" else full(args.out)
+        rows = [serve()]
+        print(json.dumps(rows[-1]), flush=True)
+    else:
+        rows = {"probe": probe, "refit": refit, "save": save, "full": lambda: full(args.out)}[args.what]()
     with open(args.out / "tensorrt_transformer.jsonl", "a") as log:
         log.writelines(json.dumps(row) + "\n" for row in rows)
 

@@ -46,7 +46,9 @@ COMPONENT_SETTINGS = {
     "text_encoder_2": {},
     # The PyTorch weights wait on the CPU while TensorRT builds (a build fits where the model fits), and the engine
     # stays refittable, so new weights (a LoRA) cost a refit instead of a build.
-    "transformer": {"offload_module_to_cpu": True, "immutable_weights": False},
+    # Attention splits the stack into one engine per block; each would hold its own activation memory for good (about
+    # 3 GB at 544x704), so they take it from PyTorch's allocator for each call instead and share it.
+    "transformer": {"offload_module_to_cpu": True, "immutable_weights": False, "dynamically_allocate_resources": True},
 }
 TOLERANCES = {
     "vae_encoder": 0.05,
@@ -100,6 +102,8 @@ class TorchTensorRTBackend:
         return self._trt.dynamo.compile(exported, arg_inputs=list(args), **self._options(settings))
 
     def save(self, compiled: Callable, args: tuple, path: Path) -> None:
+        """Retraced: an engine saved by graph surgery (`retrace=False`) does not load back as a module that takes the
+        stack's inputs ("expected 12, got 6" on the GPU). Retracing costs about 25 s a block (docs/benchmarks.md)."""
         self._trt.save(compiled, str(path), output_format="exported_program", arg_inputs=list(args))
 
     def refit(self, engine: Callable, module: torch.nn.Module, args: tuple) -> Callable:

@@ -182,3 +182,34 @@ def test_two_prompt_lengths_share_one_engine_and_the_gpu_holds_one_copy_of_the_w
     assert max(errors) < 0.05
     assert status.pytorch_weights_on_cpu
     assert all(p.device.type == "cpu" for p in stack.stack.parameters())
+
+
+def test_a_lora_switch_refits_the_full_width_engine_and_matches_pytorch(tmp_path, transformer):
+    """A LoRA on every block layer, switched on and off: two refits, no second build, PyTorch's output each time
+    (the references are computed here, before the engine exists)."""
+    from diffusers_helper.models.lora import FusedLoras, read_lora
+    from tests.lora_files import random_layers, write_peft
+
+    layers = {name: (module.out_features, module.in_features) for name, module in transformer.named_modules()
+              if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer_blocks."))}  # fmt: skip
+    lora = read_lora(write_peft(tmp_path / "lora.safetensors", random_layers(layers, rank=16, seed=3)))
+    loras = FusedLoras(transformer)
+    runtime = TensorRTRuntime(EngineCache(tmp_path / "engines"))
+    stack = TensorRTTransformer(transformer, runtime)
+    hidden, text, temb, cos, sin = stack_inputs(transformer)
+    scale = 0.02  # the random layers are large; this keeps the fused weights within a LoRA's usual reach
+    with torch.no_grad():
+        base = stack.stack(hidden, text, temb, cos, sin)[0]
+        loras.apply([(lora, scale)])
+        with_lora = stack.stack(hidden, text, temb, cos, sin)[0]
+        loras.remove()
+        outputs = []
+        for mix in ([], [(lora, scale)], []):
+            loras.apply(mix)
+            outputs.append(stack(hidden, text, temb, None, (cos, sin))[0])
+    status = runtime.status["transformer"]
+    print(f"build {status.compile_seconds} s, refits {status.refit_seconds} s")
+    assert (status.engine, status.compiles, status.refits) == ("tensorrt", 1, 2), status.reason
+    assert relative_error(with_lora, base) > 0.05  # the LoRA moves the output
+    assert max(relative_error(o, r) for o, r in zip(outputs, (base, with_lora, base), strict=True)) < 0.05
+    loras.remove()
