@@ -20,6 +20,7 @@ from pathlib import Path
 logger = logging.getLogger("diffusers_helper.app")
 
 QUICK_PROMPT_LABEL = "Quick prompts"
+STEP_CACHE_CHOICES = {"TeaCache": "teacache", "MagCache": "magcache", "Off": "off"}  # label: settings value
 INVERTED_ORDER_NOTE = (
     "Note that the ending actions will be generated before the starting actions due to the inverted sampling. "
     "If the starting action is not in the video, you just need to wait, and it will be generated later."
@@ -193,7 +194,7 @@ def build_ui(app: App):
         app.forget(request.session_hash)
 
     def generate(image_path, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale,
-                 preserve, teacache, crf, variant, resolution, lora_names=None, lora_scales="",
+                 preserve, step_cache, crf, variant, resolution, lora_names=None, lora_scales="",
                  request: gr.Request = None):  # fmt: skip
         idle = gr.update(interactive=True), gr.update(interactive=False)  # start, end
         running = gr.update(interactive=False), gr.update(interactive=True)
@@ -204,7 +205,7 @@ def build_ui(app: App):
             settings = GenerationSettings(
                 prompt=prompt, negative_prompt=negative_prompt, seed=int(seed), seconds=float(seconds),
                 steps=int(steps), cfg=float(cfg), distilled_cfg=float(distilled_cfg), cfg_rescale=float(rescale),
-                latent_window=int(window), variant=variant, resolution=int(resolution), teacache=bool(teacache),
+                latent_window=int(window), variant=variant, resolution=int(resolution), step_cache=step_cache,
                 crf=int(crf), gpu_memory_preservation=float(preserve),
                 loras=lora_choices(app.loras, app.lora_files(), lora_names, lora_scales),
             )  # fmt: skip
@@ -249,10 +250,12 @@ def build_ui(app: App):
                 with gr.Row():
                     start_button = gr.Button("Start Generation", variant="primary")
                     end_button = gr.Button("End Generation", interactive=False)
-                teacache = gr.Checkbox(
-                    label="Use TeaCache",
-                    value=defaults.teacache,
-                    info="Faster speed, but often makes hands and fingers slightly worse.",
+                step_cache = gr.Radio(
+                    label="Step cache",
+                    choices=list(STEP_CACHE_CHOICES.items()),
+                    value=defaults.step_cache,
+                    info="Skips steps that change little: faster speed, but often makes hands and fingers slightly "
+                    "worse.",
                 )
                 negative_prompt = gr.Textbox(
                     label="Negative prompt (used when CFG > 1)", value=defaults.negative_prompt
@@ -314,7 +317,7 @@ def build_ui(app: App):
         for event in (refresh_loras.click, ui.load):  # a page opened later lists the files there now
             event(lambda: gr.update(choices=app.lora_files()), outputs=lora_names, queue=False, api_name=False)
         inputs = [image, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale, preserve,
-                  teacache, crf, variant, resolution, lora_names, lora_scales]  # fmt: skip
+                  step_cache, crf, variant, resolution, lora_names, lora_scales]  # fmt: skip
         outputs = [video, preview, progress, status, download, start_button, end_button]
         start_button.click(start, outputs=[start_button, end_button], queue=False, api_name=False).then(
             generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_id="gpu"

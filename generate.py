@@ -37,9 +37,19 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_BAD_INPUT)
 
 
+class _TeaCacheFlag(argparse.Action):
+    """--teacache / --no-teacache, from before there was a choice of step caches: --step-cache teacache / off."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, "off" if option_string == "--no-teacache" else "teacache")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from diffusers_helper.frontend.startup import add_model_arguments
-    from diffusers_helper.settings import OUTPUTS_DIR, GenerationSettings
+    from diffusers_helper.settings import OUTPUTS_DIR, STEP_CACHES, GenerationSettings
 
     defaults = GenerationSettings(prompt="")
     parser = _Parser(
@@ -67,10 +77,23 @@ def build_parser() -> argparse.ArgumentParser:
                      help="latent frames per section, 1-33 (default: %(default)s)")  # fmt: skip
     job.add_argument("--resolution", type=int,
                      help="bucket resolution, 128-1280 (default: 640; 128 with --preset tiny)")  # fmt: skip
-    job.add_argument("--teacache", action=argparse.BooleanOptionalAction, default=defaults.teacache,
-                     help="TeaCache: faster, often slightly worse hands and fingers (default: on)")  # fmt: skip
+    caching = job.add_mutually_exclusive_group()
+    caching.add_argument("--step-cache", choices=STEP_CACHES, default=defaults.step_cache,
+                         help="skip transformer steps that change little, with TeaCache or MagCache: faster, often "
+                              "slightly worse hands and fingers (default: %(default)s)")  # fmt: skip
+    caching.add_argument("--teacache", "--no-teacache", action=_TeaCacheFlag, dest="step_cache",
+                         default=argparse.SUPPRESS,
+                         help="kept from earlier versions: --step-cache teacache, or off with --no-teacache "
+                              "(default: not given)")  # fmt: skip
     job.add_argument("--teacache-threshold", type=float, default=defaults.teacache_threshold,
                      help="TeaCache's threshold, (0, 1]: higher skips more (default: %(default)s)")  # fmt: skip
+    job.add_argument("--magcache-threshold", type=float, default=defaults.magcache_threshold,
+                     help="MagCache's error threshold, (0, 1]: higher skips more (default: %(default)s)")  # fmt: skip
+    job.add_argument("--magcache-max-skips", type=int, default=defaults.magcache_max_skips,
+                     help="MagCache's most steps skipped in a row, 1-10 (default: %(default)s)")  # fmt: skip
+    job.add_argument("--magcache-retention", type=float, default=defaults.magcache_retention,
+                     help="the fraction of each section's first steps MagCache always computes, [0, 1] "
+                          "(default: %(default)s)")  # fmt: skip
     job.add_argument("--crf", type=int, default=defaults.crf,
                      help="H.264 quality, 0 (lossless) to 51; 16 for black outputs (default: %(default)s)")  # fmt: skip
     job.add_argument("--gpu-memory-preservation", type=float, default=defaults.gpu_memory_preservation,
@@ -99,8 +122,10 @@ def _settings(args: argparse.Namespace):
     return GenerationSettings(
         prompt=args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, seconds=args.seconds,
         steps=args.steps, cfg=args.cfg, distilled_cfg=args.distilled_cfg, cfg_rescale=args.cfg_rescale,
-        latent_window=args.latent_window, variant=args.variant, resolution=resolution, teacache=args.teacache,
-        teacache_threshold=args.teacache_threshold, crf=args.crf, gpu_memory_preservation=args.gpu_memory_preservation,
+        latent_window=args.latent_window, variant=args.variant, resolution=resolution, step_cache=args.step_cache,
+        teacache_threshold=args.teacache_threshold, magcache_threshold=args.magcache_threshold,
+        magcache_max_skips=args.magcache_max_skips, magcache_retention=args.magcache_retention, crf=args.crf,
+        gpu_memory_preservation=args.gpu_memory_preservation,
         loras=tuple(LoraChoice.parse(text) for text in args.lora),
     )  # fmt: skip
 

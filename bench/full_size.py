@@ -53,7 +53,7 @@ def run_one(limit: float | None, seconds: float, steps: int, out: Path) -> dict:
     torch.cuda.synchronize()
     load_s = time.perf_counter() - started
     settings = GenerationSettings(prompt="The girl dances gracefully, with clear movements, full of charm.",
-                                  seconds=seconds, steps=steps, teacache=False)  # fmt: skip
+                                  seconds=seconds, steps=steps, step_cache="off")  # fmt: skip
     image = example_image(704, 544)  # the 544 x 704 bucket (19,257 latent tokens with the history)
     torch.cuda.reset_peak_memory_stats()
     marks: list[tuple[str, int, float]] = []

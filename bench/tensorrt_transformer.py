@@ -347,7 +347,7 @@ def serve() -> dict:
 
     runtime.run = measured_run
     for prompt in PROMPTS:
-        settings = GenerationSettings(prompt=prompt, seconds=1.2, steps=3, teacache=False)
+        settings = GenerationSettings(prompt=prompt, seconds=1.2, steps=3, step_cache="off")
         step_times, last = [], time.perf_counter()
         for event in engine.generate(
             example_image(704, 544), settings, JobPaths.for_video(Path(tempfile.mkdtemp()) / "x.mp4")
@@ -376,7 +376,7 @@ def _lora_switch(engine, runtime) -> dict:
 
     directory = Path(tempfile.mkdtemp())
     path = block_lora(engine.models.components.transformer, directory / "lora.safetensors")
-    settings = GenerationSettings(prompt=PROMPTS[0], seconds=1.2, steps=1, teacache=False,
+    settings = GenerationSettings(prompt=PROMPTS[0], seconds=1.2, steps=1, step_cache="off",
                                   loras=(LoraChoice(path, 0.5),))  # fmt: skip
     started = time.perf_counter()
     for _ in engine.generate(example_image(704, 544), settings, JobPaths.for_video(directory / "x.mp4")):

@@ -24,14 +24,14 @@ from diffusers_helper.pipeline.events import Finished
 from diffusers_helper.settings import GenerationSettings, ModelSettings
 
 
-def run(variant: str, free_gb: float | None, teacache: bool, out: Path) -> dict:
+def run(variant: str, free_gb: float | None, step_cache: str, out: Path) -> dict:
     plan = plan_memory("cuda", free_gb=free_gb)
     components = load_components(variant, ensure_tiny_models(), plan.dtypes())
     engine = FramePackEngine(
         assemble(components, plan, ModelSettings(variant, preset="tiny")), write_video=lambda *args: None
     )
     settings = GenerationSettings(
-        prompt="a cat walks", seconds=2, resolution=TINY_RESOLUTION, variant=variant, teacache=teacache
+        prompt="a cat walks", seconds=2, resolution=TINY_RESOLUTION, variant=variant, step_cache=step_cache
     )
     timings = []
     for _ in range(4):  # the first run warms up kernels
@@ -44,7 +44,7 @@ def run(variant: str, free_gb: float | None, teacache: bool, out: Path) -> dict:
         timings.append(time.perf_counter() - started)
         assert isinstance(last, Finished), last
     return {
-        "variant": variant, "offload": plan.offload, "teacache": teacache, "frames": last.frames,
+        "variant": variant, "offload": plan.offload, "step_cache": step_cache, "frames": last.frames,
         "seconds_per_video_median_after_warmup": round(statistics.median(timings[1:]), 3),
         "first_run_s": round(timings[0], 3), "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
     }  # fmt: skip
@@ -53,13 +53,14 @@ def run(variant: str, free_gb: float | None, teacache: bool, out: Path) -> dict:
 def main() -> None:
     out = Path("/tmp/bench-tiny")
     out.mkdir(exist_ok=True)
-    for variant, free_gb, teacache in [
-        ("framepack", None, True),
-        ("f1", None, True),
-        ("framepack", None, False),
-        ("framepack", 8.0, True),
+    for variant, free_gb, step_cache in [
+        ("framepack", None, "teacache"),
+        ("f1", None, "teacache"),
+        ("framepack", None, "magcache"),
+        ("framepack", None, "off"),
+        ("framepack", 8.0, "teacache"),
     ]:
-        print(json.dumps(run(variant, free_gb, teacache, out)), flush=True)
+        print(json.dumps(run(variant, free_gb, step_cache, out)), flush=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ OUTPUTS_DIR = REPO_ROOT / "outputs"
 LORAS_DIR = REPO_ROOT / "loras"  # the app's LoRA folder
 
 VARIANTS = ("framepack", "f1")
+STEP_CACHES = ("teacache", "magcache", "off")
 DEVICES = ("auto", "cpu", "cuda")
 PRESETS = {
     "tiny": "tiny preset (random weights: expect noise)",
@@ -79,8 +80,11 @@ class GenerationSettings:
     latent_window: int = 9
     variant: str = "framepack"
     resolution: int = 640
-    teacache: bool = True
+    step_cache: str = "teacache"  # which cache skips steps: TeaCache (FramePack's default), MagCache or none
     teacache_threshold: float = 0.15
+    magcache_threshold: float = 0.1  # MagCache's three as FramePack-Studio's defaults
+    magcache_max_skips: int = 2
+    magcache_retention: float = 0.25
     crf: int = 16
     gpu_memory_preservation: float = 6.0
     loras: tuple[LoraChoice, ...] = ()  # fused into the transformer for this job, in this order
@@ -94,10 +98,15 @@ class GenerationSettings:
         _check_range("latent_window", self.latent_window, 1, 33)
         _check_range("resolution", self.resolution, 128, 1280)
         _check_range("teacache_threshold", self.teacache_threshold, 0, 1, low_open=True)
+        _check_range("magcache_threshold", self.magcache_threshold, 0, 1, low_open=True)
+        _check_range("magcache_max_skips", self.magcache_max_skips, 1, 10)
+        _check_range("magcache_retention", self.magcache_retention, 0, 1)
         _check_range("crf", self.crf, 0, 51)
         _check_range("gpu_memory_preservation", self.gpu_memory_preservation, 0, 128)
         if self.variant not in VARIANTS:
             raise InvalidSettings(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.step_cache not in STEP_CACHES:
+            raise InvalidSettings(f"step_cache must be one of {', '.join(STEP_CACHES)}, got {self.step_cache!r}")
         if not 0 <= self.seed < 2**63:
             raise InvalidSettings(f"seed must be in [0, 2**63), got {self.seed}")
 

@@ -11,14 +11,15 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
-from demo_gradio import lora_choices
-from diffusers_helper.settings import InvalidSettings, LoraChoice
+from demo_gradio import STEP_CACHE_CHOICES, lora_choices
+from diffusers_helper.settings import STEP_CACHES, InvalidSettings, LoraChoice
 from tests.app_server import running_app
 from tests.lora_files import TINY_LAYERS, random_layers, write_kohya, write_peft
 
-# image, prompt, negative prompt, seed, seconds, steps, distilled CFG, window, CFG, rescale, preserve, TeaCache, CRF,
-# variant, resolution
-ARGUMENTS = ["a cat walks", "", 31337, 2.0, 6, 10.0, 9, 1.0, 0.0, 6.0, True, 16, "framepack", 128]
+# image, prompt, negative prompt, seed, seconds, steps, distilled CFG, window, CFG, rescale, preserve, step cache,
+# CRF, variant, resolution
+ARGUMENTS = ["a cat walks", "", 31337, 2.0, 6, 10.0, 9, 1.0, 0.0, 6.0, "teacache", 16, "framepack", 128]
+STEP_CACHE = ARGUMENTS.index("teacache")
 
 
 def with_seconds(seconds: float, steps: int = 6) -> list:
@@ -130,6 +131,22 @@ def test_the_other_variant_loads_on_demand(app_url, image_file):
 
 def records(outputs) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted(outputs.glob("*.json"))]
+
+
+def test_the_step_cache_choice_reaches_the_job(app_url, app_dir, image_file):
+    """The radio's values are the settings' choices; a job runs with the one picked and records it."""
+    assert sorted(STEP_CACHE_CHOICES.values()) == sorted(STEP_CACHES)
+    client = Client(app_url, verbose=False)
+    for choice in ("magcache", "off"):
+        arguments = with_seconds(1.0, steps=12)
+        arguments[STEP_CACHE] = choice
+        video, _, progress, _, _ = client.predict(handle_file(str(image_file)), *arguments, api_name="/generate")
+        assert text(progress).startswith("done: 37 frames") and frame_count(video) == 37
+        (record,) = [r for r in records(app_dir / "outputs") if r["settings"]["step_cache"] == choice]
+        assert record["step_cache"]["name"] == choice
+    assert record["step_cache"] == {"name": "off"}
+    magcache = next(r for r in records(app_dir / "outputs") if r["settings"]["step_cache"] == "magcache")
+    assert magcache["step_cache"]["skipped"] > 0
 
 
 def test_a_cancelled_job_stops_and_the_next_job_runs_alone(tmp_path, image_file):

@@ -1,5 +1,6 @@
 """Assembly: the output head runs in float32 on a bf16 transformer, as FramePack runs it."""
 
+import pytest
 import torch
 
 from diffusers_helper.models.assembly import assemble
@@ -41,9 +42,10 @@ def test_the_output_head_runs_in_float32_on_a_bf16_transformer(tiny_root):
     )
 
 
-def test_a_step_the_step_cache_skips_reaches_no_streamed_block(tiny_root, tmp_path, monkeypatch):
-    """Streaming hooks sit inside TeaCache's: stand-in streaming hooks (what placement registers on streamed blocks)
-    count the block loads, and a skipped pass loads none."""
+@pytest.mark.parametrize("step_cache", ["teacache", "magcache"])
+def test_a_step_the_step_cache_skips_reaches_no_streamed_block(tiny_root, tmp_path, monkeypatch, step_cache):
+    """Streaming hooks sit inside the step caches' (both installed, one switched on): stand-in streaming hooks (what
+    placement registers on streamed blocks) count the block loads, and a skipped pass loads none."""
     from diffusers.hooks import HookRegistry, ModelHook
 
     from diffusers_helper.media.images import example_image
@@ -70,8 +72,9 @@ def test_a_step_the_step_cache_skips_reaches_no_streamed_block(tiny_root, tmp_pa
     plan = plan_memory("cpu")
     models = assemble(load_components("framepack", tiny_root, plan.dtypes()), plan, ModelSettings(preset="tiny"))
     engine = FramePackEngine(models, write_video=lambda *args: None)
-    settings = GenerationSettings(prompt="a cat walks", seconds=1.0, steps=20, resolution=128)
+    settings = GenerationSettings(prompt="a cat walks", seconds=1.0, steps=20, resolution=128, step_cache=step_cache)
     list(engine.generate(example_image(256, 256), settings, JobPaths.for_video(tmp_path / "t.mp4")))
     streamed_blocks = 2 + 2 - 1  # the tiny transformer: 2 dual + 2 single blocks, the first resident
-    assert engine.teacache.skipped > 0
-    assert len(loads) == engine.teacache.computed * streamed_blocks
+    cache = getattr(engine, step_cache)
+    assert cache.skipped > 0 and cache.computed + cache.skipped == 20
+    assert len(loads) == cache.computed * streamed_blocks

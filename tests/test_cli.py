@@ -32,6 +32,9 @@ def run_main(capsys, *args):
         (["--steps", "101"], "error: steps must be in [1, 100], got 101"),
         (["--latent-window", "40"], "error: latent_window must be in [1, 33], got 40"),
         (["--resolution", "0"], "error: resolution must be in [128, 1280], got 0"),
+        (["--magcache-threshold", "0"], "error: magcache_threshold must be in (0, 1], got 0.0"),
+        (["--magcache-max-skips", "11"], "error: magcache_max_skips must be in [1, 10], got 11"),
+        (["--magcache-retention", "-0.1"], "error: magcache_retention must be in [0, 1], got -0.1"),
     ],
 )
 def test_out_of_range_settings(capsys, image_file, tmp_path, extra, message):
@@ -51,6 +54,40 @@ def test_unknown_variant_and_preset_are_one_line_errors(capsys, image_file):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and expected in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "step_cache"),
+    [
+        ([], "teacache"),
+        (["--teacache"], "teacache"),
+        (["--no-teacache"], "off"),
+        (["--step-cache", "magcache"], "magcache"),
+        (["--step-cache", "off"], "off"),
+        (["--step-cache", "teacache"], "teacache"),
+    ],
+)
+def test_step_cache_flags_old_and_new(flags, step_cache):
+    """--teacache/--no-teacache keep working beside --step-cache; MagCache's parameters reach the settings."""
+    settings = generate._settings(generate.build_parser().parse_args(["--preset", "tiny", *flags]))
+    assert settings.step_cache == step_cache
+    magcache = ["--magcache-threshold", "0.2", "--magcache-max-skips", "3", "--magcache-retention", "0.3"]
+    settings = generate._settings(generate.build_parser().parse_args([*flags, *magcache]))
+    assert (settings.magcache_threshold, settings.magcache_max_skips, settings.magcache_retention) == (0.2, 3, 0.3)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--step-cache", "fast"], "argument --step-cache: invalid choice: 'fast'"),
+        (["--no-teacache", "--step-cache", "magcache"], "argument --step-cache: not allowed with argument --teacache"),
+    ],
+)
+def test_a_bad_step_cache_choice_is_a_one_line_error(capsys, image_file, flags, message):
+    with pytest.raises(SystemExit) as exit_info:
+        generate.main(["--preset", "tiny", "--image", str(image_file), *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
 
 
 def test_bad_images(capsys, tmp_path):

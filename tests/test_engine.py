@@ -206,7 +206,7 @@ def test_history_layout_fed_to_the_transformer(with_sink, tmp_path, monkeypatch)
         return original(**kwargs)
 
     monkeypatch.setattr(engine.components.transformer, "forward", spy)
-    run(engine, tiny_settings(steps=2, teacache=False), JobPaths.for_video(tmp_path / "l.mp4"), sink=FrameSink())
+    run(engine, tiny_settings(steps=2, step_cache="off"), JobPaths.for_video(tmp_path / "l.mp4"), sink=FrameSink())
     assert len(calls) == 4  # 2 sections x 2 steps, CFG off
     first, last = calls[0], calls[-1]
     assert first["hidden_states"].shape == (1, 16, 9, 16, 16)
@@ -233,7 +233,7 @@ def test_real_cfg_runs_a_negative_pass_and_changes_the_result(with_sink, tmp_pat
         sink = FrameSink()
         count["calls"] = 0
         settings = tiny_settings(
-            seconds=1.0, steps=3, cfg=cfg, cfg_rescale=0.5, negative_prompt="blurry", teacache=False
+            seconds=1.0, steps=3, cfg=cfg, cfg_rescale=0.5, negative_prompt="blurry", step_cache="off"
         )
         events = run(engine, settings, JobPaths.for_video(tmp_path / f"cfg{cfg}.mp4"), sink=sink)
         assert isinstance(events[-1], Finished)
@@ -247,13 +247,36 @@ def test_teacache_skips_steps_but_never_the_first_or_last(with_sink, tmp_path):
     run(engine, tiny_settings(seconds=1.0, steps=20), JobPaths.for_video(tmp_path / "on.mp4"), sink=FrameSink())
     assert engine.teacache.computed + engine.teacache.skipped == 20
     assert 2 <= engine.teacache.computed < 20
+    assert engine.magcache.computed == engine.magcache.skipped == 0
     run(
         engine,
-        tiny_settings(seconds=1.0, steps=20, teacache=False),
+        tiny_settings(seconds=1.0, steps=20, step_cache="off"),
         JobPaths.for_video(tmp_path / "off.mp4"),
         sink=FrameSink(),
     )
     assert engine.teacache.computed == engine.teacache.skipped == 0
+
+
+@pytest.mark.parametrize("variant", ["framepack", "f1"])
+def test_magcache_skips_the_steps_its_calibration_allows_and_the_sidecar_records_the_choice(
+    with_sink, tmp_path, variant
+):
+    """The steps MagCache skips depend on the variant's calibration and the job's settings, not on the weights:
+    at 20 steps (FramePack-Studio's defaults: threshold 0.1, 2 skips in a row, 25% retained) FramePack's table
+    skips 9 steps, F1's 10, each section."""
+    engine = with_sink[variant]
+    paths = JobPaths.for_video(tmp_path / "mag.mp4")
+    settings = tiny_settings(seconds=2.0, steps=20, step_cache="magcache", variant=variant)
+    run(engine, settings, paths, sink=FrameSink())
+    skipped = {"framepack": 9, "f1": 10}[variant] * 2
+    assert (engine.magcache.computed, engine.magcache.skipped) == (40 - skipped, skipped)
+    assert engine.teacache.computed == engine.teacache.skipped == 0
+    record = json.loads(paths.sidecar.read_text())
+    assert record["settings"]["step_cache"] == "magcache" and record["settings"]["magcache_threshold"] == 0.1
+    assert record["step_cache"] == {"name": "magcache", "computed": 40 - skipped, "skipped": skipped}
+    paths = JobPaths.for_video(tmp_path / "off.mp4")
+    run(engine, tiny_settings(seconds=1.0, steps=4, step_cache="off", variant=variant), paths, sink=FrameSink())
+    assert json.loads(paths.sidecar.read_text())["step_cache"] == {"name": "off"}
 
 
 def test_a_failure_becomes_a_failed_event_and_is_recorded(with_sink, tmp_path, monkeypatch):

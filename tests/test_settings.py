@@ -22,12 +22,17 @@ def test_defaults_are_framepacks():
         1.0,
         10.0,
     )
-    assert (settings.latent_window, settings.crf, settings.gpu_memory_preservation, settings.teacache) == (
+    assert (settings.latent_window, settings.crf, settings.gpu_memory_preservation, settings.step_cache) == (
         9,
         16,
         6.0,
-        True,
+        "teacache",
     )
+
+
+def test_magcache_defaults_are_framepack_studios():
+    settings = GenerationSettings(prompt="")
+    assert (settings.magcache_threshold, settings.magcache_max_skips, settings.magcache_retention) == (0.1, 2, 0.25)
 
 
 @pytest.mark.parametrize(
@@ -44,6 +49,11 @@ def test_defaults_are_framepacks():
         ("variant", "sdxl", "variant must be one of framepack, f1, got 'sdxl'"),
         ("seconds", float("nan"), "seconds must be in (0, 120]"),
         ("seed", -1, "seed must be in [0, 2**63)"),
+        ("step_cache", "fast", "step_cache must be one of teacache, magcache, off, got 'fast'"),
+        ("step_cache", True, "step_cache must be one of teacache, magcache, off, got True"),
+        ("magcache_threshold", 0, "magcache_threshold must be in (0, 1], got 0"),
+        ("magcache_max_skips", 0, "magcache_max_skips must be in [1, 10], got 0"),
+        ("magcache_retention", 1.5, "magcache_retention must be in [0, 1], got 1.5"),
     ],
 )
 def test_invalid_settings_name_parameter_value_and_range(field, value, message):

@@ -328,9 +328,10 @@ def test_incompatible_setups_keep_the_transformer_in_pytorch(tmp_path, caplog, t
 # -- the wrappers in a whole generation ----------------------------------------------------------------------------
 
 
-def test_tiny_generation_with_every_wrapper_matches_pytorch(tmp_path, tiny_root, engines):
+@pytest.mark.parametrize("step_cache", ["teacache", "magcache"])
+def test_tiny_generation_with_every_wrapper_matches_pytorch(tmp_path, tiny_root, engines, step_cache):
     """All five wrappers drop in (the double's engines compute exactly what PyTorch does): same video, and
-    every component reports TensorRT."""
+    every component reports TensorRT. The step cache wraps the compiled stack and skips the same steps."""
     import numpy as np
 
     from diffusers_helper.media.images import example_image
@@ -342,7 +343,7 @@ def test_tiny_generation_with_every_wrapper_matches_pytorch(tmp_path, tiny_root,
     from diffusers_helper.settings import GenerationSettings
     from tests.conftest import FrameSink
 
-    settings = GenerationSettings(prompt="a cat walks", seconds=1.0, resolution=128, steps=4, teacache=True)
+    settings = GenerationSettings(prompt="a cat walks", seconds=1.0, resolution=128, steps=8, step_cache=step_cache)
     plan = plan_memory("cpu")
     runtime, _ = make_runtime(tmp_path)
     components = load_components("framepack", tiny_root, plan.dtypes())
@@ -355,6 +356,8 @@ def test_tiny_generation_with_every_wrapper_matches_pytorch(tmp_path, tiny_root,
         )
     )
     assert isinstance(events[-1], Finished), events[-1]
+    cache = getattr(models, step_cache)
+    counts = (cache.computed, cache.skipped)
     reference = engines["framepack"]
     reference.write_video, original = plain, reference.write_video
     try:
@@ -362,6 +365,8 @@ def test_tiny_generation_with_every_wrapper_matches_pytorch(tmp_path, tiny_root,
     finally:
         reference.write_video = original
     assert np.abs(accelerated.last.astype(int) - plain.last.astype(int)).max() <= 1
+    reference_cache = getattr(reference, step_cache)
+    assert counts == (reference_cache.computed, reference_cache.skipped) and counts[1] > 0
     assert {c: s.engine for c, s in runtime.status.items()} == {
         "vae_encoder": "tensorrt", "vae_decoder": "tensorrt", "text_encoder": "tensorrt",
         "text_encoder_2": "tensorrt", "transformer": "tensorrt",
@@ -392,9 +397,9 @@ def test_prompts_of_several_lengths_and_the_negative_prompt_share_one_transforme
         components, plan, ModelSettings(preset="tiny", tensorrt=TensorRTOptions(transformer=True)), runtime
     )
     jobs = [
-        GenerationSettings(prompt="a cat", seconds=1.0, resolution=128, steps=2, teacache=False),
+        GenerationSettings(prompt="a cat", seconds=1.0, resolution=128, steps=2, step_cache="off"),
         GenerationSettings(prompt="a small grey cat walks slowly across a sunny garden path", seconds=1.0,
-                           resolution=128, steps=2, teacache=False, cfg=3.0, negative_prompt="blurry, dark"),
+                           resolution=128, steps=2, step_cache="off", cfg=3.0, negative_prompt="blurry, dark"),
     ]  # fmt: skip
     reference = engines["framepack"]
     for index, settings in enumerate(jobs):

@@ -52,7 +52,7 @@ def plan_items(
 def _one_section(item: BuildItem, resolution: int) -> GenerationSettings:
     seconds = item.window * 4 / FPS  # exactly one section
     return GenerationSettings(prompt=PROMPT, variant=item.variant, seconds=seconds, steps=1, latent_window=item.window,
-                              resolution=resolution, teacache=False)  # fmt: skip
+                              resolution=resolution, step_cache="off")  # fmt: skip
 
 
 def prebuild(

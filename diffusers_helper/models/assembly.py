@@ -3,8 +3,9 @@
 Hooks on the transformer's blocks nest in registration order, so the order is the design:
 1. the TensorRT block stack (innermost: the first block runs the whole compiled stack),
 2. streaming (a streamed block's weights arrive just before it runs),
-3. the step cache (outermost: TeaCache decides around the stack, compiled or streamed, so a skipped step calls
-   no streamed block and moves no weights; it reads the first block, which therefore always stays resident).
+3. the step caches (outermost: TeaCache and MagCache decide around the stack, compiled or streamed, so a skipped
+   step calls no streamed block and moves no weights; TeaCache reads the first block, which therefore always stays
+   resident). Both are installed once; each job's settings switch one of them on (or neither).
 The VAE and text-encoder wrappers are swapped in first and the output head is kept in float32 (FramePack's
 "high quality fp32 output") before the memory plan places everything. LoRAs wrap nothing: they are fused into the
 weights where the plan put them (models/lora.py).
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from ..caching.magcache import MAG_RATIOS, MagCache, apply_magcache
 from ..caching.teacache import TeaCache, apply_teacache, modules_read
 from ..settings import ModelSettings, TensorRTOptions
 from ..tensorrt_runtime import (
@@ -45,6 +47,7 @@ class AssembledModels:
     plan: MemoryPlan
     placement: Placement
     teacache: TeaCache
+    magcache: MagCache
     settings: ModelSettings
     runtime: TensorRTRuntime | None
     loras: FusedLoras
@@ -80,7 +83,9 @@ def assemble(
     keep_output_head_float32(components.transformer)
     placement = place_components(components, plan)
     teacache = apply_teacache(components.transformer)
-    return AssembledModels(components, plan, placement, teacache, settings, runtime, FusedLoras(components.transformer))
+    magcache = apply_magcache(components.transformer, MAG_RATIOS[components.variant])
+    loras = FusedLoras(components.transformer)
+    return AssembledModels(components, plan, placement, teacache, magcache, settings, runtime, loras)
 
 
 def requested_components(options: TensorRTOptions) -> list[str]:

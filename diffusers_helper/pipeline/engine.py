@@ -51,6 +51,7 @@ class FramePackEngine:
         self.components = models.components
         self.plan = models.plan
         self.teacache = models.teacache
+        self.magcache = models.magcache
         self.write_video = write_video
         self.scheduler = make_scheduler()
         logger.info("models: %s", models.describe())
@@ -181,7 +182,8 @@ class FramePackEngine:
         noise_generator = torch.Generator("cpu").manual_seed(settings.seed)  # FramePack's stream of section noise
         history = order.initial_history(conditions.start_latent)
         video = None
-        self.teacache.computed = self.teacache.skipped = 0
+        for cache in (self.teacache, self.magcache):
+            cache.computed = cache.skipped = 0
         for section in order.plan(settings.sections):
             yield StageStarted(SAMPLING, section.index + 1, section.count)
             latents = yield from self._sample(
@@ -209,7 +211,7 @@ class FramePackEngine:
         record.update(
             status="stopped" if stopped else "complete",
             seconds_elapsed=round(time.perf_counter() - started, 2),
-            teacache={"computed": self.teacache.computed, "skipped": self.teacache.skipped},
+            step_cache=self._step_cache_record(settings),
         )
         self._write_record(paths, record)
         yield Finished(
@@ -238,7 +240,7 @@ class FramePackEngine:
         layout = order.layout(history, conditions.start_latent, section, window)
         shape = (1, conditions.start_latent.shape[1], window, *conditions.start_latent.shape[3:])
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.plan.device)
-        self.teacache.reset(settings.teacache_threshold if settings.teacache else None)
+        self._reset_step_caches(settings)
         guidance = Guidance(distilled=settings.distilled_cfg, cfg=settings.cfg, rescale=settings.cfg_rescale)
         steps = sample_section(
             self.components.transformer, self.scheduler, noise, conditions, layout, guidance, schedule
@@ -253,6 +255,19 @@ class FramePackEngine:
             )
             if stop.is_set():
                 return None
+
+    def _reset_step_caches(self, settings: GenerationSettings) -> None:
+        """Forget the last section's residuals and switch on the job's step cache, the other off."""
+        chosen = settings.step_cache
+        self.teacache.reset(settings.teacache_threshold if chosen == "teacache" else None)
+        magcache_threshold = settings.magcache_threshold if chosen == "magcache" else None
+        self.magcache.reset(magcache_threshold, settings.magcache_max_skips, settings.magcache_retention)
+
+    def _step_cache_record(self, settings: GenerationSettings) -> dict:
+        """Which step cache the job used and how many transformer passes it computed and skipped."""
+        cache = {"teacache": self.teacache, "magcache": self.magcache}.get(settings.step_cache)
+        counts = {"computed": cache.computed, "skipped": cache.skipped} if cache else {}
+        return {"name": settings.step_cache, **counts}
 
     @torch.no_grad()
     def _decode_and_join(
