@@ -126,6 +126,15 @@ def test_the_accumulated_error_of_the_ratio_product_is_held_under_the_threshold(
     assert decisions((1.05,) * 25, 12, threshold) == expected
 
 
+def test_a_step_whose_own_ratio_is_far_from_one_is_computed_whatever_the_error():
+    """FramePack-Studio's rule: a calibrated jump of more than 0.06 forces the step, even under a loose threshold."""
+    ratios = [1.0] * 12
+    assert decisions(ratios, 12, threshold=10.0) == [3, 4, 6, 7, 9, 10]  # only K and retention limit
+    ratios[4] = 1.07  # beyond the limit: computed, which starts the next run of skips one step later
+    ratios[8] = 1.05  # within it: skipped
+    assert decisions(ratios, 12, threshold=10.0) == [3, 5, 6, 8, 9]
+
+
 @pytest.mark.parametrize("variant", ["framepack", "f1"])
 def test_at_every_step_count_the_edges_and_retained_steps_are_computed_and_runs_are_at_most_k(variant):
     for steps in range(1, 101):

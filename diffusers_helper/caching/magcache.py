@@ -5,7 +5,8 @@ where reusing the last residual is predicted to cost little. The prediction need
 of a step's residual magnitude to the previous step's is nearly the same for every video of a model, so it is
 calibrated once (`MAG_RATIOS`) and interpolated to the job's step count. Each step multiplies the ratios since the
 last computed step and adds |1 - that product| to an accumulated error; a step is skipped while the error stays under
-the threshold, at most `max_skip_steps` (K) steps in a row, once the first `retention_ratio` of the steps are done.
+the threshold, at most `max_skip_steps` (K) steps in a row, once the first `retention_ratio` of the steps are done,
+and never on a step whose own ratio is far from 1 (MAX_STEP_CHANGE, as FramePack-Studio).
 First and last steps are always computed. State is kept per cache context ("cond"/"uncond") and reset every
 section; `apply_magcache` installs the hooks once, outside any streaming hooks (models/assembly.py decides the
 order), and `threshold` switches them per job; the hooks are shared with TeaCache (block_stack.py).
@@ -38,6 +39,10 @@ MAG_RATIOS = {
         0.77734,
     ),
 }  # fmt: skip
+
+
+# FramePack-Studio also computes every step whose own calibrated ratio is this far from 1, whatever the error so far.
+MAX_STEP_CHANGE = 0.06
 
 
 def interpolate_ratios(ratios: Sequence[float], steps: int) -> np.ndarray:
@@ -91,10 +96,12 @@ class MagCache(StepCache):
         if edge_step(context) or retained or state.residual is None:
             state.restart()
             return True
-        state.ratio *= float(interpolate_ratios(self.ratios, steps)[context.step_index])
+        ratio = float(interpolate_ratios(self.ratios, steps)[context.step_index])
+        state.ratio *= ratio
         state.error += abs(1.0 - state.ratio)
         state.skips_in_row += 1
-        if state.error < self.threshold and state.skips_in_row <= self.max_skip_steps:
+        steady = abs(1.0 - ratio) <= MAX_STEP_CHANGE
+        if state.error < self.threshold and state.skips_in_row <= self.max_skip_steps and steady:
             return False
         state.restart()
         return True
