@@ -48,6 +48,17 @@ def text(progress_html: str) -> str:
     return re.sub(r"<[^>]+>", "", progress_html).replace("&#x27;", "'")
 
 
+def watching_client(url: str) -> Client:
+    """A client for following a job's progress. It downloads no files: on a busy machine a download can fail, and
+    gradio_client then replaces that whole update with the exception. Videos are read from the app's own path
+    (the app runs on this machine)."""
+    return Client(url, verbose=False, download_files=False)
+
+
+def progress_texts(job) -> list[str]:
+    return [text(output[2]) for output in job.outputs()]
+
+
 def frame_count(path: str) -> int:
     with av.open(path) as container:
         return sum(1 for _ in container.decode(video=0))
@@ -66,10 +77,11 @@ def test_a_complete_job_returns_a_playable_video(app_url, image_file):
 
 
 def test_the_page_names_every_stage_of_a_job(app_url, image_file):
-    client = Client(app_url, verbose=False)
-    job = client.submit(handle_file(str(image_file)), *with_seconds(1.0, steps=2), api_name="/generate")
+    job = watching_client(app_url).submit(
+        handle_file(str(image_file)), *with_seconds(1.0, steps=2), api_name="/generate"
+    )
     job.result(timeout=300)
-    seen = [text(output[2]) for output in job.outputs()]
+    seen = progress_texts(job)
     stages = ["encoding the prompt and image", "section 1 of 1 · sampling step 1/2", "section 1 of 1 · decoding",
               "section 1 of 1 · writing the MP4", "done: 37 frames"]  # fmt: skip
     positions = [next(i for i, line in enumerate(seen) if stage in line) for stage in stages]
@@ -77,15 +89,15 @@ def test_the_page_names_every_stage_of_a_job(app_url, image_file):
 
 
 def test_end_after_the_first_section_returns_the_partial_video(app_url, image_file):
-    client = Client(app_url, verbose=False)
+    client = watching_client(app_url)
     job = client.submit(handle_file(str(image_file)), *with_seconds(4.0, steps=30), api_name="/generate")
     deadline = time.monotonic() + 120
-    while not any("33 frames so far" in text(output[2]) for output in job.outputs()):
+    while not any("33 frames so far" in line for line in progress_texts(job)):
         assert time.monotonic() < deadline and not job.done()
         time.sleep(0.1)
     client.predict(api_name="/end")
     video, _, progress, _, _ = job.result(timeout=120)
-    assert frame_count(video) == 33
+    assert frame_count(video["path"]) == 33
     assert text(progress).startswith("stopped after 1 of 3 sections: 33 frames") and "done" not in text(progress)
 
 
@@ -153,10 +165,11 @@ def test_a_cancelled_job_stops_and_the_next_job_runs_alone(tmp_path, image_file)
     outputs = tmp_path / "outputs"
     with running_app(outputs, tmp_path / "app.log") as app:
         url = app.url
-        client = Client(url, verbose=False)
-        job = client.submit(handle_file(str(image_file)), *with_seconds(4.0, steps=30), api_name="/generate")
+        job = watching_client(url).submit(
+            handle_file(str(image_file)), *with_seconds(4.0, steps=30), api_name="/generate"
+        )
         deadline = time.monotonic() + 120
-        while not any("section 1 of 3 · sampling step 2" in text(output[2]) for output in job.outputs()):
+        while not any("section 1 of 3 · sampling step 2" in line for line in progress_texts(job)):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         job.cancel()
@@ -174,10 +187,11 @@ def test_a_cancelled_job_stops_and_the_next_job_runs_alone(tmp_path, image_file)
 def test_sigterm_stops_the_running_job_and_records_it(tmp_path, image_file):
     outputs = tmp_path / "outputs"
     with running_app(outputs, tmp_path / "app.log") as app:
-        client = Client(app.url, verbose=False)
-        job = client.submit(handle_file(str(image_file)), *with_seconds(4.0, steps=30), api_name="/generate")
+        job = watching_client(app.url).submit(
+            handle_file(str(image_file)), *with_seconds(4.0, steps=30), api_name="/generate"
+        )
         deadline = time.monotonic() + 120
-        while not any("section 2 of 3" in text(output[2]) for output in job.outputs()):
+        while not any("section 2 of 3" in line for line in progress_texts(job)):
             assert time.monotonic() < deadline
             time.sleep(0.05)
         app.process.send_signal(signal.SIGTERM)
