@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from diffusers_helper.acceleration.engine_cache import EngineCache
+from diffusers_helper.acceleration.measure import median_seconds, relative_error
 from diffusers_helper.media.images import example_image
 from diffusers_helper.media.job_files import JobPaths
 from diffusers_helper.models.assembly import assemble
@@ -26,25 +27,12 @@ from diffusers_helper.models.placement import plan_memory
 from diffusers_helper.models.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
 from diffusers_helper.pipeline.engine import FramePackEngine
 from diffusers_helper.settings import GenerationSettings, ModelSettings, TensorRTOptions
-from diffusers_helper.tensorrt_runtime import (
-    TensorRTRuntime,
-    TensorRTTransformer,
-    relative_error,
-)
+from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer
 from tests.gpu.midsize import mid_size_transformer, stack_inputs
 
 
 def median_ms(function, runs: int = 20, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        function()
-    timings = []
-    for _ in range(runs):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        function()
-        torch.cuda.synchronize()
-        timings.append((time.perf_counter() - started) * 1000)
-    return statistics.median(timings)
+    return median_seconds(function, runs, warmup) * 1000
 
 
 def environment(runtime: TensorRTRuntime) -> dict:

@@ -28,6 +28,8 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from diffusers_helper.acceleration.measure import median_seconds, relative_error  # noqa: E402
+
 GIB = 1024**3
 PROMPTS = (
     "a cat walks",
@@ -43,12 +45,6 @@ def device_used() -> int:
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
     return total - free
-
-
-def median_seconds(function, runs: int = 5, warmup: int = 2) -> float:
-    from bench.tensorrt_components import median_ms
-
-    return median_ms(function, runs, warmup) / 1000
 
 
 class PeakSampler:
@@ -99,7 +95,7 @@ def few_blocks(frames: int = 12) -> tuple:
 def probe() -> list[dict]:
     from diffusers_helper.acceleration import tensorrt_backend
     from diffusers_helper.acceleration.engine_cache import EngineCache
-    from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer, relative_error
+    from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer
 
     model, hidden, text, temb, cos, sin = few_blocks()
     tokens = hidden.shape[1]
@@ -206,7 +202,7 @@ def refit() -> list[dict]:
     checked against PyTorch by the runtime and here."""
     from diffusers_helper.acceleration.engine_cache import EngineCache
     from diffusers_helper.models.lora import FusedLoras, read_lora
-    from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer, relative_error
+    from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer
 
     model, hidden, text, temb, cos, sin = few_blocks()
     rows = []
@@ -241,7 +237,7 @@ def save() -> list[dict]:
     """Few blocks: how long saving the engine takes (the retrace Torch-TensorRT needs), loading it back and its
     output against the engine in memory; the device memory the engine takes (activation memory allocated per call)."""
     from diffusers_helper.acceleration.engine_cache import EngineCache
-    from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer, relative_error
+    from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer
 
     model, hidden, text, temb, cos, sin = few_blocks(frames=3)
     with tempfile.TemporaryDirectory() as directory, torch.no_grad():
@@ -308,7 +304,7 @@ def serve() -> dict:
     from diffusers_helper.media.job_files import JobPaths
     from diffusers_helper.pipeline.events import StepProgress
     from diffusers_helper.settings import GenerationSettings, ModelSettings, TensorRTOptions
-    from diffusers_helper.tensorrt_runtime import TensorRTRuntime, relative_error
+    from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

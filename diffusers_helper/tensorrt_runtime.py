@@ -35,6 +35,7 @@ import torch
 import transformers
 
 from .acceleration.engine_cache import ENGINE_SUFFIX, EngineCache, cache_key
+from .acceleration.measure import output_error
 from .acceleration.tensorrt_backend import (
     BASE_SETTINGS,
     COMPONENT_SETTINGS,
@@ -135,15 +136,6 @@ def _class_source_digest(cls: type) -> str:
     except (OSError, TypeError):  # compiled or generated classes: their name is what is known
         source = ""
     return f"{cls.__module__}.{cls.__qualname__}:{hashlib.sha256(source.encode()).hexdigest()}"
-
-
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    expected, actual = expected.float(), actual.float()
-    return ((actual - expected).norm() / expected.norm().clamp_min(1e-12)).item()
-
-
-def _outputs(value) -> list[torch.Tensor]:
-    return list(value) if isinstance(value, (tuple, list)) else [value]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -349,13 +341,13 @@ class TensorRTRuntime:
                 engine, how = self._load(component, key, weights), "loaded"
             if engine is not None and (how == "refitted" or engine.built_with != weights):
                 engine, how = self._refit(component, engine, module, args), "refitted"
-            error = None if engine is None else _error(engine(*args), expected)
+            error = None if engine is None else output_error(engine(*args), expected)
             if error is None or error > TOLERANCES[component]:
                 if how == "refitted":
                     logger.warning("TensorRT %s: %s; building the engine again", component,
                                    "the refit failed" if error is None else f"the refitted engine is off by {error:.3g}")  # fmt: skip
                 engine, how = self._build(component, key, module, args, {**ingredients, "weights": weights}), "built"
-                error = _error(engine(*args), expected)
+                error = output_error(engine(*args), expected)
         if error > TOLERANCES[component]:
             self.cache.reject(key, f"relative error {error:.3g} against PyTorch")
             self.fall_back(component, f"engine output differs from PyTorch (relative error {error:.3g})")
@@ -472,10 +464,6 @@ def _weight_state(module: torch.nn.Module) -> tuple:
             (t.data_ptr(), t._version, float(t.reshape(-1)[:: max(1, t.numel() // 64)].float().sum()))
             for t in [*module.parameters(), *module.buffers()]
         )
-
-
-def _error(actual, expected) -> float:
-    return max(relative_error(a, e) for a, e in zip(_outputs(actual), _outputs(expected), strict=True))
 
 
 def _move(module: torch.nn.Module, device: torch.device) -> None:

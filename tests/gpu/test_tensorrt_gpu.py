@@ -12,6 +12,7 @@ import torch
 
 from diffusers_helper import tensorrt_runtime
 from diffusers_helper.acceleration.engine_cache import EngineCache
+from diffusers_helper.acceleration.measure import relative_error
 from diffusers_helper.media.images import example_image
 from diffusers_helper.media.job_files import JobPaths
 from diffusers_helper.models.assembly import assemble
@@ -21,12 +22,7 @@ from diffusers_helper.models.tiny_preset import TINY_RESOLUTION, ensure_tiny_mod
 from diffusers_helper.pipeline.engine import FramePackEngine
 from diffusers_helper.pipeline.events import Finished
 from diffusers_helper.settings import GenerationSettings, ModelSettings, TensorRTOptions
-from diffusers_helper.tensorrt_runtime import (
-    TensorRTLatentDecoder,
-    TensorRTRuntime,
-    TensorRTTransformer,
-    relative_error,
-)
+from diffusers_helper.tensorrt_runtime import TensorRTLatentDecoder, TensorRTRuntime, TensorRTTransformer
 
 from .midsize import mid_size_transformer, stack_inputs
 

@@ -1,0 +1,43 @@
+"""How accelerated paths are judged against PyTorch: output error, and time measured the same way for every path."""
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """Relative L2 error, in float32."""
+    expected, actual = expected.float(), actual.float()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-12)).item()
+
+
+def output_error(actual, expected) -> float:
+    """The largest relative error over a module's outputs (one tensor, or a tuple of them)."""
+    pairs = zip(_tensors(actual), _tensors(expected), strict=True)
+    return max(relative_error(a, e) for a, e in pairs)
+
+
+def _tensors(value) -> list[torch.Tensor]:
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+def median_seconds(function: Callable[[], object], runs: int = 5, warmup: int = 1) -> float:
+    """The median of `runs` timed calls after `warmup` untimed ones; CUDA work is waited for, so a GPU call is
+    timed to its end rather than to its launch."""
+    for _ in range(warmup):
+        function()
+    timings = []
+    for _ in range(runs):
+        _synchronize()
+        started = time.perf_counter()
+        function()
+        _synchronize()
+        timings.append(time.perf_counter() - started)
+    return statistics.median(timings)
+
+
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
