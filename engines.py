@@ -6,6 +6,7 @@ running `build` again resumes).
 
 import argparse
 import datetime
+import functools
 import json
 import logging
 import sys
@@ -119,8 +120,10 @@ def build_engines(args: argparse.Namespace) -> int:
     quiet_libraries()
     try:
         tensorrt = TensorRTOptions(**{component: component in args.components for component in COMPONENTS})
+        # One-step jobs that exist to build engines: compiling the blocks as well would only cost time.
         models = ModelSettings(variant=args.variants[0], preset=args.preset, models_dir=args.models,
-                               device=args.device, tensorrt=tensorrt, gpu_memory_limit_gb=args.gpu_memory_limit)  # fmt: skip
+                               device=args.device, tensorrt=tensorrt, gpu_memory_limit_gb=args.gpu_memory_limit,
+                               backend="eager")  # fmt: skip
         resolution = args.resolution or default_resolution(args.preset)
         buckets = [parse_bucket(text) for text in args.buckets] if args.buckets else None
         items = plan_items(args.variants, buckets, args.windows, resolution)
@@ -134,7 +137,8 @@ def build_engines(args: argparse.Namespace) -> int:
         return EXIT_BAD_INPUT
     print(f"{len(items)} item(s) into {runtime.cache.directory}", flush=True)
     try:
-        for record in prebuild(models, items, resolution, lambda m: load_engine(m, plan, runtime, keep_video=False), _say):
+        loader = functools.partial(load_engine, plan=plan, runtime=runtime, keep_video=False)
+        for record in prebuild(models, items, resolution, loader, _say):
             logging.getLogger("diffusers_helper").debug("%s", json.dumps(record))
     except ModelsUnavailable as error:
         print(f"error: {error}", file=sys.stderr)

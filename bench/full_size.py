@@ -4,6 +4,7 @@ host memory, load time.
 
     python bench/full_size.py                                  # resident, then 24, 16, 12, 8 and 6 GB
     python bench/full_size.py --limits 8 6 --seconds 1 --steps 4 --out /tmp/full
+    python bench/full_size.py --backend auto                   # the blocks as --backend runs them (default: eager)
 Prints a table; writes full_size.jsonl and full_size.md (the table) into --out.
 """
 
@@ -24,7 +25,7 @@ sys.path.insert(0, str(REPO))
 GIB = 1024**3
 
 
-def run_one(limit: float | None, seconds: float, steps: int, out: Path) -> dict:
+def run_one(limit: float | None, seconds: float, steps: int, backend: str, out: Path) -> dict:
     """One job in this process; the figures as a dict."""
     import torch
 
@@ -46,7 +47,7 @@ def run_one(limit: float | None, seconds: float, steps: int, out: Path) -> dict:
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers_helper").setLevel(logging.DEBUG)  # a failure's traceback goes to stderr
-    models = ModelSettings(preset="full-random", device="cuda", gpu_memory_limit_gb=limit)
+    models = ModelSettings(preset="full-random", device="cuda", gpu_memory_limit_gb=limit, backend=backend)
     plan = plan_for(models)
     started = time.perf_counter()
     engine = load_engine(models, plan, None, keep_video=False)  # no PyAV on the GPU machine: MP4s are timed on the CPU
@@ -93,6 +94,7 @@ def run_one(limit: float | None, seconds: float, steps: int, out: Path) -> dict:
         "peak_gpu_reserved_gb": round(torch.cuda.max_memory_reserved() / GIB, 2),
         "peak_host_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2),
         "pinned_host_gb": round(engine.models.placement.pinned_bytes / GIB, 2),
+        "transformer": engine.models.backends()["transformer"],
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
     }  # fmt: skip
 
@@ -133,18 +135,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--out", type=Path, default=Path("/tmp/full_size"))
+    parser.add_argument("--backend", choices=("eager", "auto", "compile"), default="eager")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: run one limit, print its JSON
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.one is not None:
         limit = None if args.one == "resident" else float(args.one)
-        print("RESULT " + json.dumps(run_one(limit, args.seconds, args.steps, args.out)), flush=True)
+        print("RESULT " + json.dumps(run_one(limit, args.seconds, args.steps, args.backend, args.out)), flush=True)
         return
     rows = []
     for limit in args.limits:
         print(f"limit {limit}:", flush=True)
         command = [sys.executable, __file__, "--one", limit, "--seconds", str(args.seconds), "--steps",
-                   str(args.steps), "--out", str(args.out)]  # fmt: skip
+                   str(args.steps), "--backend", args.backend, "--out", str(args.out)]  # fmt: skip
         done = _heartbeat(f"limit {limit}")
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         done.set()

@@ -14,6 +14,9 @@ LORAS_DIR = REPO_ROOT / "loras"  # the app's LoRA folder
 VARIANTS = ("framepack", "f1")
 STEP_CACHES = ("teacache", "magcache", "off")
 DEVICES = ("auto", "cpu", "cuda")
+# How the transformer's blocks run when they are not a TensorRT engine: torch.compile where it is measured faster
+# (auto; on a GPU), always compiled, or PyTorch eager.
+BACKENDS = ("auto", "compile", "eager")
 PRESETS = {
     "tiny": "tiny preset (random weights: expect noise)",
     "full-random": "full-size random preset (real sizes and speed, random weights: expect noise)",
@@ -156,12 +159,19 @@ class ModelSettings:
     device: str = "auto"
     tensorrt: TensorRTOptions = TensorRTOptions()
     gpu_memory_limit_gb: float | None = None  # checked against the card when memory is planned
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise InvalidSettings(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.device not in DEVICES:
             raise InvalidSettings(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.backend not in BACKENDS:
+            raise InvalidSettings(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "compile" and self.tensorrt.transformer:
+            raise InvalidSettings(
+                "--backend compile and --tensorrt-transformer both choose how the transformer runs; pick one"
+            )
         if self.preset is not None and self.preset not in PRESETS:
             raise InvalidSettings(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
         if self.preset and self.models_dir:

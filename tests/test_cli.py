@@ -194,6 +194,23 @@ def test_tensorrt_flags_need_enable_tensorrt(capsys, image_file, tmp_path):
     assert err.strip() == "error: --tensorrt-transformer needs --enable-tensorrt"
 
 
+def test_backend_compile_runs_the_job_and_says_what_the_blocks_ran_on(capsys, image_file, tmp_path):
+    output = tmp_path / "x.mp4"
+    flags = ("--seconds", "1", "--steps", "2", "--resolution", "128", "--backend", "compile")
+    code, err = run_main(capsys, "--preset", "tiny", "--image", image_file, "--output", output, *flags)
+    assert code == 0 and err.strip().endswith("transformer blocks: torch.compile")
+    assert json.loads(output.with_suffix(".json").read_text())["components"]["transformer"] == "torch.compile"
+
+
+def test_backend_compile_and_the_tensorrt_transformer_are_one_choice_too_many(capsys, image_file, tmp_path):
+    flags = ("--enable-tensorrt", "--tensorrt-transformer", "--backend", "compile")
+    code, err = run_main(capsys, "--preset", "tiny", "--image", image_file, "--output", tmp_path / "x.mp4", *flags)
+    assert code == 2 and not (tmp_path / "x.mp4").exists()
+    assert err.strip() == (
+        "error: --backend compile and --tensorrt-transformer both choose how the transformer runs; pick one"
+    )
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on machines without CUDA")
 def test_tensorrt_without_a_gpu_falls_back_and_the_video_completes(image_file, tmp_path):
     output = tmp_path / "x.mp4"

@@ -64,7 +64,8 @@ def filled_cache(tmp_path, tiny_root, monkeypatch):
 def test_list_shows_component_shapes_size_and_last_use(filled_cache, capsys):
     assert engines.main(["list"]) == 0
     out = capsys.readouterr().out
-    assert "2 engine(s)" in out and out.count("transformer") == 2 and "1x1024x32" in out  # the text padded to one length
+    # the text padded to one length
+    assert "2 engine(s)" in out and out.count("transformer") == 2 and "1x1024x32" in out
 
 
 def test_prune_by_age_size_component_and_all(filled_cache, capsys):

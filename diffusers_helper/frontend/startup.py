@@ -8,7 +8,16 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..settings import DEVICES, PRESETS, VARIANTS, GenerationSettings, InvalidSettings, ModelSettings, TensorRTOptions
+from ..settings import (
+    BACKENDS,
+    DEVICES,
+    PRESETS,
+    VARIANTS,
+    GenerationSettings,
+    InvalidSettings,
+    ModelSettings,
+    TensorRTOptions,
+)
 
 if TYPE_CHECKING:
     from ..models.placement import MemoryPlan
@@ -25,6 +34,14 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         help="framepack: generates end to start (anti-drifting); f1: generates forward (default: %(default)s)",
     )
     add_model_source_arguments(models)
+    models.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="how the transformer's blocks run when they are not a TensorRT engine: auto = torch.compile where it "
+        "measured faster than PyTorch on this GPU (measured once, remembered beside the engine cache; PyTorch on the "
+        "CPU), compile = always torch.compile, eager = plain PyTorch (default: %(default)s)",
+    )
     tensorrt = parser.add_argument_group("TensorRT (see docs/tensorrt.md)")
     tensorrt.add_argument(
         "--enable-tensorrt", action="store_true", help="TensorRT engines for the VAE encoder and decoder (default: off)"
@@ -95,7 +112,7 @@ def model_settings(args: argparse.Namespace) -> ModelSettings:
     tensorrt = TensorRTOptions.from_flags(args.enable_tensorrt, args.tensorrt_text_encoders, args.tensorrt_transformer)
     return ModelSettings(
         variant=args.variant, preset=args.preset, models_dir=args.models, device=args.device, tensorrt=tensorrt,
-        gpu_memory_limit_gb=args.gpu_memory_limit,
+        gpu_memory_limit_gb=args.gpu_memory_limit, backend=args.backend,
     )  # fmt: skip
 
 

@@ -1,7 +1,8 @@
 """Assembly: the one place that decides what wraps the transformer, and in which order.
 
 Hooks on the transformer's blocks nest in registration order, so the order is the design:
-1. the TensorRT block stack (innermost: the first block runs the whole compiled stack),
+1. the TensorRT block stack (innermost: the first block runs the whole compiled stack), or else torch.compile's
+   compiled block forwards (`--backend`),
 2. streaming (a streamed block's weights arrive just before it runs),
 3. the step caches (outermost: TeaCache and MagCache decide around the stack, compiled or streamed, so a skipped
    step calls no streamed block and moves no weights; TeaCache reads the first block, which therefore always stays
@@ -11,11 +12,13 @@ The VAE and text-encoder wrappers are swapped in first and the output head is ke
 weights where the plan put them (models/lora.py).
 """
 
+import logging
 from dataclasses import dataclass
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from ..acceleration.compiled_blocks import CHOICES_FILE, BackendChoices, CompiledBlocks, compile_unavailable
 from ..caching.magcache import MAG_RATIOS, MagCache, apply_magcache
 from ..caching.teacache import TeaCache, apply_teacache, modules_read
 from ..settings import ModelSettings, TensorRTOptions
@@ -25,11 +28,14 @@ from ..tensorrt_runtime import (
     TensorRTLatentEncoder,
     TensorRTRuntime,
     TensorRTTextEncoder,
+    default_cache_dir,
     install_transformer_stack,
 )
 from .components import Components
 from .lora import FusedLoras
 from .placement import MemoryPlan, Placement, place_components
+
+logger = logging.getLogger(__name__)
 
 FLOAT32_HEAD_HOOK = "float32_output_head"
 TENSORRT_COMPONENTS = {
@@ -51,6 +57,7 @@ class AssembledModels:
     settings: ModelSettings
     runtime: TensorRTRuntime | None
     loras: FusedLoras
+    compiled: CompiledBlocks | None = None
 
     def describe(self) -> str:
         """One line for people: which models, from where, on what device, in which dtypes, what streams."""
@@ -62,6 +69,8 @@ class AssembledModels:
         """What each model runs on, and why (for the sidecar and status displays)."""
         names = ("text_encoder", "text_encoder_2", "image_encoder", "vae_encoder", "vae_decoder", "transformer")
         report = dict.fromkeys(names, "PyTorch")
+        if self.compiled is not None:
+            report["transformer"] = self.compiled.describe()
         if self.runtime is not None:
             report.update({name: status.describe() for name, status in self.runtime.status.items()})
         return report
@@ -80,12 +89,34 @@ def assemble(
             runtime.cannot_serve(requested_components(settings.tensorrt), unavailable)
         else:
             accelerate(components, settings.tensorrt, runtime, offloading=plan.offload)
+    compiled = compile_blocks(components.transformer, settings, plan.device)
     keep_output_head_float32(components.transformer)
     placement = place_components(components, plan)
     teacache = apply_teacache(components.transformer)
     magcache = apply_magcache(components.transformer, MAG_RATIOS[components.variant])
     loras = FusedLoras(components.transformer)
-    return AssembledModels(components, plan, placement, teacache, magcache, settings, runtime, loras)
+    return AssembledModels(components, plan, placement, teacache, magcache, settings, runtime, loras, compiled)
+
+
+def compile_blocks(
+    transformer: torch.nn.Module, settings: ModelSettings, device: torch.device
+) -> CompiledBlocks | None:
+    """torch.compile on the transformer's blocks as `--backend` asks: `auto` only on a GPU (compiling on the CPU
+    costs more than it saves) and never where the TensorRT stack runs the blocks."""
+    if (
+        settings.backend == "eager"
+        or settings.tensorrt.transformer
+        or (settings.backend == "auto" and device.type != "cuda")
+    ):
+        return None
+    unavailable = compile_unavailable(device)
+    if unavailable:
+        if settings.backend == "compile":
+            logger.warning("%s; the transformer blocks run in PyTorch", unavailable)
+        return None
+    compiled = CompiledBlocks(settings.backend, BackendChoices(default_cache_dir() / CHOICES_FILE))
+    compiled.install(transformer)
+    return compiled
 
 
 def requested_components(options: TensorRTOptions) -> list[str]:

@@ -19,7 +19,7 @@ HEIGHT, WIDTH, WINDOW, TEXT_TOKENS = 544 // 8, 704 // 8, 9, 120
 def main() -> None:
     quiet_libraries()
     limit = float(sys.argv[2]) if len(sys.argv) > 2 else None
-    settings = ModelSettings(preset="full-random", device="cuda", gpu_memory_limit_gb=limit)
+    settings = ModelSettings(preset="full-random", device="cuda", gpu_memory_limit_gb=limit, backend="eager")
     engine = load_engine(settings, plan_for(settings), None)
     transformer = engine.components.transformer
     generator = torch.Generator("cpu").manual_seed(0)

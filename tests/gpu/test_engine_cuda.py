@@ -1,4 +1,4 @@
-"""The tiny preset end to end on a CUDA GPU: resident and offloaded, both section orders."""
+"""The tiny preset end to end on a CUDA GPU: resident and offloaded, both section orders, eager and compiled."""
 
 import numpy as np
 import pytest
@@ -25,11 +25,12 @@ class FrameSink:
         self.frames.append(frames)
 
 
-def run_tiny(variant, plan, tmp_path, seconds=2.0):
+def run_tiny(variant, plan, tmp_path, seconds=2.0, backend="eager"):
     tmp_path.mkdir(parents=True, exist_ok=True)
     components = load_components(variant, ensure_tiny_models(), plan.dtypes())
     sink = FrameSink()
-    engine = FramePackEngine(assemble(components, plan, ModelSettings(variant, preset="tiny")), write_video=sink)
+    models = assemble(components, plan, ModelSettings(variant, preset="tiny", backend=backend))
+    engine = FramePackEngine(models, write_video=sink)
     settings = GenerationSettings(prompt="a cat walks", seconds=seconds, resolution=TINY_RESOLUTION, variant=variant)
     events = list(engine.generate(example_image(), settings, JobPaths.for_video(tmp_path / "x.mp4")))
     return settings, events, sink, components
@@ -92,3 +93,31 @@ def test_switching_variant_frees_the_old_models_first(tmp_path):
     assert isinstance(events[-1], Finished), events[-1]
     print(f"one set of models {one_set / 2**20:.2f} MiB, peak while switching {peaks[0] / 2**20:.2f} MiB")
     assert peaks[0] < one_set * 1.5  # both sets at once would be 2x
+
+
+def test_auto_backend_measures_compile_on_the_gpu_remembers_it_and_makes_the_eager_video(tmp_path, monkeypatch):
+    """The default backend on a GPU: torch.compile is checked and timed against eager once per block class and
+    shape, resident and streamed, and the video is eager's."""
+    import json
+
+    from diffusers_helper.acceleration.compiled_blocks import CHOICES_FILE
+
+    monkeypatch.setenv("FRAMEPACK_TENSORRT_CACHE_DIR", str(tmp_path / "engines"))
+    _, _, eager, _ = run_tiny("framepack", plan_memory("cuda"), tmp_path / "eager", 1.0)
+    for name, plan in (
+        ("resident", plan_memory("cuda")),
+        ("streamed", plan_memory("cuda", preserve_gb=8.0, free_gb=8.0)),
+    ):
+        _, events, sink, _ = run_tiny("framepack", plan, tmp_path / name, 1.0, backend="auto")
+        assert isinstance(events[-1], Finished), events[-1]
+        difference = np.abs(sink.frames[-1].astype(int) - eager.frames[-1].astype(int))
+        print(f"auto backend ({name}) against eager: mean {difference.mean():.3f}, max {difference.max()} levels")
+        assert difference.mean() < 0.5
+    records = [json.loads(line) for line in (tmp_path / "engines" / CHOICES_FILE).read_text().splitlines()]
+    print(json.dumps(records, indent=1))
+    assert {r["key"]["block"].rsplit(".", 1)[1] for r in records} == {
+        "HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"
+    }  # fmt: skip
+    assert all(r["key"]["device"] == torch.cuda.get_device_name() and r["relative_error"] < 0.02 for r in records)
+    # the streamed run found every measurement of the resident one
+    assert len(records) == len({(r["key"]["block"], tuple(r["key"]["shape"])) for r in records})

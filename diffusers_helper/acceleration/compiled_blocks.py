@@ -1,0 +1,203 @@
+"""torch.compile (Inductor) for the transformer's blocks, used where it is measured faster than PyTorch eager.
+
+Regional compilation, as diffusers' `compile_repeated_blocks` does it (that method needs a model that lists its
+repeated blocks, and FramePack's transformer does not): one compiled forward per block class, shared by the 20 dual-
+and 40 single-stream blocks. It runs as each block's innermost hook, so streaming brings a block's weights before the
+compiled code runs, the step caches decide around it, and a LoRA fused into the weights in place reaches it (the
+compiled code takes the weights as inputs; nothing is frozen into it).
+
+The first call of a block class at a new latent shape is checked: the compiled output against eager's (relative L2
+error at most TOLERANCE). Under `auto` both are also timed there, and the faster serves that class and shape; the
+measurement is remembered (`BackendChoices`) per GPU, torch version, block class and shape, so a later process that
+found eager faster does not compile at all. A compile that fails (no Triton, an Inductor error) or is wrong costs one
+warning and leaves every block eager for the rest of the process.
+"""
+
+import importlib.util
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers.hooks import HookRegistry, ModelHook
+from filelock import FileLock
+
+from .measure import median_seconds, output_error
+
+logger = logging.getLogger(__name__)
+
+TOLERANCE = 0.02  # bf16 blocks differ from eager by well under 1% when compiled right
+COMPILE_HOOK = "compiled_block"
+CHOICES_FILE = "backend_choices.jsonl"  # in the engine cache directory (not `.json`: that suffix is an engine entry's)
+TIMED_RUNS = 3
+
+
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot serve on this device, if it cannot: Inductor's GPU kernels are Triton's."""
+    if device.type == "cuda" and importlib.util.find_spec("triton") is None:
+        return "torch.compile needs Triton on a GPU (pip install triton; on Windows, triton-windows)"
+    return None
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One block class at one shape, eager against compiled, on this GPU."""
+
+    eager_seconds: float
+    compiled_seconds: float
+    relative_error: float
+
+    @property
+    def speedup(self) -> float:
+        return self.eager_seconds / self.compiled_seconds
+
+    @property
+    def chosen(self) -> str:
+        return "compile" if self.compiled_seconds < self.eager_seconds else "eager"
+
+
+class BackendChoices:
+    """Measurements remembered in a JSON-lines file: one line per measurement, the last line for a key wins. Lines
+    are appended under a file lock, so processes sharing the cache directory never interleave them; a line that does
+    not parse (a write cut short) is skipped."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def lookup(self, key: dict) -> Measurement | None:
+        found = None
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            return None
+        for line in lines:
+            try:
+                record = json.loads(line)
+                if record["key"] == key:
+                    found = Measurement(record["eager_s"], record["compiled_s"], record["relative_error"])
+            except (ValueError, KeyError, TypeError):
+                continue
+        return found
+
+    def remember(self, key: dict, measurement: Measurement) -> None:
+        record = {"key": key, "eager_s": measurement.eager_seconds, "compiled_s": measurement.compiled_seconds,
+                  "relative_error": measurement.relative_error, "chosen": measurement.chosen,
+                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(self.path.with_name(self.path.name + ".lock")), open(self.path, "a") as file:
+            file.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+class CompiledBlocks:
+    """The compiled forwards of the transformer's block classes, and which of them serve: always once checked
+    (`compile`), or where measured faster (`auto`)."""
+
+    def __init__(self, mode: str, choices: BackendChoices | None = None) -> None:
+        self.mode = mode
+        self.choices = choices
+        self.failure: str | None = None
+        self.measurements: list[Measurement] = []
+        self._compiled: dict[type, Callable] = {}
+        self._decisions: dict[tuple, str] = {}
+
+    def install(self, transformer: torch.nn.Module) -> None:
+        """Each block's innermost hook: install before streaming and the step caches."""
+        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+            HookRegistry.check_if_exists_or_initialize(block).register_hook(_CompiledBlockHook(self), COMPILE_HOOK)
+
+    def forward(self, module: torch.nn.Module, eager: Callable, args: tuple, kwargs: dict):
+        if self.failure is not None:
+            return eager(*args, **kwargs)
+        shape = (type(module), tuple(args[0].shape), args[0].dtype)
+        decision = self._decisions.get(shape) or self._decide(shape, module, eager, args, kwargs)
+        if decision == "eager" or self.failure is not None:
+            return eager(*args, **kwargs)
+        try:
+            return self._compiled_forward(module)(module, *args, **kwargs)
+        except Exception as error:  # a recompile for a new text length can fail like the first compile
+            self._fail(error)
+            return eager(*args, **kwargs)
+
+    def _compiled_forward(self, module: torch.nn.Module) -> Callable:
+        return self._compiled.setdefault(type(module), torch.compile(type(module).forward))
+
+    def _decide(self, shape: tuple, module: torch.nn.Module, eager: Callable, args: tuple, kwargs: dict) -> str:
+        key = self._key(shape, args[0].device)
+        remembered = self.choices.lookup(key) if self.mode == "auto" and self.choices is not None else None
+        if remembered is not None and remembered.chosen == "eager":
+            self.measurements.append(remembered)
+            return self._decisions.setdefault(shape, "eager")
+
+        def run_eager():
+            return eager(*args, **kwargs)
+
+        def run_compiled():
+            return self._compiled_forward(module)(module, *args, **kwargs)
+
+        try:
+            error = output_error(run_compiled(), run_eager())
+        except Exception as failure:
+            self._fail(failure)
+            return "eager"
+        if error > TOLERANCE:
+            self._fail(f"its output differs from PyTorch's by {error:.1%} (allowed: {TOLERANCE:.0%})")
+            return "eager"
+        if self.mode == "compile":
+            return self._decisions.setdefault(shape, "compile")
+        if remembered is None:
+            remembered = Measurement(median_seconds(run_eager, TIMED_RUNS), median_seconds(run_compiled, TIMED_RUNS),
+                                     error)  # fmt: skip
+            self._remember(key, remembered)
+        self.measurements.append(remembered)
+        logger.info("%s at %s: torch.compile %.2fx PyTorch, so %s serves it", shape[0].__name__,
+                    "x".join(map(str, shape[1])), remembered.speedup, remembered.chosen)  # fmt: skip
+        return self._decisions.setdefault(shape, remembered.chosen)
+
+    def _key(self, shape: tuple, device: torch.device) -> dict:
+        block, size, dtype = shape
+        gpu = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
+        return {"device": gpu.name if gpu else "cpu", "compute_capability": f"{gpu.major}.{gpu.minor}" if gpu else None,
+                "torch": torch.__version__, "block": f"{block.__module__}.{block.__qualname__}", "shape": list(size),
+                "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+
+    def _remember(self, key: dict, measurement: Measurement) -> None:
+        try:
+            self.choices.remember(key, measurement)
+        except OSError as error:
+            logger.warning("could not remember the torch.compile measurement in %s (%s); the next process measures "
+                           "again", self.choices.path, error)  # fmt: skip
+
+    def _fail(self, reason) -> None:
+        if isinstance(reason, BaseException):
+            first_line = (str(reason).strip().splitlines() or [""])[0][:300]
+            reason = f"{type(reason).__name__}: {first_line}"
+        self.failure = reason
+        logger.warning("torch.compile cannot serve the transformer blocks (%s); they run in PyTorch", reason)
+
+    def describe(self) -> str:
+        """What the blocks run on, for status lines and the sidecar."""
+        if self.failure is not None:
+            return f"PyTorch (torch.compile failed: {self.failure})"
+        chosen = set(self._decisions.values())
+        if not chosen:
+            return "torch.compile (checked on first use)" if self.mode == "compile" else (
+                "PyTorch or torch.compile, whichever is faster (measured on first use)")  # fmt: skip
+        speedups = ", ".join(f"{m.speedup:.2f}x" for m in self.measurements)
+        measured = f" (torch.compile measured {speedups} PyTorch on this device)" if speedups else ""
+        if chosen == {"compile"}:
+            return f"torch.compile{measured}"
+        if chosen == {"eager"}:
+            return f"PyTorch{measured}"
+        return f"torch.compile for some block shapes, PyTorch for others{measured}"
+
+
+class _CompiledBlockHook(ModelHook):
+    def __init__(self, blocks: CompiledBlocks) -> None:
+        super().__init__()
+        self.blocks = blocks
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        return self.blocks.forward(module, self.fn_ref.original_forward, args, kwargs)

@@ -1,0 +1,153 @@
+"""torch.compile for the transformer's blocks (`--backend`): checked against eager, chosen by measurement, remembered,
+and eager whenever it cannot serve. Real Inductor on the CPU; a stand-in for torch.compile only where the test is
+about our fallback (a wrong or failing compile)."""
+
+import itertools
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from diffusers_helper.acceleration import compiled_blocks
+from diffusers_helper.acceleration.compiled_blocks import (
+    COMPILE_HOOK,
+    BackendChoices,
+    CompiledBlocks,
+    Measurement,
+)
+from diffusers_helper.media.images import example_image
+from diffusers_helper.media.job_files import JobPaths
+from diffusers_helper.models.assembly import assemble
+from diffusers_helper.models.components import load_components
+from diffusers_helper.models.placement import plan_memory
+from diffusers_helper.pipeline.engine import FramePackEngine
+from diffusers_helper.pipeline.events import Finished
+from diffusers_helper.settings import GenerationSettings, InvalidSettings, ModelSettings, TensorRTOptions
+from tests.conftest import FrameSink
+
+SETTINGS = GenerationSettings(prompt="a cat walks", seconds=1.0, steps=3, resolution=128, step_cache="off")
+JOBS = itertools.count()
+
+
+def tiny_engine(tiny_root, backend: str) -> FramePackEngine:
+    plan = plan_memory("cpu")
+    models = assemble(load_components("framepack", tiny_root, plan.dtypes()), plan, ModelSettings(preset="tiny"))
+    if backend != "eager":
+        models.compiled = CompiledBlocks(backend)
+        models.compiled.install(models.components.transformer)
+    return FramePackEngine(models, write_video=FrameSink())
+
+
+def frames(engine: FramePackEngine, tmp_path) -> np.ndarray:
+    paths = JobPaths.for_video(tmp_path / f"{next(JOBS)}.mp4")
+    events = list(engine.generate(example_image(128, 128), SETTINGS, paths))
+    assert isinstance(events[-1], Finished)
+    return engine.write_video.last
+
+
+def blocks(engine: FramePackEngine) -> list[torch.nn.Module]:
+    transformer = engine.models.components.transformer
+    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+
+
+def test_a_compiled_job_makes_the_eager_video_and_says_so(tiny_root, tmp_path):
+    eager = frames(tiny_engine(tiny_root, "eager"), tmp_path)
+    engine = tiny_engine(tiny_root, "compile")
+    compiled = frames(engine, tmp_path)
+    assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 2  # float32 reassociation, nothing more
+    assert engine.models.backends()["transformer"] == "torch.compile"
+    assert set(engine.models.compiled._decisions.values()) == {"compile"}
+    assert all(COMPILE_HOOK in block._diffusers_hook.hooks for block in blocks(engine))
+
+
+def test_the_compiled_blocks_read_the_weights_as_they_are_now(tiny_root, tmp_path):
+    """A LoRA is fused in place: compiled code that froze the weights would give the old output."""
+    engine = tiny_engine(tiny_root, "compile")
+    before = frames(engine, tmp_path)
+    reference = tiny_engine(tiny_root, "eager")
+    for block in (blocks(engine)[0], blocks(reference)[0]):
+        with torch.no_grad():
+            block.ff.net[2].weight.mul_(3.0)
+    changed, expected = frames(engine, tmp_path), frames(reference, tmp_path)
+    assert np.abs(changed.astype(int) - before.astype(int)).max() > 20
+    assert np.abs(changed.astype(int) - expected.astype(int)).max() <= 2
+
+
+def test_auto_measures_once_remembers_and_a_later_process_that_found_eager_faster_does_not_compile(
+    tiny_root, tmp_path, monkeypatch
+):
+    choices = BackendChoices(tmp_path / "engines" / compiled_blocks.CHOICES_FILE)
+    engine = tiny_engine(tiny_root, "eager")
+    engine.models.compiled = CompiledBlocks("auto", choices)
+    engine.models.compiled.install(engine.models.components.transformer)
+    frames(engine, tmp_path)
+    records = [json.loads(line) for line in choices.path.read_text().splitlines()]
+    shapes = {(r["key"]["block"].rsplit(".", 1)[1], tuple(r["key"]["shape"])) for r in records}
+    assert {block for block, _ in shapes} == {"HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"}
+    assert len(records) == len(shapes)  # measured once per block class and shape, not once per block or step
+    assert all(r["chosen"] in ("compile", "eager") and r["relative_error"] < 0.02 for r in records)
+    assert "torch.compile measured" in engine.models.backends()["transformer"]
+
+    slower = [{**r, "compiled_s": r["eager_s"] * 2, "chosen": "eager"} for r in records]
+    choices.path.write_text("".join(json.dumps(r) + "\n" for r in [*records, *slower]))
+    monkeypatch.setattr(compiled_blocks.torch, "compile", lambda *a, **k: pytest.fail("compiled though eager won"))
+    later = tiny_engine(tiny_root, "eager")
+    later.models.compiled = CompiledBlocks("auto", choices)
+    later.models.compiled.install(later.models.components.transformer)
+    frames(later, tmp_path)
+    assert later.models.backends()["transformer"].startswith("PyTorch (torch.compile measured 0.50x")
+    assert choices.path.read_text().count("\n") == 2 * len(records)  # nothing measured again
+
+
+def test_a_compile_that_is_wrong_or_fails_leaves_the_eager_video_with_one_warning(
+    tiny_root, tmp_path, monkeypatch, caplog
+):
+    expected = frames(tiny_engine(tiny_root, "eager"), tmp_path)
+
+    def doubling(function):
+        return lambda *args, **kwargs: tuple(2 * t for t in function(*args, **kwargs))
+
+    def failing(function):
+        def run(*args, **kwargs):
+            raise RuntimeError("Cannot find a working triton installation\nmore detail")
+
+        return run
+
+    for stand_in, reason in ((doubling, "output differs from PyTorch's by 100.0%"), (failing, "RuntimeError: Cannot")):
+        monkeypatch.setattr(compiled_blocks.torch, "compile", stand_in)
+        caplog.clear()
+        engine = tiny_engine(tiny_root, "compile")
+        assert np.array_equal(frames(engine, tmp_path), expected)
+        assert reason in engine.models.backends()["transformer"]
+        assert engine.models.backends()["transformer"].startswith("PyTorch (torch.compile failed:")
+        warnings = [r for r in caplog.records if "torch.compile cannot serve" in r.getMessage()]
+        assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+
+
+def test_remembered_choices_take_the_last_line_for_a_key_and_skip_broken_lines(tmp_path):
+    choices = BackendChoices(tmp_path / "choices.jsonl")
+    key, other = {"block": "a", "shape": [1, 2]}, {"block": "b", "shape": [1, 2]}
+    assert choices.lookup(key) is None
+    choices.remember(key, Measurement(1.0, 0.5, 0.001))
+    choices.remember(other, Measurement(1.0, 2.0, 0.001))
+    choices.remember(key, Measurement(1.0, 1.25, 0.002))
+    with open(choices.path, "a") as file:
+        file.write('{"key": {"block": "a", "shape": [1, 2]}, "eager_s": 1.0, "comp')  # a write cut short
+    assert choices.lookup(key) == Measurement(1.0, 1.25, 0.002) and choices.lookup(key).chosen == "eager"
+    assert choices.lookup(other).chosen == "eager" and Measurement(1.0, 0.5, 0.0).chosen == "compile"
+
+
+def test_auto_compiles_nothing_on_the_cpu_and_compile_conflicts_with_the_tensorrt_transformer(tiny_root):
+    plan = plan_memory("cpu")
+    for backend in ("auto", "eager"):
+        models = assemble(load_components("framepack", tiny_root, plan.dtypes()), plan, ModelSettings(backend=backend))
+        assert models.compiled is None and models.backends()["transformer"] == "PyTorch"
+        assert not any(COMPILE_HOOK in b._diffusers_hook.hooks for b in blocks(FramePackEngine(models)))
+    models = assemble(load_components("framepack", tiny_root, plan.dtypes()), plan, ModelSettings(backend="compile"))
+    assert models.backends()["transformer"] == "torch.compile (checked on first use)"
+    with pytest.raises(InvalidSettings, match="--backend compile and --tensorrt-transformer"):
+        ModelSettings(backend="compile", tensorrt=TensorRTOptions(True, False, True))
+    with pytest.raises(InvalidSettings, match="backend must be one of auto, compile, eager"):
+        ModelSettings(backend="inductor")
+    assert ModelSettings(tensorrt=TensorRTOptions(True, False, True)).backend == "auto"
