@@ -30,14 +30,14 @@ def median_seconds(function: Callable[[], object], runs: int = 5, warmup: int = 
         function()
     timings = []
     for _ in range(runs):
-        _synchronize()
+        synchronize()
         started = time.perf_counter()
         function()
-        _synchronize()
+        synchronize()
         timings.append(time.perf_counter() - started)
     return statistics.median(timings)
 
 
-def _synchronize() -> None:
+def synchronize() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()

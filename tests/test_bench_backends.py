@@ -1,0 +1,28 @@
+"""The all-backends benchmark runs end to end on the tiny preset (CPU): every row, its table and its chart."""
+
+import json
+
+from bench import backends
+
+
+def test_the_backends_bench_times_every_row_and_draws_the_chart(tmp_path):
+    out = tmp_path / "out"
+    flags = ["--preset", "tiny", "--device", "cpu", "--configs", "eager", "--seconds", "1", "--steps", "4"]
+    assert backends.main([*flags, "--runs", "1", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in (out / "backends.jsonl").read_text().splitlines()]
+    assert [row["config"] for row in rows] == [
+        "eager", "eager, flash attention", "eager, efficient attention", "eager, cudnn attention",
+        "eager, teacache 0.1", "eager, teacache 0.15", "eager, teacache 0.25", "eager, magcache 0.1",
+    ]  # fmt: skip
+    eager = rows[0]
+    for column in ("text_encoding_s", "image_encoding_s", "vae_encoding_s", "vae_decode_s_per_section",
+                   "transformer_call_s", "s_per_step", "s_per_section", "video_s"):  # fmt: skip
+        assert eager[column] > 0, column
+    assert eager["transformer_tflop"] > 0 and eager["achieved_tflops"] > 0 and eager["sections"] == 1
+    assert eager["backends"]["transformer"] == "PyTorch" and eager["preset"] == "tiny"
+    assert "No viable backend" in rows[2]["error"]  # PyTorch has no efficient attention kernel on the CPU
+    caches = [row["step_cache"] for row in rows[4:]]
+    assert all(cache["computed"] + cache["skipped"] == 4 for cache in caches)
+    table = (out / "backends.md").read_text()
+    assert table.startswith("| backend | s_per_step |") and "| eager |" in table and "1.00x" in table
+    assert (out / "backends.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
