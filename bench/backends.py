@@ -7,11 +7,11 @@
 For each backend (`eager`: PyTorch; `compile`: torch.compile of the transformer blocks; `tensorrt`: Torch-TensorRT
 engines for every component) it times, after a warm-up, as medians: text encoding, image encoding, VAE encoding,
 one transformer call (with its FLOPs counted by PyTorch and the TFLOP/s that makes), a job's steps and sections (the
-VAE decode of a section separately) and the whole video. The eager process also times a short job under each of
-PyTorch's attention kernels (flash, efficient, cuDNN) and the step caches (TeaCache at three thresholds, MagCache);
-with random weights a step cache's skips show its mechanics, not the skips real weights would allow. The bf16 matrix
-rate of the chip is measured in the same run. Prints a table; writes backends.jsonl, backends.md (the table) and
-backends.png (time per step and per section by row) into --out.
+VAE decode of a section separately), the time from Start to the first preview and the whole video. The eager process
+also times a short job under each of PyTorch's attention kernels (flash, efficient, cuDNN) and the step caches
+(TeaCache at three thresholds, MagCache); with random weights a step cache's skips show its mechanics, not the skips
+real weights would allow. The bf16 matrix rate of the chip is measured in the same run. Prints a table; writes
+backends.jsonl, backends.md (the table) and backends.png (time per step and per section by row) into --out.
 """
 
 import argparse
@@ -115,7 +115,7 @@ def _job(engine, image, settings) -> dict:
     from diffusers_helper.media.job_files import JobPaths
     from diffusers_helper.pipeline.events import DECODING, Failed, StageStarted, StepProgress
 
-    marks, steps = [], []
+    marks, steps, first_preview = [], [], None
     paths = JobPaths.for_video(Path(tempfile.mkdtemp()) / "bench.mp4")
     started = last = time.perf_counter()
     for event in engine.generate(image, settings, paths, overwrite=True):
@@ -125,6 +125,8 @@ def _job(engine, image, settings) -> dict:
             raise RuntimeError(event.message)
         if isinstance(event, StepProgress):
             steps.append(now - last)
+            if first_preview is None:
+                first_preview = now - started
         if isinstance(event, (StageStarted, StepProgress)):
             last = now
         if isinstance(event, StageStarted):
@@ -138,6 +140,7 @@ def _job(engine, image, settings) -> dict:
         "s_per_section": (sum(steps) + sum(decodes)) / sections,
         "vae_decode_s_per_section": statistics.median(decodes),
         "video_s": total,
+        "first_preview_s": first_preview,  # from Start to the first step's preview: encoding and one step
         "sections": sections,
         "step_cache": record.get("step_cache"),
     }
@@ -214,7 +217,7 @@ def _step_caches(engine, image, settings) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     eager = next((r for r in rows if r["config"] == "eager" and "error" not in r), None)
-    columns = ("s_per_step", "s_per_section", "video_s", "vae_decode_s_per_section", "text_encoding_s",
+    columns = ("s_per_step", "s_per_section", "video_s", "first_preview_s", "vae_decode_s_per_section", "text_encoding_s",
                "image_encoding_s", "vae_encoding_s", "transformer_call_s", "achieved_tflops")  # fmt: skip
     lines = ["| backend | " + " | ".join(columns) + " | step vs eager | step cache (computed/skipped) |",
              "|" + "---|" * (len(columns) + 3)]  # fmt: skip

@@ -4,7 +4,8 @@
                                                      # text as it is vs padded with a key mask, refittable,
                                                      # weight streaming, masked against unmasked attention
     python bench/tensorrt_transformer.py refit       # the same blocks: build, then a LoRA on and off (two refits)
-    python bench/tensorrt_transformer.py save        # few blocks: save time, load, the device memory taken
+    python bench/tensorrt_transformer.py save        # few blocks: save and load time in three file formats,
+                                                     # the device and host memory the engine takes
     python bench/tensorrt_transformer.py full        # full size: `engines.py build` (time, peak GPU memory),
                                                      # then a fresh process that loads it, serves two prompts
                                                      # and a job with a LoRA (a refit)
@@ -234,12 +235,26 @@ def refit() -> list[dict]:
 
 
 def save() -> list[dict]:
-    """Few blocks: how long saving the engine takes (the retrace Torch-TensorRT needs), loading it back and its
-    output against the engine in memory; the device memory the engine takes (activation memory allocated per call)."""
+    """Few blocks: how long saving the engine takes in the product's format (an ExportedProgram, retraced) and in the
+    two others that could replace it (the GraphModule pickled as it is; TorchScript), loading each back and its
+    output against the engine in memory; the device memory the engine takes (activation memory allocated per call)
+    and the host memory its modules keep as serialized copies of their engines."""
+    import torch_tensorrt
+
     from diffusers_helper.acceleration.engine_cache import EngineCache
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer
 
     model, hidden, text, temb, cos, sin = few_blocks(frames=3)
+    formats = {
+        "exported_program (product)": (lambda engine, args, path: runtime.backend.save(engine, args, path),
+                                       lambda path: runtime.backend.load(path)),
+        "pickled GraphModule": (lambda engine, args, path: torch.save(engine, path, pickle_protocol=4),
+                                lambda path: torch.load(path, weights_only=False)),
+        "torchscript": (lambda engine, args, path: torch_tensorrt.save(engine, str(path), output_format="torchscript",
+                                                                       arg_inputs=list(args)),
+                        lambda path: torch.jit.load(str(path))),
+    }  # fmt: skip
+    rows = []
     with tempfile.TemporaryDirectory() as directory, torch.no_grad():
         runtime = TensorRTRuntime(EngineCache(Path(directory) / "engines"))
         wrapper = TensorRTTransformer(model, runtime)
@@ -257,20 +272,28 @@ def save() -> list[dict]:
         engine = next(iter(runtime._engines[wrapper.stack].values()))
         args = captured["args"]
         expected = engine(*args)[0]
-        path = Path(directory) / "engine.pt2"
-        started = time.perf_counter()
-        runtime.backend.save(engine, args, path)
-        saved = time.perf_counter() - started
-        started = time.perf_counter()
-        output = runtime.backend.load(path)(*args)[0]
-        torch.cuda.synchronize()
-        row = {"blocks": "1 dual + 2 single, width 3072", "latent_tokens": hidden.shape[1],
-               "build_and_save_s": round(status.compile_seconds[0], 1), "save_s": round(saved, 1),
-               "load_and_first_call_s": round(time.perf_counter() - started, 1),
-               "file_gb": round(path.stat().st_size / GIB, 3), "device_gb_added": round((device_used() - before) / GIB, 2),
-               "relative_error_to_engine": round(relative_error(output, expected), 6)}  # fmt: skip
-    print(json.dumps(row), flush=True)
-    return [row]
+        held = sum(len(getattr(m, "serialized_engine", None) or b"") for m in engine.modules())
+        for index, (name, (save_to, load_from)) in enumerate(formats.items()):
+            path = Path(directory) / f"engine{index}"
+            row = {"format": name, "blocks": "1 dual + 2 single, width 3072", "latent_tokens": hidden.shape[1],
+                   "build_s": round(status.compile_seconds[0], 1), "host_gb_serialized_copies": round(held / GIB, 3),
+                   "device_gb_engine": round((device_used() - before) / GIB, 2)}  # fmt: skip
+            try:
+                started = time.perf_counter()
+                save_to(engine, args, path)
+                row["save_s"] = round(time.perf_counter() - started, 1)
+                row["file_gb"] = round(path.stat().st_size / GIB, 3)
+                started = time.perf_counter()
+                output = load_from(path)(*args)[0]
+                torch.cuda.synchronize()
+                row["load_and_first_call_s"] = round(time.perf_counter() - started, 1)
+                row["relative_error_to_engine"] = round(relative_error(output, expected), 6)
+            except Exception as error:  # a format this Torch-TensorRT cannot save or load: recorded, the next is tried
+                row["error"] = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            path.unlink(missing_ok=True)
+    return rows
 
 
 # -- full size -----------------------------------------------------------------------------------------------------

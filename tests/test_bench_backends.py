@@ -16,7 +16,7 @@ def test_the_backends_bench_times_every_row_and_draws_the_chart(tmp_path):
     ]  # fmt: skip
     eager = rows[0]
     for column in ("text_encoding_s", "image_encoding_s", "vae_encoding_s", "vae_decode_s_per_section",
-                   "transformer_call_s", "s_per_step", "s_per_section", "video_s"):  # fmt: skip
+                   "transformer_call_s", "s_per_step", "s_per_section", "video_s", "first_preview_s"):  # fmt: skip
         assert eager[column] > 0, column
     assert eager["transformer_tflop"] > 0 and eager["achieved_tflops"] > 0 and eager["sections"] == 1
     assert eager["backends"]["transformer"] == "PyTorch" and eager["preset"] == "tiny"

@@ -61,6 +61,23 @@ def test_a_compiled_job_makes_the_eager_video_and_says_so(tiny_root, tmp_path):
     assert all(COMPILE_HOOK in block._diffusers_hook.hooks for block in blocks(engine))
 
 
+def test_the_status_says_compiling_while_the_first_call_compiles(tiny_root, tmp_path, monkeypatch):
+    engine = tiny_engine(tiny_root, "compile")
+    seen = []
+
+    def watching(function):
+        def run(*args, **kwargs):
+            seen.append(engine.models.backends()["transformer"])
+            return function(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(compiled_blocks.torch, "compile", watching)
+    frames(engine, tmp_path)
+    assert seen[0].startswith("compiling with torch.compile (first use at this shape)... ")
+    assert engine.models.backends()["transformer"] == "torch.compile"
+
+
 def test_the_compiled_blocks_read_the_weights_as_they_are_now(tiny_root, tmp_path):
     """A LoRA is fused in place: compiled code that froze the weights would give the old output."""
     engine = tiny_engine(tiny_root, "compile")

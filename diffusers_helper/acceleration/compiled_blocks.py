@@ -100,6 +100,7 @@ class CompiledBlocks:
         self.choices = choices
         self.failure: str | None = None
         self.measurements: list[Measurement] = []
+        self.compiling_since: float | None = None  # while a block class's first call at a shape compiles
         self._compiled: dict[type, Callable] = {}
         self._decisions: dict[tuple, str] = {}
 
@@ -137,11 +138,16 @@ class CompiledBlocks:
         def run_compiled():
             return self._compiled_forward(module)(module, *args, **kwargs)
 
+        logger.info("compiling %s with torch.compile (first use at this shape; this can take a minute)",
+                    shape[0].__name__)  # fmt: skip
+        self.compiling_since = time.perf_counter()
         try:
             error = output_error(run_compiled(), run_eager())
         except Exception as failure:
             self._fail(failure)
             return "eager"
+        finally:
+            self.compiling_since = None
         if error > TOLERANCE:
             self._fail(f"its output differs from PyTorch's by {error:.1%} (allowed: {TOLERANCE:.0%})")
             return "eager"
@@ -181,6 +187,9 @@ class CompiledBlocks:
         """What the blocks run on, for status lines and the sidecar."""
         if self.failure is not None:
             return f"PyTorch (torch.compile failed: {self.failure})"
+        if self.compiling_since is not None:
+            elapsed = time.perf_counter() - self.compiling_since
+            return f"compiling with torch.compile (first use at this shape)... {elapsed:.0f}s"
         chosen = set(self._decisions.values())
         if not chosen:
             return "torch.compile (checked on first use)" if self.mode == "compile" else (
