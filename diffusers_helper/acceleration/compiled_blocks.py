@@ -114,7 +114,7 @@ class CompiledBlocks:
             return eager(*args, **kwargs)
         shape = (type(module), tuple(args[0].shape), args[0].dtype)
         decision = self._decisions.get(shape) or self._decide(shape, module, eager, args, kwargs)
-        if decision == "eager" or self.failure is not None:
+        if decision == "eager":
             return eager(*args, **kwargs)
         try:
             return self._compiled_forward(module)(module, *args, **kwargs)
@@ -170,6 +170,8 @@ class CompiledBlocks:
                 "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
 
     def _remember(self, key: dict, measurement: Measurement) -> None:
+        if self.choices is None:  # measured for this process only
+            return
         try:
             self.choices.remember(key, measurement)
         except OSError as error:
