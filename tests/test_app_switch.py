@@ -27,3 +27,12 @@ def test_switching_variant_frees_the_old_models_before_loading_the_new(tmp_path,
     assert events[0] == StageStarted(LOADING) and isinstance(events[-1], Finished)
     assert alive_at_load == [False]
     assert app.engine.components.variant == "f1"
+
+
+def test_the_backend_flag_reaches_the_models_and_the_status_names_it(tmp_path, tiny_root):
+    args = ["--preset", "tiny", "--device", "cpu", "--outputs", str(tmp_path), "--backend", "compile"]
+    app = App(build_parser().parse_args(args))
+    assert app.engine.models.settings.backend == "compile"
+    assert "**Transformer blocks:** torch.compile (checked on first use)" in app.status()
+    plain = App(build_parser().parse_args(args[:-2]))  # auto: PyTorch on the CPU, nothing to say
+    assert plain.engine.models.compiled is None and "Transformer blocks" not in plain.status()
