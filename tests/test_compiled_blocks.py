@@ -2,6 +2,7 @@
 and eager whenever it cannot serve. Real Inductor on the CPU; a stand-in for torch.compile only where the test is
 about our fallback (a wrong or failing compile)."""
 
+import dataclasses
 import itertools
 import json
 
@@ -39,9 +40,9 @@ def tiny_engine(tiny_root, backend: str) -> FramePackEngine:
     return FramePackEngine(models, write_video=FrameSink())
 
 
-def frames(engine: FramePackEngine, tmp_path) -> np.ndarray:
+def frames(engine: FramePackEngine, tmp_path, settings: GenerationSettings = SETTINGS) -> np.ndarray:
     paths = JobPaths.for_video(tmp_path / f"{next(JOBS)}.mp4")
-    events = list(engine.generate(example_image(128, 128), SETTINGS, paths))
+    events = list(engine.generate(example_image(128, 128), settings, paths))
     assert isinstance(events[-1], Finished)
     return engine.write_video.last
 
@@ -65,7 +66,7 @@ def test_the_status_says_compiling_while_the_first_call_compiles(tiny_root, tmp_
     engine = tiny_engine(tiny_root, "compile")
     seen = []
 
-    def watching(function):
+    def watching(function, **options):
         def run(*args, **kwargs):
             seen.append(engine.models.backends()["transformer"])
             return function(*args, **kwargs)
@@ -122,10 +123,10 @@ def test_a_compile_that_is_wrong_or_fails_leaves_the_eager_video_with_one_warnin
 ):
     expected = frames(tiny_engine(tiny_root, "eager"), tmp_path)
 
-    def doubling(function):
+    def doubling(function, **options):
         return lambda *args, **kwargs: tuple(2 * t for t in function(*args, **kwargs))
 
-    def failing(function):
+    def failing(function, **options):
         def run(*args, **kwargs):
             raise RuntimeError("Cannot find a working triton installation\nmore detail")
 
@@ -140,6 +141,24 @@ def test_a_compile_that_is_wrong_or_fails_leaves_the_eager_video_with_one_warnin
         assert engine.models.backends()["transformer"].startswith("PyTorch (torch.compile failed:")
         warnings = [r for r in caplog.records if "torch.compile cannot serve" in r.getMessage()]
         assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
+
+
+def test_torch_compile_giving_up_at_its_recompile_limit_is_a_reported_failure_not_a_quiet_eager_run(
+    tiny_root, tmp_path, monkeypatch
+):
+    """Past its limit torch.compile would run a block eagerly without a word, which looks like compiled speed."""
+    longer = dataclasses.replace(SETTINGS, prompt="a cat walks slowly across a sunny garden towards the camera")
+    expected = frames(tiny_engine(tiny_root, "eager"), tmp_path, longer)
+    torch._dynamo.reset()  # the compiled code of the other tests counts towards the limit
+    monkeypatch.setattr(compiled_blocks, "RECOMPILE_LIMIT", 1)
+    engine = tiny_engine(tiny_root, "compile")
+    frames(engine, tmp_path)
+    assert engine.models.backends()["transformer"] == "torch.compile"
+    video = frames(engine, tmp_path, longer)  # another text length: a second graph per block class
+    torch._dynamo.reset()
+    assert np.abs(video.astype(int) - expected.astype(int)).max() <= 2
+    described = engine.models.backends()["transformer"]
+    assert described.startswith("PyTorch (torch.compile failed: FailOnRecompileLimitHit"), described
 
 
 def test_remembered_choices_take_the_last_line_for_a_key_and_skip_broken_lines(tmp_path):

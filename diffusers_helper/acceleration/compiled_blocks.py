@@ -9,8 +9,8 @@ compiled code takes the weights as inputs; nothing is frozen into it).
 The first call of a block class at a new latent shape is checked: the compiled output against eager's (relative L2
 error at most TOLERANCE). Under `auto` both are also timed there, and the faster serves that class and shape; the
 measurement is remembered (`BackendChoices`) per GPU, torch version, block class and shape, so a later process that
-found eager faster does not compile at all. A compile that fails (no Triton, an Inductor error) or is wrong costs one
-warning and leaves every block eager for the rest of the process.
+found eager faster does not compile at all. A compile that fails (no Triton, an Inductor error, too many recompiles)
+or is wrong costs one warning and leaves every block eager for the rest of the process.
 """
 
 import importlib.util
@@ -33,6 +33,7 @@ TOLERANCE = 0.02  # bf16 blocks differ from eager by well under 1% when compiled
 COMPILE_HOOK = "compiled_block"
 CHOICES_FILE = "backend_choices.jsonl"  # in the engine cache directory (not `.json`: that suffix is an engine entry's)
 TIMED_RUNS = 3
+RECOMPILE_LIMIT = 64  # graphs per block class: one per text length and latent shape a process meets
 
 
 def compile_unavailable(device: torch.device) -> str | None:
@@ -95,9 +96,10 @@ class CompiledBlocks:
     """The compiled forwards of the transformer's block classes, and which of them serve: always once checked
     (`compile`), or where measured faster (`auto`)."""
 
-    def __init__(self, mode: str, choices: BackendChoices | None = None) -> None:
+    def __init__(self, mode: str, choices: BackendChoices | None = None, weights: str = "bfloat16") -> None:
         self.mode = mode
         self.choices = choices
+        self.weights = weights  # part of what a measurement is remembered by: FP8 blocks time differently
         self.failure: str | None = None
         self.measurements: list[Measurement] = []
         self.compiling_since: float | None = None  # while a block class's first call at a shape compiles
@@ -117,13 +119,20 @@ class CompiledBlocks:
         if decision == "eager":
             return eager(*args, **kwargs)
         try:
-            return self._compiled_forward(module)(module, *args, **kwargs)
+            return self._run_compiled(module, args, kwargs)
         except Exception as error:  # a recompile for a new text length can fail like the first compile
             self._fail(error)
             return eager(*args, **kwargs)
 
-    def _compiled_forward(self, module: torch.nn.Module) -> Callable:
-        return self._compiled.setdefault(type(module), torch.compile(type(module).forward))
+    def _run_compiled(self, module: torch.nn.Module, args: tuple, kwargs: dict):
+        """The compiled forward on inputs with standard strides (a block's input can be a view whose strides follow
+        the text length, and a new stride is a recompile). Graphs are static: a new text length compiles its own graph rather
+        than one generic over shapes. Past RECOMPILE_LIMIT graphs per block class it raises where torch.compile
+        would quietly run the block eagerly: a failure to report, not a speed-up to claim."""
+        compiled = self._compiled.setdefault(type(module), torch.compile(type(module).forward, dynamic=False))
+        args = tuple(_standard_strides(arg) if isinstance(arg, torch.Tensor) else arg for arg in args)
+        with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
+            return compiled(module, *args, **kwargs)
 
     def _decide(self, shape: tuple, module: torch.nn.Module, eager: Callable, args: tuple, kwargs: dict) -> str:
         key = self._key(shape, args[0].device)
@@ -136,7 +145,7 @@ class CompiledBlocks:
             return eager(*args, **kwargs)
 
         def run_compiled():
-            return self._compiled_forward(module)(module, *args, **kwargs)
+            return self._run_compiled(module, args, kwargs)
 
         logger.info("compiling %s with torch.compile (first use at this shape; this can take a minute)",
                     shape[0].__name__)  # fmt: skip
@@ -167,7 +176,7 @@ class CompiledBlocks:
         gpu = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
         return {"device": gpu.name if gpu else "cpu", "compute_capability": f"{gpu.major}.{gpu.minor}" if gpu else None,
                 "torch": torch.__version__, "block": f"{block.__module__}.{block.__qualname__}", "shape": list(size),
-                "dtype": str(dtype).removeprefix("torch.")}  # fmt: skip
+                "dtype": str(dtype).removeprefix("torch."), "weights": self.weights}  # fmt: skip
 
     def _remember(self, key: dict, measurement: Measurement) -> None:
         if self.choices is None:  # measured for this process only
@@ -203,6 +212,18 @@ class CompiledBlocks:
         if chosen == {"eager"}:
             return f"PyTorch{measured}"
         return f"torch.compile for some block shapes, PyTorch for others{measured}"
+
+
+def _standard_strides(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor with the strides a fresh one of its shape has. `contiguous()` is not enough: PyTorch calls a view
+    contiguous whatever the stride of a size-1 dimension, but torch.compile guards on that stride too."""
+    strides, step = [], 1
+    for size in reversed(tensor.shape):
+        strides.append(step)
+        step *= size
+    if tensor.stride() == tuple(reversed(strides)):
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 class _CompiledBlockHook(ModelHook):
