@@ -156,8 +156,8 @@ class App:
             applied = self.engine.models.loras.applied
             mix = ", ".join(f"{lora.path.name} x{scale:g}" for lora, scale in applied) or "none"
             models += f"\n\n**LoRAs:** {mix}"
-            if self.engine.models.compiled is not None:
-                models += f"\n\n**Transformer blocks:** {self.engine.models.compiled.describe()}"
+            if self.engine.models.blocks() is not None:
+                models += f"\n\n**Transformer blocks:** {self.engine.models.blocks()}"
         if self.runtime is None:
             return f"{models}\n\n**TensorRT:** off (start with --enable-tensorrt)"
         lines = self.runtime.report() or ["no component has run yet"]

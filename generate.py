@@ -259,8 +259,8 @@ def _load_and_run(args, models, settings, image, paths, plan, runtime, stop: thr
     code = None if stop.is_set() else _run(engine, image, settings, paths, stop, args.overwrite)
     for line in runtime.report() if runtime else []:
         print(f"tensorrt: {line}", file=sys.stderr)
-    if engine.models.compiled is not None:
-        print(f"transformer blocks: {engine.models.compiled.describe()}", file=sys.stderr)
+    if engine.models.blocks() is not None:
+        print(f"transformer blocks: {engine.models.blocks()}", file=sys.stderr)
     return EXIT_STOPPED[received[0]] if code is None else code
 
 

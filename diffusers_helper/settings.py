@@ -160,6 +160,7 @@ class ModelSettings:
     tensorrt: TensorRTOptions = TensorRTOptions()
     gpu_memory_limit_gb: float | None = None  # checked against the card when memory is planned
     backend: str = "auto"
+    fp8: bool = False  # the blocks' matrix multiplications in FP8 (see acceleration/fp8.py)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -171,6 +172,10 @@ class ModelSettings:
         if self.backend == "compile" and self.tensorrt.transformer:
             raise InvalidSettings(
                 "--backend compile and --tensorrt-transformer both choose how the transformer runs; pick one"
+            )
+        if self.fp8 and self.tensorrt.transformer:
+            raise InvalidSettings(
+                "--fp8 runs the blocks through torch.compile, and --tensorrt-transformer through TensorRT; pick one"
             )
         if self.preset is not None and self.preset not in PRESETS:
             raise InvalidSettings(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")

@@ -202,6 +202,15 @@ def test_backend_compile_runs_the_job_and_says_what_the_blocks_ran_on(capsys, im
     assert json.loads(output.with_suffix(".json").read_text())["components"]["transformer"] == "torch.compile"
 
 
+def test_fp8_without_an_fp8_gpu_makes_the_bf16_video_and_says_why(capsys, image_file, tmp_path):
+    output = tmp_path / "x.mp4"
+    flags = ("--seconds", "1", "--steps", "2", "--resolution", "128", "--fp8")
+    code, err = run_main(capsys, "--preset", "tiny", "--image", image_file, "--output", output, *flags)
+    assert code == 0 and output.exists()
+    reason = "FP8 not available: FP8 needs an NVIDIA GPU with FP8 tensor cores (Ada, Hopper or Blackwell)"
+    assert err.strip().endswith(f"transformer blocks: PyTorch; float32 ({reason}; this run is on the CPU)")
+
+
 def test_backend_compile_and_the_tensorrt_transformer_are_one_choice_too_many(capsys, image_file, tmp_path):
     flags = ("--enable-tensorrt", "--tensorrt-transformer", "--backend", "compile")
     code, err = run_main(capsys, "--preset", "tiny", "--image", image_file, "--output", tmp_path / "x.mp4", *flags)

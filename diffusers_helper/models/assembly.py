@@ -7,9 +7,9 @@ Hooks on the transformer's blocks nest in registration order, so the order is th
 3. the step caches (outermost: TeaCache and MagCache decide around the stack, compiled or streamed, so a skipped
    step calls no streamed block and moves no weights; TeaCache reads the first block, which therefore always stays
    resident). Both are installed once; each job's settings switch one of them on (or neither).
-The VAE and text-encoder wrappers are swapped in first and the output head is kept in float32 (FramePack's
-"high quality fp32 output") before the memory plan places everything. LoRAs wrap nothing: they are fused into the
-weights where the plan put them (models/lora.py).
+The VAE and text-encoder wrappers are swapped in first, `--fp8` replaces the block linears' weights, and the output
+head is kept in float32 (FramePack's "high quality fp32 output") before the memory plan places everything. LoRAs wrap
+nothing: they are fused into the weights where the plan put them (models/lora.py), so FP8 weights take none.
 """
 
 import logging
@@ -19,6 +19,7 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
 from ..acceleration.compiled_blocks import CHOICES_FILE, BackendChoices, CompiledBlocks, compile_unavailable
+from ..acceleration.fp8 import fp8_bytes, fp8_unavailable, quantize_blocks_fp8
 from ..caching.magcache import MAG_RATIOS, MagCache, apply_magcache
 from ..caching.teacache import TeaCache, apply_teacache, modules_read
 from ..settings import ModelSettings, TensorRTOptions
@@ -33,7 +34,7 @@ from ..tensorrt_runtime import (
 )
 from .components import Components
 from .lora import FusedLoras
-from .placement import MemoryPlan, Placement, place_components
+from .placement import GIB, MemoryPlan, Placement, place_components
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class AssembledModels:
     runtime: TensorRTRuntime | None
     loras: FusedLoras
     compiled: CompiledBlocks | None = None
+    fp8: str | None = None  # what `--fp8` made of the block weights, for the report
 
     def describe(self) -> str:
         """One line for people: which models, from where, on what device, in which dtypes, what streams."""
@@ -65,12 +67,18 @@ class AssembledModels:
         streaming = f" ({self.placement.describe()})" if self.plan.offload else ""
         return f"{variant}, {self.settings.describe_source()}; {self.plan.describe()}{streaming}"
 
+    def blocks(self) -> str | None:
+        """What the transformer blocks run on, where torch.compile or `--fp8` has a say in it (else None)."""
+        return None if self.compiled is None and self.fp8 is None else self.backends()["transformer"]
+
     def backends(self) -> dict[str, str]:
         """What each model runs on, and why (for the sidecar and status displays)."""
         names = ("text_encoder", "text_encoder_2", "image_encoder", "vae_encoder", "vae_decoder", "transformer")
         report = dict.fromkeys(names, "PyTorch")
         if self.compiled is not None:
             report["transformer"] = self.compiled.describe()
+        if self.fp8 is not None:
+            report["transformer"] += f"; {self.fp8}"
         if self.runtime is not None:
             report.update({name: status.describe() for name, status in self.runtime.status.items()})
         return report
@@ -89,17 +97,39 @@ def assemble(
             runtime.cannot_serve(requested_components(settings.tensorrt), unavailable)
         else:
             accelerate(components, settings.tensorrt, runtime, offloading=plan.offload)
-    compiled = compile_blocks(components.transformer, settings, plan.device)
+    fp8 = quantize_fp8(components.transformer, settings, plan)
+    compiled = compile_blocks(components.transformer, settings, plan.device, fp8=fp8 == FP8_APPLIED)
     keep_output_head_float32(components.transformer)
     placement = place_components(components, plan)
     teacache = apply_teacache(components.transformer)
     magcache = apply_magcache(components.transformer, MAG_RATIOS[components.variant])
-    loras = FusedLoras(components.transformer)
-    return AssembledModels(components, plan, placement, teacache, magcache, settings, runtime, loras, compiled)
+    loras = FusedLoras(components.transformer, FP8_REFUSES_LORAS if fp8 == FP8_APPLIED else None)
+    return AssembledModels(components, plan, placement, teacache, magcache, settings, runtime, loras, compiled, fp8)
+
+
+FP8_APPLIED = "FP8 block linears (torchao, row-wise scales)"
+FP8_REFUSES_LORAS = "LoRAs cannot be fused into FP8 weights; start without --fp8 to use LoRAs"
+
+
+def quantize_fp8(transformer: torch.nn.Module, settings: ModelSettings, plan: MemoryPlan) -> str | None:
+    """FP8 block linears as `--fp8` asks, where the GPU can; else one warning and the loaded dtype. Returns what the blocks'
+    weights became, for the report (None without `--fp8`)."""
+    if not settings.fp8:
+        return None
+    unavailable = fp8_unavailable(plan.device)
+    if unavailable is None and plan.offload and fp8_bytes(transformer) > plan.resident_bytes():
+        unavailable = (f"FP8 blocks are not streamed, and the FP8 transformer ({fp8_bytes(transformer) / GIB:.1f} GB) "
+                       f"does not fit the {plan.resident_bytes() / GIB:.1f} GB this GPU keeps for resident weights")  # fmt: skip
+    if unavailable:
+        weights = str(transformer.dtype).removeprefix("torch.")
+        logger.warning("%s; the transformer blocks stay %s", unavailable, weights)
+        return f"{weights} (FP8 not available: {unavailable})"
+    quantize_blocks_fp8(transformer, plan.device)
+    return FP8_APPLIED
 
 
 def compile_blocks(
-    transformer: torch.nn.Module, settings: ModelSettings, device: torch.device
+    transformer: torch.nn.Module, settings: ModelSettings, device: torch.device, fp8: bool = False
 ) -> CompiledBlocks | None:
     """torch.compile on the transformer's blocks as `--backend` asks: `auto` only on a GPU (compiling on the CPU
     costs more than it saves) and never where the TensorRT stack runs the blocks."""
@@ -114,7 +144,8 @@ def compile_blocks(
         if settings.backend == "compile":
             logger.warning("%s; the transformer blocks run in PyTorch", unavailable)
         return None
-    compiled = CompiledBlocks(settings.backend, BackendChoices(default_cache_dir() / CHOICES_FILE))
+    weights = "float8" if fp8 else str(transformer.dtype).removeprefix("torch.")
+    compiled = CompiledBlocks(settings.backend, BackendChoices(default_cache_dir() / CHOICES_FILE), weights)
     compiled.install(transformer)
     return compiled
 

@@ -167,8 +167,9 @@ class FusedLoras:
     copy of the weights elsewhere (a compiled engine) knows what to refresh; an empty set means nothing changed.
     """
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
+    def __init__(self, transformer: torch.nn.Module, refusal: str | None = None) -> None:
         self.transformer = transformer
+        self.refusal = refusal  # why this transformer takes no LoRAs (FP8 weights), if it takes none
         self._originals: dict[str, torch.Tensor] = {}  # parameter name -> its original value, on the CPU
         self._applied: tuple[tuple[LoraFile, float], ...] = ()
 
@@ -184,6 +185,8 @@ class FusedLoras:
     def check(self, lora: LoraFile) -> dict[str, LoraLayer]:
         """The LoRA's layers by the transformer's module names; InvalidSettings naming the file when a layer
         matches no linear layer of this transformer or its shape differs. Changes nothing."""
+        if self.refusal:
+            raise InvalidSettings(f"LoRA {lora.path}: {self.refusal}")
         linears = {
             name: module for name, module in self.transformer.named_modules() if isinstance(module, torch.nn.Linear)
         }

@@ -15,7 +15,8 @@ FramePack's low-VRAM mode, every large model goes through the GPU in pieces:
   preserve holds (always the first block, which the step cache reads), and streams the rest, each block
   prefetched while the one before it runs. A step the step cache skips calls no streamed block, so it moves no
   weights (models/assembly.py puts the step cache outside the streaming).
-Streamed weights are pinned where they are, so the host holds one copy of them.
+Streamed weights are pinned where they are, so the host holds one copy of them. FP8 blocks (`--fp8`) are never
+streamed: FP8 is used only where the whole FP8 transformer fits what the plan keeps for resident weights.
 """
 
 import ctypes
@@ -32,6 +33,7 @@ from diffusers.hooks.group_offloading import (
     GroupOffloadingType,
     ModuleGroup,
 )
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..settings import DEVICES, InvalidSettings
 from .components import Components
@@ -207,7 +209,15 @@ def pin_in_place(modules: list[torch.nn.Module]) -> int:
 
 
 def _bytes(module: torch.nn.Module) -> int:
-    return sum(tensor.numel() * tensor.element_size() for tensor in module.parameters())
+    return sum(tensor_bytes(tensor) for tensor in module.parameters())
+
+
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """What a tensor holds; a tensor subclass (torchao's FP8 weights) holds its inner tensors, whatever dtype it shows."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
 
 
 def resident_block_count(room: int, block_bytes: list[int]) -> int:

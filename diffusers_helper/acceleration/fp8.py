@@ -1,0 +1,64 @@
+"""FP8 for the transformer's blocks: torchao's float8 weights and dynamic float8 activations, scaled per row.
+
+Only the blocks' matrix multiplications change (attention projections and feed-forwards: nearly all of the weights,
+and of the FLOPs outside attention itself); what quality needs stays bf16: the embedders, the output head and every
+block's modulation (the AdaLayerNorm linears, which TeaCache and MagCache also read). FP8 GEMMs need an FP8 tensor
+core (Ada, Hopper, Blackwell: compute capability 8.9 and up) and pay off only compiled: eager PyTorch quantizes each
+activation in separate kernels, so `--fp8` is meant with torch.compile (`--backend auto` or `compile`).
+
+TensorRT's FP8 (nvidia-modelopt quantization, then an engine) is not offered: the TensorRT build tested here,
+TensorRT-RTX, does not list Hopper among its GPUs, and no FP8 engine has been built and checked. `--fp8` with
+`--tensorrt-transformer` is refused at start-up.
+"""
+
+import importlib.util
+
+import torch
+
+from .compiled_blocks import compile_unavailable
+
+MIN_COMPUTE_CAPABILITY = (8, 9)
+MODULATION = ("norm", "norm1", "norm1_context")  # the AdaLayerNorm modules whose linears make a block's modulation
+
+
+def fp8_unavailable(device: torch.device) -> str | None:
+    """Why FP8 blocks cannot run here, if they cannot."""
+    if device.type != "cuda":
+        return "FP8 needs an NVIDIA GPU with FP8 tensor cores (Ada, Hopper or Blackwell); this run is on the CPU"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_COMPUTE_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        return (f"FP8 needs compute capability 8.9 or newer (Ada, Hopper, Blackwell); {name} has "
+                f"{capability[0]}.{capability[1]}")  # fmt: skip
+    if importlib.util.find_spec("torchao") is None:
+        return "FP8 needs torchao (pip install torchao)"
+    return compile_unavailable(device)
+
+
+def fp8_linear_names(transformer: torch.nn.Module) -> list[str]:
+    """The linears that FP8 quantizes: every linear inside a block except the modulation."""
+    return [
+        f"{prefix}.{name}"
+        for prefix in ("transformer_blocks", "single_transformer_blocks")
+        for name, module in getattr(transformer, prefix).named_modules()
+        if isinstance(module, torch.nn.Linear) and name.split(".")[1] not in MODULATION
+    ]
+
+
+def fp8_bytes(transformer: torch.nn.Module) -> int:
+    """The transformer's weight bytes once its chosen linears are FP8: one byte a weight plus a float32 scale a row."""
+    chosen = {f"{name}.weight" for name in fp8_linear_names(transformer)}
+    return sum(
+        parameter.numel() + parameter.shape[0] * 4 if name in chosen else parameter.numel() * parameter.element_size()
+        for name, parameter in transformer.named_parameters()
+    )
+
+
+def quantize_blocks_fp8(transformer: torch.nn.Module, device: torch.device) -> int:
+    """Replace the chosen block linears' weights by float8 ones on `device`; returns how many linears changed."""
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    chosen = set(fp8_linear_names(transformer))
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    quantize_(transformer, config, filter_fn=lambda module, name: name in chosen, device=device)
+    return len(chosen)
