@@ -1,23 +1,30 @@
 """Every way this product can run FramePack, side by side on the same inputs: one fresh process per backend.
 
-    python bench/backends.py                                  # full size on the GPU: eager, compile, tensorrt
+    python bench/backends.py                                  # full size on the GPU: every backend
     python bench/backends.py --configs eager compile --seconds 1 --steps 4 --out /tmp/backends
     python bench/backends.py --preset tiny --device cpu --configs eager compile --seconds 1 --steps 2
 
-For each backend (`eager`: PyTorch; `compile`: torch.compile of the transformer blocks; `tensorrt`: Torch-TensorRT
-engines for every component) it times, after a warm-up, as medians: text encoding, image encoding, VAE encoding,
-one transformer call (with its FLOPs counted by PyTorch and the TFLOP/s that makes), a job's steps and sections (the
-VAE decode of a section separately), the time from Start to the first preview and the whole video. The eager process
-also times a short job under each of PyTorch's attention kernels (flash, efficient, cuDNN) and the step caches
+For each backend (`eager`: PyTorch; `compile`: torch.compile of the transformer blocks; `fp8`: FP8 block linears,
+compiled where faster; `tensorrt`: Torch-TensorRT engines for every component) it times, after a warm-up: text
+encoding, image encoding and VAE encoding (medians), one transformer call (median, with its FLOPs counted by PyTorch
+and the TFLOP/s that makes against the chip's bf16 matrix rate measured in the same run), a job's steps (their mean)
+and sections (the VAE decode of a section separately), the time from Start to the first preview, the whole video and
+its peak GPU memory. Eager's transformer output and video are the reference (saved in --out): every other backend
+reports its output's relative error and its video's PSNR against them (the same seeded weights and inputs in every
+process). Where torch.compile runs it also reports the first step after a prompt of another length (a recompile) and
+the graphs it made, with the reasons it recompiled. The eager process also times a one-section job with the
+transformer's attention held to each of PyTorch's kernels (flash, efficient, cuDNN) and jobs under the step caches
 (TeaCache at three thresholds, MagCache); with random weights a step cache's skips show its mechanics, not the skips
-real weights would allow. The bf16 matrix rate of the chip is measured in the same run. Prints a table; writes
-backends.jsonl, backends.md (the table) and backends.png (time per step and per section by row) into --out.
+real weights would allow. Prints a table; writes backends.jsonl, backends.md (the table) and backends.png (time per
+step and per section by row) into --out.
 """
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -25,7 +32,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 PROMPT = "The girl dances gracefully, with clear movements, full of charm."
-CONFIGS = ("eager", "compile", "tensorrt")
+CONFIGS = ("eager", "compile", "fp8", "tensorrt")
+REFERENCE = "eager_reference.pt"  # eager's transformer output and video, which the other processes compare with
 ATTENTION_KERNELS = ("flash", "efficient", "cudnn")
 STEP_CACHES = (("teacache", 0.1), ("teacache", 0.15), ("teacache", 0.25), ("magcache", 0.1))
 CHART_COLUMNS = (("s_per_step", "seconds per step"), ("s_per_section", "seconds per section"))
@@ -36,10 +44,12 @@ def model_settings(config: str, preset: str, device: str):
 
     if config == "tensorrt":
         return ModelSettings(preset=preset, device=device, tensorrt=TensorRTOptions(True, True, True))
+    if config == "fp8":
+        return ModelSettings(preset=preset, device=device, fp8=True)  # what --fp8 gives: compiled where faster
     return ModelSettings(preset=preset, device=device, backend=config)
 
 
-def run_config(config: str, preset: str, device: str, seconds: float, steps: int, runs: int) -> list[dict]:
+def run_config(config: str, preset: str, device: str, seconds: float, steps: int, runs: int, out: Path) -> list[dict]:
     """One backend in this process: its component and job timings, and for eager the attention kernels and caches."""
     import logging
 
@@ -59,10 +69,21 @@ def run_config(config: str, preset: str, device: str, seconds: float, steps: int
     resolution = default_resolution(preset)
     image = _bucket_image(resolution)
     settings = _settings(seconds, steps, resolution)
+    frames = []
+    engine.write_video = lambda video, *_: frames.append(video)  # the frames so far, after every section
     row = {"config": config, **_components(engine, image, runs)}
-    row.update(_transformer_call(engine, image, settings, runs))
+    call, output = _transformer_call(engine, image, settings, runs)
+    row.update(call)
     _job(engine, image, settings)  # warm-up: compiles and builds for every shape the video has
+    if plan.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     row.update(_job(engine, image, settings))
+    if plan.device.type == "cuda":
+        row["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024**3
+    row.update(_against_eager(config, out / REFERENCE, output, frames[-1]))
+    if engine.models.compiled is not None:
+        row.update(_new_prompt_length(engine, image, settings))
+        row["torch_compile"] = _dynamo_report()
     row["backends"] = engine.models.backends()
     rows = [row]
     if config == "eager":
@@ -70,6 +91,52 @@ def run_config(config: str, preset: str, device: str, seconds: float, steps: int
         rows += _step_caches(engine, image, settings)
     device_name = torch.cuda.get_device_name() if plan.device.type == "cuda" else "cpu"
     return [{**r, "device": device_name, "torch": torch.__version__, "preset": preset} for r in rows]
+
+
+def _against_eager(config: str, reference: Path, output, video) -> dict:
+    """Eager saves its transformer output and video; the others compare theirs with eager's."""
+    import torch
+
+    from diffusers_helper.acceleration.measure import psnr, relative_error
+
+    if config == "eager":
+        torch.save({"output": output.cpu(), "video": video}, reference)
+        return {}
+    if not reference.exists():
+        return {}
+    saved = torch.load(reference, weights_only=False)
+    return {
+        "error_vs_eager": relative_error(output.cpu(), saved["output"]),
+        "psnr_vs_eager_db": psnr(video, saved["video"]),
+    }
+
+
+def _new_prompt_length(engine, image, settings) -> dict:
+    """A prompt of another length after the video: torch.compile's first step on the new text shape (a recompile
+    where the shape is not yet dynamic) against the next step."""
+    from diffusers_helper.acceleration.measure import synchronize
+    from diffusers_helper.media.job_files import JobPaths
+    from diffusers_helper.pipeline.events import StepProgress
+
+    longer = _settings(settings.latent_window * 4 / 30, 3, settings.resolution)
+    longer = dataclasses.replace(longer, prompt=" ".join([PROMPT] * 3))
+    steps, last = [], time.perf_counter()
+    for event in engine.generate(image, longer, JobPaths.for_video(Path(tempfile.mkdtemp()) / "b.mp4"), overwrite=True):
+        synchronize()
+        now = time.perf_counter()
+        if isinstance(event, StepProgress):
+            steps.append(now - last)
+        last = now
+    return {"new_prompt_first_step_s": steps[0], "new_prompt_next_step_s": steps[-1]}
+
+
+def _dynamo_report() -> dict:
+    """How many graphs torch.compile made in this process, and why it recompiled (first reasons per function)."""
+    from torch._dynamo.utils import counters, guard_failures
+
+    reasons = {f"{code.co_name} ({code.co_filename.rsplit('/', 1)[-1]})": failures[:5]
+               for code, failures in guard_failures.items()}  # fmt: skip
+    return {"graphs": counters["stats"]["unique_graphs"], "recompile_reasons": reasons}
 
 
 def _settings(seconds: float, steps: int, resolution: int, **changes):
@@ -109,7 +176,6 @@ def _components(engine, image, runs: int) -> dict:
 def _job(engine, image, settings) -> dict:
     """A whole video: median step, sampling and decode per section, and the total, from the job's own events."""
     import statistics
-    import tempfile
 
     from diffusers_helper.acceleration.measure import synchronize
     from diffusers_helper.media.job_files import JobPaths
@@ -136,7 +202,7 @@ def _job(engine, image, settings) -> dict:
     sections = len(decodes)
     record = json.loads(paths.sidecar.read_text())
     return {
-        "s_per_step": statistics.median(steps[1:] or steps),
+        "s_per_step": statistics.mean(steps[1:] or steps),  # a mean: a step cache's skips and a recompile count
         "s_per_section": (sum(steps) + sum(decodes)) / sections,
         "vae_decode_s_per_section": statistics.median(decodes),
         "video_s": total,
@@ -146,9 +212,10 @@ def _job(engine, image, settings) -> dict:
     }
 
 
-def _transformer_call(engine, image, settings, runs: int) -> dict:
+def _transformer_call(engine, image, settings, runs: int) -> tuple:
     """One transformer call with a job's real inputs (captured from a one-step job), timed, and its FLOPs counted by
-    PyTorch's FlopCounterMode: achieved TFLOP/s against the chip's bf16 matrix rate measured here too."""
+    PyTorch's FlopCounterMode: achieved TFLOP/s against the chip's bf16 matrix rate measured here too. Returns the
+    row and the call's output."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -167,14 +234,15 @@ def _transformer_call(engine, image, settings, runs: int) -> dict:
         handle.remove()
     args, kwargs = captured[0]
     with torch.no_grad():
+        output = transformer(*args, **kwargs)
         seconds = median_seconds(lambda: transformer(*args, **kwargs), runs)
-        with FlopCounterMode(display=False) as counter:
+        with FlopCounterMode(display=False) as counter:  # a dispatch mode: compiled code runs eagerly under it
             transformer(*args, **kwargs)
     flops = counter.get_total_flops()
     row = {"transformer_call_s": seconds, "transformer_tflop": flops / 1e12, "achieved_tflops": flops / seconds / 1e12}
     if engine.plan.device.type == "cuda":
         row["chip_bf16_matmul_tflops"] = _matmul_tflops()
-    return row
+    return row, output[0] if isinstance(output, tuple) else output.sample
 
 
 def _matmul_tflops(size: int = 8192) -> float:
@@ -188,20 +256,36 @@ def _matmul_tflops(size: int = 8192) -> float:
 
 
 def _attention_kernels(engine, image, settings) -> list[dict]:
-    """A one-section job under each of PyTorch's attention kernels (what eager's attention calls)."""
+    """A one-section job with the transformer's attention held to each of PyTorch's kernels in turn (the text
+    encoder's masked attention keeps PyTorch's choice: flash and cuDNN cannot take its mask)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                "cudnn": SDPBackend.CUDNN_ATTENTION}  # fmt: skip
     one_section = _settings(settings.latent_window * 4 / 30, settings.steps, settings.resolution)
+    transformer = engine.components.transformer
     rows = []
     for name in ATTENTION_KERNELS:
         row = {"config": f"eager, {name} attention"}
+        held = []
+
+        def enter(module, args, kernel=kernels[name]) -> None:
+            held.append(sdpa_kernel(kernel))
+            held[-1].__enter__()
+
+        def leave(module, args, output) -> None:
+            held.pop().__exit__(None, None, None)
+
+        handles = [transformer.register_forward_pre_hook(enter), transformer.register_forward_hook(leave)]
         try:
-            with sdpa_kernel(kernels[name]):
-                row.update(_job(engine, image, one_section))
+            row.update(_job(engine, image, one_section))
         except RuntimeError as error:
             row["error"] = str(error).strip().splitlines()[0][:200]
+        finally:
+            for handle in handles:
+                handle.remove()
+            while held:
+                held.pop().__exit__(None, None, None)
         rows.append(row)
     return rows
 
@@ -218,19 +302,26 @@ def _step_caches(engine, image, settings) -> list[dict]:
 def table(rows: list[dict]) -> str:
     eager = next((r for r in rows if r["config"] == "eager" and "error" not in r), None)
     columns = ("s_per_step", "s_per_section", "video_s", "first_preview_s", "vae_decode_s_per_section", "text_encoding_s",
-               "image_encoding_s", "vae_encoding_s", "transformer_call_s", "achieved_tflops")  # fmt: skip
+               "image_encoding_s", "vae_encoding_s", "transformer_call_s", "achieved_tflops", "peak_gpu_gb", "error_vs_eager",
+               "psnr_vs_eager_db")  # fmt: skip
     lines = ["| backend | " + " | ".join(columns) + " | step vs eager | step cache (computed/skipped) |",
              "|" + "---|" * (len(columns) + 3)]  # fmt: skip
     for row in rows:
         if "error" in row:
             lines.append(f"| {row['config']} | {row['error']} |" + " |" * (len(columns) + 1))
             continue
-        values = [f"{row[c]:.3f}" if isinstance(row.get(c), float) else "" for c in columns]
+        values = [_cell(row.get(c), c) for c in columns]
         ratio = f"{eager['s_per_step'] / row['s_per_step']:.2f}x" if eager else ""
         cache = row.get("step_cache") or {}
         counts = f"{cache.get('computed')}/{cache.get('skipped')}" if "computed" in cache else ""
         lines.append(f"| {row['config']} | " + " | ".join(values) + f" | {ratio} | {counts} |")
     return "\n".join(lines)
+
+
+def _cell(value, column: str) -> str:
+    if not isinstance(value, float):
+        return ""
+    return f"{value:.2e}" if column == "error_vs_eager" else f"{value:.3f}"
 
 
 def chart(rows: list[dict], path: Path) -> None:
@@ -266,14 +357,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.one is not None:
-        rows = run_config(args.one, args.preset, args.device, args.seconds, args.steps, args.runs)
+        rows = run_config(args.one, args.preset, args.device, args.seconds, args.steps, args.runs, args.out)
         print("RESULT " + json.dumps(rows), flush=True)
         return 0
     rows = []
     for config in args.configs:
         print(f"{config}:", flush=True)
         command = [sys.executable, __file__, "--one", config, "--preset", args.preset, "--device", args.device,
-                   "--seconds", str(args.seconds), "--steps", str(args.steps), "--runs", str(args.runs)]  # fmt: skip
+                   "--seconds", str(args.seconds), "--steps", str(args.steps), "--runs", str(args.runs),
+                   "--out", str(args.out)]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         found = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
         if found:

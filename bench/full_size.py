@@ -5,6 +5,7 @@ host memory, load time.
     python bench/full_size.py                                  # resident, then 24, 16, 12, 8 and 6 GB
     python bench/full_size.py --limits 8 6 --seconds 1 --steps 4 --out /tmp/full
     python bench/full_size.py --backend auto                   # the blocks as --backend runs them (default: eager)
+    python bench/full_size.py --fp8 --backend auto --limits resident 24
 Prints a table; writes full_size.jsonl and full_size.md (the table) into --out.
 """
 
@@ -25,7 +26,7 @@ sys.path.insert(0, str(REPO))
 GIB = 1024**3
 
 
-def run_one(limit: float | None, seconds: float, steps: int, backend: str, out: Path) -> dict:
+def run_one(limit: float | None, seconds: float, steps: int, backend: str, fp8: bool, out: Path) -> dict:
     """One job in this process; the figures as a dict."""
     import torch
 
@@ -47,7 +48,7 @@ def run_one(limit: float | None, seconds: float, steps: int, backend: str, out: 
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers_helper").setLevel(logging.DEBUG)  # a failure's traceback goes to stderr
-    models = ModelSettings(preset="full-random", device="cuda", gpu_memory_limit_gb=limit, backend=backend)
+    models = ModelSettings(preset="full-random", device="cuda", gpu_memory_limit_gb=limit, backend=backend, fp8=fp8)
     plan = plan_for(models)
     started = time.perf_counter()
     engine = load_engine(models, plan, None, keep_video=False)  # no PyAV on the GPU machine: MP4s are timed on the CPU
@@ -136,18 +137,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--out", type=Path, default=Path("/tmp/full_size"))
     parser.add_argument("--backend", choices=("eager", "auto", "compile"), default="eager")
+    parser.add_argument("--fp8", action="store_true", help="the blocks' linears in FP8, as --fp8 runs them")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: run one limit, print its JSON
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.one is not None:
         limit = None if args.one == "resident" else float(args.one)
-        print("RESULT " + json.dumps(run_one(limit, args.seconds, args.steps, args.backend, args.out)), flush=True)
+        print(
+            "RESULT " + json.dumps(run_one(limit, args.seconds, args.steps, args.backend, args.fp8, args.out)),
+            flush=True,
+        )
         return
     rows = []
     for limit in args.limits:
         print(f"limit {limit}:", flush=True)
         command = [sys.executable, __file__, "--one", limit, "--seconds", str(args.seconds), "--steps",
-                   str(args.steps), "--backend", args.backend, "--out", str(args.out)]  # fmt: skip
+                   str(args.steps), "--backend", args.backend, "--out", str(args.out), *(["--fp8"] if args.fp8 else [])]  # fmt: skip
         done = _heartbeat(f"limit {limit}")
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         done.set()

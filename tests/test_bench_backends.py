@@ -1,18 +1,18 @@
-"""The all-backends benchmark runs end to end on the tiny preset (CPU): every row, its table and its chart."""
+"""The all-backends benchmark and the section profile run end to end on the tiny preset (CPU)."""
 
 import json
 
-from bench import backends
+from bench import backends, profile_section
 
 
 def test_the_backends_bench_times_every_row_and_draws_the_chart(tmp_path):
     out = tmp_path / "out"
-    flags = ["--preset", "tiny", "--device", "cpu", "--configs", "eager", "--seconds", "1", "--steps", "4"]
+    flags = ["--preset", "tiny", "--device", "cpu", "--configs", "eager", "fp8", "--seconds", "1", "--steps", "4"]
     assert backends.main([*flags, "--runs", "1", "--out", str(out)]) == 0
     rows = [json.loads(line) for line in (out / "backends.jsonl").read_text().splitlines()]
     assert [row["config"] for row in rows] == [
         "eager", "eager, flash attention", "eager, efficient attention", "eager, cudnn attention",
-        "eager, teacache 0.1", "eager, teacache 0.15", "eager, teacache 0.25", "eager, magcache 0.1",
+        "eager, teacache 0.1", "eager, teacache 0.15", "eager, teacache 0.25", "eager, magcache 0.1", "fp8",
     ]  # fmt: skip
     eager = rows[0]
     for column in ("text_encoding_s", "image_encoding_s", "vae_encoding_s", "vae_decode_s_per_section",
@@ -21,8 +21,23 @@ def test_the_backends_bench_times_every_row_and_draws_the_chart(tmp_path):
     assert eager["transformer_tflop"] > 0 and eager["achieved_tflops"] > 0 and eager["sections"] == 1
     assert eager["backends"]["transformer"] == "PyTorch" and eager["preset"] == "tiny"
     assert "No viable backend" in rows[2]["error"]  # PyTorch has no efficient attention kernel on the CPU
-    caches = [row["step_cache"] for row in rows[4:]]
+    caches = [row["step_cache"] for row in rows[4:8]]
     assert all(cache["computed"] + cache["skipped"] == 4 for cache in caches)
+    fp8 = rows[8]  # on the CPU FP8 falls back to bf16: the same output and video as eager's, compared through files
+    assert "FP8 not available" in fp8["backends"]["transformer"]
+    assert fp8["error_vs_eager"] == 0 and fp8["psnr_vs_eager_db"] == float("inf")
+    assert (out / backends.REFERENCE).exists()
     table = (out / "backends.md").read_text()
     assert table.startswith("| backend | s_per_step |") and "| eager |" in table and "1.00x" in table
     assert (out / "backends.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_section_profile_groups_kernel_time_by_kind(tmp_path):
+    flags = ["--preset", "tiny", "--device", "cpu", "--steps", "2", "--out", str(tmp_path), "--trace"]
+    assert profile_section.main(flags) == 0
+    result = json.loads((tmp_path / "profile.json").read_text())
+    assert {"attention", "matrix multiplication", "convolution"} <= set(result["by_kind_s"])
+    assert abs(sum(result["by_kind_s"].values()) - result["busy_s"]) < 1e-6 and result["section_wall_s"] > 0
+    assert len(result["top_kernels"]) == profile_section.TOP
+    assert (tmp_path / "profile.md").read_text().startswith("One section (2 steps, eager, cpu)")
+    assert (tmp_path / "trace.json.gz").stat().st_size > 0

@@ -4,6 +4,7 @@ import statistics
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 
@@ -17,6 +18,12 @@ def output_error(actual, expected) -> float:
     """The largest relative error over a module's outputs (one tensor, or a tuple of them)."""
     pairs = zip(_tensors(actual), _tensors(expected), strict=True)
     return max(relative_error(a, e) for a, e in pairs)
+
+
+def psnr(actual: np.ndarray, expected: np.ndarray) -> float:
+    """Peak signal-to-noise ratio of uint8 frames against reference frames, in dB (inf when identical)."""
+    error = np.mean((actual.astype(np.float64) - expected.astype(np.float64)) ** 2)
+    return float("inf") if error == 0 else float(10 * np.log10(255.0**2 / error))
 
 
 def _tensors(value) -> list[torch.Tensor]:
