@@ -2,6 +2,7 @@
 
     python bench/backends.py                                  # full size on the GPU: every backend
     python bench/backends.py --configs eager compile --seconds 1 --steps 4 --out /tmp/backends
+    python bench/backends.py --configs eager fp8 --extras attention   # eager's extra rows: attention only
     python bench/backends.py --preset tiny --device cpu --configs eager compile --seconds 1 --steps 2
 
 For each backend (`eager`: PyTorch; `compile`: torch.compile of the transformer blocks; `fp8`: FP8 block linears,
@@ -35,6 +36,7 @@ PROMPT = "The girl dances gracefully, with clear movements, full of charm."
 CONFIGS = ("eager", "compile", "fp8", "tensorrt")
 REFERENCE = "eager_reference.pt"  # eager's transformer output and video, which the other processes compare with
 ATTENTION_KERNELS = ("flash", "efficient", "cudnn")
+EXTRAS = ("attention", "caches")  # the eager process's extra rows: attention kernels, step caches
 STEP_CACHES = (("teacache", 0.1), ("teacache", 0.15), ("teacache", 0.25), ("magcache", 0.1))
 CHART_COLUMNS = (("s_per_step", "seconds per step"), ("s_per_section", "seconds per section"))
 
@@ -49,8 +51,10 @@ def model_settings(config: str, preset: str, device: str):
     return ModelSettings(preset=preset, device=device, backend=config)
 
 
-def run_config(config: str, preset: str, device: str, seconds: float, steps: int, runs: int, out: Path) -> list[dict]:
-    """One backend in this process: its component and job timings, and for eager the attention kernels and caches."""
+def run_config(
+    config: str, preset: str, device: str, seconds: float, steps: int, runs: int, out: Path, extras: list[str]
+) -> list[dict]:
+    """One backend in this process: its component and job timings, and for eager the extras asked for."""
     import logging
 
     import torch
@@ -86,8 +90,9 @@ def run_config(config: str, preset: str, device: str, seconds: float, steps: int
         row["torch_compile"] = _dynamo_report()
     row["backends"] = engine.models.backends()
     rows = [row]
-    if config == "eager":
+    if config == "eager" and "attention" in extras:
         rows += _attention_kernels(engine, image, settings)
+    if config == "eager" and "caches" in extras:
         rows += _step_caches(engine, image, settings)
     device_name = torch.cuda.get_device_name() if plan.device.type == "cuda" else "cpu"
     return [{**r, "device": device_name, "torch": torch.__version__, "preset": preset} for r in rows]
@@ -353,11 +358,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--runs", type=int, default=5, help="timed calls per component (median)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/backends"))
+    parser.add_argument("--extras", nargs="*", choices=EXTRAS, default=list(EXTRAS),
+                        help="what the eager process also times (default: all)")  # fmt: skip
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: run one backend, print its rows
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.one is not None:
-        rows = run_config(args.one, args.preset, args.device, args.seconds, args.steps, args.runs, args.out)
+        rows = run_config(
+            args.one, args.preset, args.device, args.seconds, args.steps, args.runs, args.out, args.extras
+        )
         print("RESULT " + json.dumps(rows), flush=True)
         return 0
     rows = []
@@ -365,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{config}:", flush=True)
         command = [sys.executable, __file__, "--one", config, "--preset", args.preset, "--device", args.device,
                    "--seconds", str(args.seconds), "--steps", str(args.steps), "--runs", str(args.runs),
-                   "--out", str(args.out)]  # fmt: skip
+                   "--out", str(args.out), "--extras", *args.extras]  # fmt: skip
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         found = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
         if found:

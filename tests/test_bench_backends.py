@@ -41,3 +41,12 @@ def test_the_section_profile_groups_kernel_time_by_kind(tmp_path):
     assert len(result["top_kernels"]) == profile_section.TOP
     assert (tmp_path / "profile.md").read_text().startswith("One section (2 steps, eager, cpu)")
     assert (tmp_path / "trace.json.gz").stat().st_size > 0
+
+
+def test_the_eager_process_times_only_the_extras_asked_for(tmp_path):
+    flags = ["--preset", "tiny", "--device", "cpu", "--configs", "eager", "--seconds", "1", "--steps", "2"]
+    assert backends.main([*flags, "--runs", "1", "--out", str(tmp_path), "--extras", "attention"]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "backends.jsonl").read_text().splitlines()]
+    assert [row["config"] for row in rows] == [
+        "eager", "eager, flash attention", "eager, efficient attention", "eager, cudnn attention"
+    ]  # fmt: skip
