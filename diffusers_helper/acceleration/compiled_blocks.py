@@ -126,9 +126,9 @@ class CompiledBlocks:
 
     def _run_compiled(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         """The compiled forward on inputs with standard strides (a block's input can be a view whose strides follow
-        the text length, and a new stride is a recompile). Graphs are static: a new text length compiles its own graph rather
-        than one generic over shapes. Past RECOMPILE_LIMIT graphs per block class it raises where torch.compile
-        would quietly run the block eagerly: a failure to report, not a speed-up to claim."""
+        the text length, and a new stride is a recompile). Graphs are static: a new text length compiles a graph of
+        its own rather than one generic over shapes. Past RECOMPILE_LIMIT graphs per block class it raises where
+        torch.compile would quietly run the block eagerly: a failure to report, not a speed-up to claim."""
         compiled = self._compiled.setdefault(type(module), torch.compile(type(module).forward, dynamic=False))
         args = tuple(_standard_strides(arg) if isinstance(arg, torch.Tensor) else arg for arg in args)
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):

@@ -54,11 +54,10 @@ def fp8_bytes(transformer: torch.nn.Module) -> int:
     )
 
 
-def quantize_blocks_fp8(transformer: torch.nn.Module, device: torch.device) -> int:
-    """Replace the chosen block linears' weights by float8 ones on `device`; returns how many linears changed."""
+def quantize_blocks_fp8(transformer: torch.nn.Module, device: torch.device) -> None:
+    """Replace the chosen block linears' weights by float8 ones on `device`."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     chosen = set(fp8_linear_names(transformer))
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
     quantize_(transformer, config, filter_fn=lambda module, name: name in chosen, device=device)
-    return len(chosen)

@@ -98,12 +98,13 @@ def assemble(
         else:
             accelerate(components, settings.tensorrt, runtime, offloading=plan.offload)
     fp8 = quantize_fp8(components.transformer, settings, plan)
-    compiled = compile_blocks(components.transformer, settings, plan.device, fp8=fp8 == FP8_APPLIED)
+    in_fp8 = fp8 == FP8_APPLIED
+    compiled = compile_blocks(components.transformer, settings, plan.device, fp8=in_fp8)
     keep_output_head_float32(components.transformer)
     placement = place_components(components, plan)
     teacache = apply_teacache(components.transformer)
     magcache = apply_magcache(components.transformer, MAG_RATIOS[components.variant])
-    loras = FusedLoras(components.transformer, FP8_REFUSES_LORAS if fp8 == FP8_APPLIED else None)
+    loras = FusedLoras(components.transformer, FP8_REFUSES_LORAS if in_fp8 else None)
     return AssembledModels(components, plan, placement, teacache, magcache, settings, runtime, loras, compiled, fp8)
 
 
@@ -112,14 +113,15 @@ FP8_REFUSES_LORAS = "LoRAs cannot be fused into FP8 weights; start without --fp8
 
 
 def quantize_fp8(transformer: torch.nn.Module, settings: ModelSettings, plan: MemoryPlan) -> str | None:
-    """FP8 block linears as `--fp8` asks, where the GPU can; else one warning and the loaded dtype. Returns what the blocks'
-    weights became, for the report (None without `--fp8`)."""
+    """FP8 block linears as `--fp8` asks, where the GPU can; else one warning and the loaded dtype. Returns what the
+    blocks' weights became, for the report (None without `--fp8`)."""
     if not settings.fp8:
         return None
     unavailable = fp8_unavailable(plan.device)
-    if unavailable is None and plan.offload and fp8_bytes(transformer) > plan.resident_bytes():
-        unavailable = (f"FP8 blocks are not streamed, and the FP8 transformer ({fp8_bytes(transformer) / GIB:.1f} GB) "
-                       f"does not fit the {plan.resident_bytes() / GIB:.1f} GB this GPU keeps for resident weights")  # fmt: skip
+    needed, room = fp8_bytes(transformer), plan.resident_bytes()
+    if unavailable is None and plan.offload and needed > room:
+        unavailable = (f"FP8 blocks are not streamed, and the FP8 transformer ({needed / GIB:.1f} GB) does not fit "
+                       f"the {room / GIB:.1f} GB this GPU keeps for resident weights")  # fmt: skip
     if unavailable:
         weights = str(transformer.dtype).removeprefix("torch.")
         logger.warning("%s; the transformer blocks stay %s", unavailable, weights)
