@@ -117,8 +117,8 @@ def _against_eager(config: str, reference: Path, output, video) -> dict:
 
 
 def _new_prompt_length(engine, image, settings) -> dict:
-    """A prompt of another length after the video: torch.compile's first step on the new text shape (a recompile
-    where the shape is not yet dynamic) against the next step."""
+    """A prompt of another length after the video: torch.compile's first step on the new text shape (a recompile,
+    graphs being static) against the next step."""
     from diffusers_helper.acceleration.measure import synchronize
     from diffusers_helper.media.job_files import JobPaths
     from diffusers_helper.pipeline.events import StepProgress
@@ -179,7 +179,7 @@ def _components(engine, image, runs: int) -> dict:
 
 
 def _job(engine, image, settings) -> dict:
-    """A whole video: median step, sampling and decode per section, and the total, from the job's own events."""
+    """A whole video: mean step, sampling and decode per section, and the total, from the job's own events."""
     import statistics
 
     from diffusers_helper.acceleration.measure import synchronize
