@@ -261,36 +261,20 @@ def _matmul_tflops(size: int = 8192) -> float:
 
 
 def _attention_kernels(engine, image, settings) -> list[dict]:
-    """A one-section job with the transformer's attention held to each of PyTorch's kernels in turn (the text
-    encoder's masked attention keeps PyTorch's choice: flash and cuDNN cannot take its mask)."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
+    """A one-section job with the transformer's attention held to each of PyTorch's kernels in turn, through
+    diffusers' attention dispatch (the LLaMA text encoder is a transformers model and keeps PyTorch's choice: flash and
+    cuDNN cannot take its mask)."""
+    from diffusers.models.attention_dispatch import attention_backend
 
-    kernels = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "cudnn": SDPBackend.CUDNN_ATTENTION}  # fmt: skip
     one_section = _settings(settings.latent_window * 4 / 30, settings.steps, settings.resolution)
-    transformer = engine.components.transformer
     rows = []
     for name in ATTENTION_KERNELS:
         row = {"config": f"eager, {name} attention"}
-        held = []
-
-        def enter(module, args, kernel=kernels[name]) -> None:
-            held.append(sdpa_kernel(kernel))
-            held[-1].__enter__()
-
-        def leave(module, args, output) -> None:
-            held.pop().__exit__(None, None, None)
-
-        handles = [transformer.register_forward_pre_hook(enter), transformer.register_forward_hook(leave)]
         try:
-            row.update(_job(engine, image, one_section))
+            with attention_backend(f"_native_{name}"):
+                row.update(_job(engine, image, one_section))
         except RuntimeError as error:
             row["error"] = str(error).strip().splitlines()[0][:200]
-        finally:
-            for handle in handles:
-                handle.remove()
-            while held:
-                held.pop().__exit__(None, None, None)
         rows.append(row)
     return rows
 
