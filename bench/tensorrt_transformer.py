@@ -236,9 +236,10 @@ def refit() -> list[dict]:
 
 def save() -> list[dict]:
     """Few blocks: how long saving the engine takes in the product's format (an ExportedProgram, retraced) and in the
-    others that could replace it (the GraphModule pickled by torch.save; TorchScript; pickled straight to the file
-    without the host copies of the engines), loading each back and its output against the engine in memory; the device memory the engine takes (activation memory allocated per call)
-    and the host memory its modules keep as serialized copies of their engines."""
+    others that could replace it (the GraphModule pickled by torch.save; TorchScript; pickled straight to the file),
+    loading each back and its output against the engine in memory; the device memory the engine takes (activation
+    memory allocated per call), and the host memory its modules still keep as serialized copies of their engines once
+    the runtime has built and saved it (it drops them)."""
     import torch_tensorrt
 
     from diffusers_helper.acceleration.engine_cache import EngineCache
@@ -253,7 +254,7 @@ def save() -> list[dict]:
         "torchscript": (lambda engine, args, path: torch_tensorrt.save(engine, str(path), output_format="torchscript",
                                                                        arg_inputs=list(args)),
                         lambda path: torch.jit.load(str(path))),
-        "pickled GraphModule, host copies dropped, streamed": (_pickle_without_host_copies, _unpickle),
+        "pickled GraphModule, streamed to the file": (_pickle_streamed, _unpickle),
     }  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as directory, torch.no_grad():
@@ -297,15 +298,10 @@ def save() -> list[dict]:
     return rows
 
 
-def _pickle_without_host_copies(engine, args, path: Path) -> None:
-    """Pickled straight to the file (torch.save builds the whole pickle in memory first), each engine once: its
-    module's `serialized_engine` host copy is dropped, so only the live engine's own state is written. Last of the
-    formats, since it changes the modules."""
+def _pickle_streamed(engine, args, path: Path) -> None:
+    """Pickled straight to the file: torch.save builds the whole pickle in memory first."""
     import pickle
 
-    for module in engine.modules():
-        if getattr(module, "serialized_engine", None) is not None and getattr(module, "engine", None) is not None:
-            module.serialized_engine = None
     with open(path, "wb") as file:
         pickle.dump(engine, file, protocol=4)
 

@@ -527,3 +527,16 @@ def test_a_component_keyed_by_its_weights_builds_for_new_weights(tmp_path):
         module[0].weight.add_(0.5)
     actual, expected = call(runtime, module)
     assert torch.equal(actual, expected) and (backend.compiled, backend.refitted) == (2, 0)
+
+
+def test_a_built_engine_keeps_no_serialized_copy_beside_its_live_engine():
+    """Torch-TensorRT's engine modules keep their serialized bytes after set-up (a second copy of the weights in RAM);
+    only a module whose engine is live gives them up."""
+    from diffusers_helper.acceleration.tensorrt_backend import drop_host_copies
+
+    live, pending = torch.nn.Module(), torch.nn.Module()
+    live.engine, live.serialized_engine = object(), b"engine bytes"
+    pending.engine, pending.serialized_engine = None, b"engine bytes"  # not set up: the bytes are all there is
+    compiled = torch.nn.Sequential(live, pending)
+    drop_host_copies(compiled)
+    assert live.serialized_engine is None and pending.serialized_engine == b"engine bytes"

@@ -105,16 +105,28 @@ class TorchTensorRTBackend:
         """Retraced: an engine saved by graph surgery (`retrace=False`) does not load back as a module that takes the
         stack's inputs ("expected 12, got 6" on the GPU). Retracing costs about 25 s a block (docs/benchmarks.md)."""
         self._trt.save(compiled, str(path), output_format="exported_program", arg_inputs=list(args))
+        drop_host_copies(compiled)
 
     def refit(self, engine: Callable, module: torch.nn.Module, args: tuple) -> Callable:
         """The engine with the module's current weights (same graph, other values), without building it again. An
         engine loaded from disk is one inlined graph, which Torch-TensorRT refits into a copy."""
         exported = torch.export.export(module, args, strict=False)
         in_place = bool(list(engine.named_children()))
-        return self._trt.dynamo.refit_module_weights(engine, exported, arg_inputs=list(args), in_place=in_place)
+        refitted = self._trt.dynamo.refit_module_weights(engine, exported, arg_inputs=list(args), in_place=in_place)
+        drop_host_copies(refitted)
+        return refitted
 
     def load(self, path: Path) -> Callable:
         return self._trt.load(str(path)).module()
+
+
+def drop_host_copies(engine: torch.nn.Module) -> None:
+    """A freshly built or refitted engine's modules keep its serialized bytes on the host beside the live engine: for
+    the full-size transformer a second copy of its weights in RAM (about 26 GB). Once the engine is set up and saved
+    nothing reads them: its own state serializes the live engine, and a refit serializes anew."""
+    for module in engine.modules():
+        if getattr(module, "engine", None) is not None and getattr(module, "serialized_engine", None) is not None:
+            module.serialized_engine = None
 
 
 def _aten_op(name: str):
