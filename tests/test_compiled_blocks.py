@@ -62,7 +62,9 @@ def test_a_compiled_job_makes_the_eager_video_and_says_so(tiny_root, tmp_path):
     assert all(COMPILE_HOOK in block._diffusers_hook.hooks for block in blocks(engine))
 
 
-def test_the_status_says_compiling_while_the_first_call_compiles(tiny_root, tmp_path, monkeypatch):
+def test_the_status_says_compiling_while_the_first_call_and_a_new_prompt_length_compile(
+    tiny_root, tmp_path, monkeypatch
+):
     engine = tiny_engine(tiny_root, "compile")
     seen = []
 
@@ -75,7 +77,15 @@ def test_the_status_says_compiling_while_the_first_call_compiles(tiny_root, tmp_
 
     monkeypatch.setattr(compiled_blocks.torch, "compile", watching)
     frames(engine, tmp_path)
-    assert seen[0].startswith("compiling with torch.compile (first use at this shape)... ")
+    compiling = "compiling with torch.compile (new input shapes)... "
+    assert seen[0].startswith(compiling) and not seen[-1].startswith(compiling)
+    assert engine.models.backends()["transformer"] == "torch.compile"
+    seen.clear()
+    frames(engine, tmp_path)  # the same shapes: nothing compiles
+    assert not [status for status in seen if status.startswith(compiling)]
+    seen.clear()
+    frames(engine, tmp_path, dataclasses.replace(SETTINGS, prompt="a cat walks slowly across a sunny garden"))
+    assert seen[0].startswith(compiling) and not seen[-1].startswith(compiling)
     assert engine.models.backends()["transformer"] == "torch.compile"
 
 

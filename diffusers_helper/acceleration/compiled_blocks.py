@@ -102,7 +102,8 @@ class CompiledBlocks:
         self.weights = weights  # part of what a measurement is remembered by: FP8 blocks time differently
         self.failure: str | None = None
         self.measurements: list[Measurement] = []
-        self.compiling_since: float | None = None  # while a block class's first call at a shape compiles
+        self.compiling_since: float | None = None  # while a call at input shapes new to its block class compiles
+        self._seen: set[tuple] = set()  # (block class, input shapes) already compiled
         self._compiled: dict[type, Callable] = {}
         self._decisions: dict[tuple, str] = {}
 
@@ -118,11 +119,18 @@ class CompiledBlocks:
         decision = self._decisions.get(shape) or self._decide(shape, module, eager, args, kwargs)
         if decision == "eager":
             return eager(*args, **kwargs)
+        inputs = (type(module), *(tuple(arg.shape) for arg in args if isinstance(arg, torch.Tensor)))
+        if inputs not in self._seen:  # another text length: the static graphs compile anew
+            self.compiling_since = time.perf_counter()
         try:
-            return self._run_compiled(module, args, kwargs)
+            output = self._run_compiled(module, args, kwargs)
         except Exception as error:  # a recompile for a new text length can fail like the first compile
             self._fail(error)
             return eager(*args, **kwargs)
+        finally:
+            self.compiling_since = None
+        self._seen.add(inputs)
+        return output
 
     def _run_compiled(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         """The compiled forward on inputs with standard strides (a block's input can be a view whose strides follow
@@ -200,7 +208,7 @@ class CompiledBlocks:
             return f"PyTorch (torch.compile failed: {self.failure})"
         if self.compiling_since is not None:
             elapsed = time.perf_counter() - self.compiling_since
-            return f"compiling with torch.compile (first use at this shape)... {elapsed:.0f}s"
+            return f"compiling with torch.compile (new input shapes)... {elapsed:.0f}s"
         chosen = set(self._decisions.values())
         if not chosen:
             return "torch.compile (checked on first use)" if self.mode == "compile" else (
