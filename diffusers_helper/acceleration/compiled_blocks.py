@@ -137,7 +137,9 @@ class CompiledBlocks:
         the text length, and a new stride is a recompile). Graphs are static: a new text length compiles a graph of
         its own rather than one generic over shapes. Past RECOMPILE_LIMIT graphs per block class it raises where
         torch.compile would quietly run the block eagerly: a failure to report, not a speed-up to claim."""
-        compiled = self._compiled.setdefault(type(module), torch.compile(type(module).forward, dynamic=False))
+        if type(module) not in self._compiled:
+            self._compiled[type(module)] = torch.compile(type(module).forward, dynamic=False)
+        compiled = self._compiled[type(module)]
         args = tuple(_standard_strides(arg) if isinstance(arg, torch.Tensor) else arg for arg in args)
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
             return compiled(module, *args, **kwargs)
