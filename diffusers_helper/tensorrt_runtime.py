@@ -17,6 +17,7 @@ call signature of what they replace; the compiler is `acceleration.tensorrt_back
 `acceleration.engine_cache`.
 """
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -26,7 +27,7 @@ import tempfile
 import threading
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,7 +149,9 @@ class ComponentStatus:
 
     engine: str = "pytorch"  # "tensorrt" once an engine served, "pytorch" otherwise
     reason: str = "not requested"
-    compiling_since: float | None = None
+    busy: str | None = None  # what a long step under way does (compiling, loading, refitting an engine), since when,
+    busy_since: float | None = None  # and how long it took the last time, where that is known
+    busy_expected_seconds: float | None = None
     engines: int = 0
     compiles: int = 0
     loads: int = 0
@@ -160,10 +163,10 @@ class ComponentStatus:
     expected_build_seconds: float | None = None  # how long the last build of this component on this GPU took
 
     def describe(self) -> str:
-        if self.compiling_since is not None:
-            elapsed = time.perf_counter() - self.compiling_since
-            expected = "" if self.expected_build_seconds is None else f" of about {self.expected_build_seconds:.0f}s"
-            return f"compiling engine (first run of this shape)... {elapsed:.0f}s{expected}"
+        if self.busy is not None:
+            elapsed = time.perf_counter() - self.busy_since
+            expected = "" if self.busy_expected_seconds is None else f" of about {self.busy_expected_seconds:.0f}s"
+            return f"{self.busy}... {elapsed:.0f}s{expected}"
         parked = "; PyTorch weights on the CPU" if self.pytorch_weights_on_cpu and self.engine == "tensorrt" else ""
         return f"{'TensorRT' if self.engine == 'tensorrt' else 'PyTorch'} ({self.reason}{parked})"
 
@@ -222,7 +225,7 @@ class TensorRTRuntime:
         status = self.status.setdefault(component, ComponentStatus())
         if status.reason.startswith("fell back"):
             return
-        status.engine, status.reason, status.compiling_since = "pytorch", f"fell back: {reason}", None
+        status.engine, status.reason, status.busy = "pytorch", f"fell back: {reason}", None
         logger.warning("TensorRT %s: %s; running it in PyTorch", component, reason)
 
     def is_active(self, component: str) -> bool:
@@ -363,7 +366,8 @@ class TensorRTRuntime:
         """The engine with the module's current weights written into it, or None if the refit fails."""
         started = time.perf_counter()
         try:
-            refitted = self.backend.refit(engine, module, args)
+            with self._busy(component, "refitting engine (new weights)"):
+                refitted = self.backend.refit(engine, module, args)
         except Exception as error:  # a failed refit costs a build, not the component
             logger.debug("TensorRT %s refit failed", component, exc_info=True)
             logger.info("TensorRT %s refit failed: %s", component, _describe(error))
@@ -382,7 +386,8 @@ class TensorRTRuntime:
         built_with = (self.cache.metadata(key) or {}).get("weights", weights)
         started = time.perf_counter()
         try:
-            engine = self.backend.load(path)
+            with self._busy(component, "loading engine from the cache"):
+                engine = self.backend.load(path)
         except Exception as error:  # whatever the reason, an engine that will not load is rebuilt
             logger.debug("TensorRT %s engine %s will not load", component, path, exc_info=True)
             self.cache.remove(key, f"it will not load ({_describe(error)}); rebuilding")
@@ -397,8 +402,7 @@ class TensorRTRuntime:
 
     def _build(self, component: str, key: str, module, args: tuple, ingredients: dict) -> Callable:
         status = self.status[component]
-        status.compiling_since = started = time.perf_counter()
-        status.reason = "compiling engine (first run of this shape)"
+        started = time.perf_counter()
         status.expected_build_seconds = self._last_build_seconds(component, ingredients["gpu"])
         logger.info(
             "compiling TensorRT engine for %s, inputs %s (first run of this shape; this can take minutes)",
@@ -406,20 +410,38 @@ class TensorRTRuntime:
             ingredients["inputs"],
         )
         settings = {**BASE_SETTINGS, **COMPONENT_SETTINGS[component]}
-        with _Heartbeat(component, started):
+        with self._busy(component, "compiling engine (first run of this shape)", status.expected_build_seconds):
             compiled = self.backend.compile(module, args, settings)
+            compiled_at = time.perf_counter()
             with tempfile.TemporaryDirectory(
                 dir=self.cache.directory, prefix=self.cache.staging_prefix(key)
             ) as staging:
                 built = Path(staging) / f"engine{ENGINE_SUFFIX}"
                 self.backend.save(compiled, args, built)
-                self.cache.store(key, built, {**ingredients, "build_seconds": round(time.perf_counter() - started, 1)})
+                saved_at = time.perf_counter()
+                timing = {
+                    "build_seconds": round(saved_at - started, 1),
+                    "save_seconds": round(saved_at - compiled_at, 1),
+                }
+                self.cache.store(key, built, {**ingredients, **timing})
         elapsed = time.perf_counter() - started
-        status.compiling_since = None
         status.compiles += 1
         status.compile_seconds.append(elapsed)
-        logger.info("TensorRT %s engine compiled in %.1fs", component, elapsed)
+        logger.info("TensorRT %s engine compiled and saved in %.1fs (saving %.1fs)", component, elapsed,
+                    timing["save_seconds"])  # fmt: skip
         return compiled
+
+    @contextlib.contextmanager
+    def _busy(self, component: str, activity: str, expected_seconds: float | None = None) -> Iterator[None]:
+        """A step that can take minutes at full size: the status says what and for how long, the log repeats it every
+        30 s, so neither the app nor a terminal looks frozen."""
+        status = self.status[component]
+        status.busy, status.busy_since, status.busy_expected_seconds = activity, time.perf_counter(), expected_seconds
+        try:
+            with _Heartbeat(f"TensorRT {component}: still {activity}", status.busy_since):
+                yield
+        finally:
+            status.busy = status.busy_since = status.busy_expected_seconds = None
 
     def _last_build_seconds(self, component: str, gpu: str) -> float | None:
         """The most recent build of this component on this GPU, for an estimate while the next one runs."""
@@ -478,16 +500,16 @@ def _describe(error: BaseException) -> str:
 
 
 class _Heartbeat:
-    """Logs every 30 s while a long compile runs, so a terminal never looks frozen."""
+    """Logs `message` with the elapsed seconds every 30 s until the block ends."""
 
-    def __init__(self, component: str, started: float, every: float = 30.0) -> None:
-        self.component, self.started, self.every = component, started, every
+    def __init__(self, message: str, started: float, every: float = 30.0) -> None:
+        self.message, self.started, self.every = message, started, every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every):
-            logger.info("still compiling TensorRT %s: %.0fs", self.component, time.perf_counter() - self.started)
+            logger.info("%s: %.0fs", self.message, time.perf_counter() - self.started)
 
     def __enter__(self) -> "_Heartbeat":
         self._thread.start()

@@ -41,7 +41,7 @@ def hammer(cache: EngineCache, rng: random.Random, operations: int) -> None:
                 assert path.read_bytes() == engine_bytes(key), f"{key} holds another engine's bytes"
             else:
                 with tempfile.TemporaryDirectory(dir=cache.directory, prefix=".build-") as staging:
-                    built = Path(staging) / "engine.pt2"
+                    built = Path(staging) / "engine.engine"
                     built.write_bytes(engine_bytes(key))
                     cache.store(key, built, {"key": key})
         cache.entries()

@@ -1,7 +1,7 @@
 """A stand-in for Torch-TensorRT on the CPU, for testing the runtime's own cache and fallback logic.
 
-"Compiling" is torch.export alone (so the wrappers' modules must export, as they must for TensorRT); an "engine
-file" is the saved ExportedProgram. Failure modes reproduce what the
+"Compiling" is the real backend's export alone (so the wrappers' modules must export, as they must for TensorRT, and
+masked attention takes the same route); an "engine file" is the saved ExportedProgram. Failure modes reproduce what the
 real compiler does wrong, one at a time. It proves nothing about TensorRT itself: GPU tests do that.
 """
 
@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from diffusers_helper.acceleration.tensorrt_backend import export
 from diffusers_helper.tensorrt_runtime import TensorRTUnavailable
 
 FAILURES = ("unavailable", "export", "oom", "save", "load", "run", "refit")
@@ -55,7 +56,7 @@ class FakeBackend:
             raise RuntimeError("torch.export: could not guard on data-dependent expression")
         if self.fail == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        exported = torch.export.export(module, args, strict=False)
+        exported = export(module, args)
         time.sleep(self.compile_delay)
         self.compiled += 1
         return FakeEngine(exported, self.scale, self.fail == "run")
@@ -70,7 +71,7 @@ class FakeBackend:
         if self.fail == "refit":
             raise RuntimeError("refit: weight shapes do not match the engine")
         self.refitted += 1
-        return FakeEngine(torch.export.export(module, args, strict=False), self.refit_scale, False)
+        return FakeEngine(export(module, args), self.refit_scale, False)
 
     def load(self, path):
         if self.fail == "load":

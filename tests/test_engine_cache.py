@@ -94,7 +94,7 @@ def test_a_runtime_rebuilds_over_metadata_that_is_not_a_json_object(tmp_path):
     assert backend.compiled == 1 and runtime.status["vae_decoder"].engine == "tensorrt"
 
 
-@pytest.mark.parametrize("removed", [(".json",), (".json", ".pt2")])
+@pytest.mark.parametrize("removed", [(".json",), (".json", ".engine")])
 def test_an_entry_removed_during_lookup_is_a_plain_miss(tmp_path, caplog, removed):
     """Another process removes the entry (metadata first) right after this one has read its metadata."""
 
@@ -140,10 +140,10 @@ def test_eviction_spares_an_entry_whose_lock_someone_holds(tmp_path):
 def test_size_counts_every_file_and_the_cap_counts_them_too(tmp_path):
     cache = EngineCache(tmp_path / "engines", max_bytes=2500)
     store(cache, "a")
-    (cache.directory / "orphan.pt2").write_bytes(b"x" * 1000)
+    (cache.directory / "orphan.engine").write_bytes(b"x" * 1000)
     staging = cache.directory / ".build-x"
     staging.mkdir()
-    (staging / "engine.pt2").write_bytes(b"x" * 500)
+    (staging / "engine.engine").write_bytes(b"x" * 500)
     on_disk = sum(path.stat().st_size for path in cache.directory.rglob("*") if path.is_file())
     assert on_disk > 2500 and cache.size_bytes() == on_disk
     age(cache.directory / "a.json", 10)
@@ -168,7 +168,7 @@ def test_processes_storing_looking_up_and_evicting_at_once_leave_a_consistent_ca
     ]
     errors = [process.communicate(timeout=120)[1] for process in processes]
     assert [process.returncode for process in processes] == [0] * workers, "\n".join(errors)
-    engines = {path.stem for path in directory.glob("*.pt2")}
+    engines = {path.stem for path in directory.glob("*.engine")}
     assert engines and engines == {path.stem for path in directory.glob("*.json")}
     assert [path.name for path in directory.iterdir() if path.name.startswith(".")] == []
     cache = EngineCache(directory, max_bytes)
@@ -185,31 +185,34 @@ def test_prepare_removes_what_killed_builds_left_and_keeps_the_rest(tmp_path, ca
     cache.reject("rejected", "relative error 0.5")  # a rejection record has no engine, by design
     abandoned = cache.directory / ".build-abandoned"
     abandoned.mkdir()
-    (abandoned / "engine.pt2").write_bytes(b"x" * 10)
-    age(abandoned / "engine.pt2", 7200)
+    (abandoned / "engine.engine").write_bytes(b"x" * 10)
+    age(abandoned / "engine.engine", 7200)
     age(abandoned, 7200)
     writing = cache.directory / ".build-writing"  # created long ago, its engine file still being written
     writing.mkdir()
-    (writing / "engine.pt2").write_bytes(b"x" * 10)
+    (writing / "engine.engine").write_bytes(b"x" * 10)
     age(writing, 7200)
     (cache.directory / ".k.json.123.tmp").write_text("{")
     age(cache.directory / ".k.json.123.tmp", 7200)
-    (cache.directory / "orphan.pt2").write_bytes(b"x" * 10)  # killed between the engine's rename and its metadata
+    (cache.directory / "orphan.engine").write_bytes(b"x" * 10)  # killed between the engine's rename and its metadata
     (cache.directory / "stale.json").write_text('{"bytes": 10}')  # its engine file was deleted
-    (cache.directory / "building.pt2").write_bytes(b"x" * 10)  # its build is storing it right now
+    (cache.directory / "building.engine").write_bytes(b"x" * 10)  # its build is storing it right now
     (cache.directory / "gone.lock").write_text("")  # a lock file outlives its entry
+    (cache.directory / "earlier.pt2").write_bytes(b"x" * 10)  # an engine file of an earlier format, and its entry
+    (cache.directory / "earlier.json").write_text('{"bytes": 10}')
     with caplog.at_level(logging.INFO), cache.lock("building"):
         cache.prepare()
     assert names(cache.directory) == [
         ".build-writing",
-        "building.pt2",
+        "building.engine",
+        "complete.engine",
         "complete.json",
-        "complete.pt2",
         "rejected.json",
     ]
     assert cache.lookup("complete") is not None and cache.rejection("rejected") == "relative error 0.5"
     assert cache.size_bytes() == sum(path.stat().st_size for path in cache.directory.rglob("*") if path.is_file())
-    assert "interrupted build" in caplog.text
+    assert "interrupted build" in caplog.text and "earlier format" in caplog.text
+    assert "engine earlier from the cache: engine file missing" not in caplog.text  # no false alarm for it
 
 
 def test_a_killed_build_is_cleared_at_the_next_start_unless_it_is_still_running(tmp_path):
@@ -218,7 +221,7 @@ def test_a_killed_build_is_cleared_at_the_next_start_unless_it_is_still_running(
     for key in (killed, running):
         staging = cache.directory / f"{cache.staging_prefix(key)}a1b2"
         staging.mkdir(parents=True)
-        (staging / "engine.pt2").write_bytes(b"x" * 10)  # fresh: its age alone would keep it for an hour
+        (staging / "engine.engine").write_bytes(b"x" * 10)  # fresh: its age alone would keep it for an hour
     with cache.lock(running):
         cache.prepare()
     assert names(cache.directory) == [f"{cache.staging_prefix(running)}a1b2"]

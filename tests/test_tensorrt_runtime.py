@@ -44,7 +44,7 @@ def call(runtime, module=None, shape=(2, 8)):
 
 def leftovers(directory: Path) -> list[str]:
     return sorted(
-        p.name for p in directory.iterdir() if p.name.startswith(".") or p.suffix not in (".pt2", ".json", ".lock")
+        p.name for p in directory.iterdir() if p.name.startswith(".") or p.suffix not in (".engine", ".json", ".lock")
     )
 
 
@@ -194,7 +194,7 @@ def test_deleting_the_cache_forces_a_rebuild(tmp_path):
 
 
 def _engine_file(tmp_path) -> Path:
-    return next((tmp_path / "engines").glob("*.pt2"))
+    return next((tmp_path / "engines").glob("*.engine"))
 
 
 def test_truncated_engine_is_removed_and_rebuilt(tmp_path, caplog):
@@ -540,3 +540,61 @@ def test_a_built_engine_keeps_no_serialized_copy_beside_its_live_engine():
     compiled = torch.nn.Sequential(live, pending)
     drop_host_copies(compiled)
     assert live.serialized_engine is None and pending.serialized_engine == b"engine bytes"
+
+
+class _EngineModule(torch.nn.Module):
+    """What a compiled submodule looks like to the save: a live engine (here a picklable stand-in) and its bytes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.engine, self.serialized_engine = torch.nn.Linear(4, 4), b"x" * 4096
+
+    def forward(self, x):
+        return self.engine(x)
+
+
+def test_an_engine_file_is_the_compiled_module_pickled_without_its_serialized_copies(tmp_path):
+    from diffusers_helper.acceleration.tensorrt_backend import TorchTensorRTBackend
+
+    class EnginesAsLeaves(torch.fx.Tracer):
+        def is_leaf_module(self, module, name):
+            return isinstance(module, _EngineModule) or super().is_leaf_module(module, name)
+
+    root = torch.nn.Sequential(_EngineModule(), torch.nn.ReLU())
+    compiled = torch.fx.GraphModule(root, EnginesAsLeaves().trace(root))  # as Torch-TensorRT's output is made of
+    x = torch.randn(2, 4)
+    expected = compiled(x)
+    backend = TorchTensorRTBackend()
+    backend.save(compiled, (x,), tmp_path / "engine.engine")
+    loaded = backend.load(tmp_path / "engine.engine")
+    assert torch.equal(loaded(x), expected)
+    assert loaded.get_submodule("0").serialized_engine is None  # the live engine is what was written
+    assert (tmp_path / "engine.engine").stat().st_size < 4096
+
+
+@pytest.mark.parametrize("step", ["load", "refit"])
+def test_loads_and_refits_say_what_they_do_while_they_run(tmp_path, monkeypatch, step):
+    """At full size both take minutes: the status line names the step and its elapsed time, and clears after it."""
+    module = seeded_mlp()
+    runtime, backend = refittable_runtime(tmp_path, monkeypatch)
+    call(runtime, module)  # builds the engine
+    if step == "load":  # a later process finds it in the cache
+        runtime, backend = refittable_runtime(tmp_path, monkeypatch)
+    else:
+        with torch.no_grad():
+            module[0].weight.add_(0.5)
+    seen = []
+    original = getattr(backend, step)
+
+    def watched(*args):
+        seen.append(runtime.status[COMPONENT].describe())
+        return original(*args)
+
+    setattr(backend, step, watched)
+    call(runtime, module)
+    expected = {
+        "load": r"loading engine from the cache\.\.\. \d+s",
+        "refit": r"refitting engine \(new weights\)\.\.\. \d+s",
+    }
+    assert len(seen) == 1 and re.fullmatch(expected[step], seen[0])
+    assert runtime.status[COMPONENT].busy is None and "TensorRT (engine in use" in runtime.status[COMPONENT].describe()

@@ -1,6 +1,6 @@
 """A directory of compiled engines keyed by canonical JSON, safe across processes and platforms.
 
-Each entry is `<key>.pt2` (the engine, serialized as a torch.export archive) and `<key>.json` (what built it, its
+Each entry is `<key>.engine` (the engine file the compiler wrote) and `<key>.json` (what built it, its
 size, when it was last used). The JSON is written last and removed first, so an entry without it does not exist.
 Writes go through a temporary file and a rename. Each key has a lock (a `filelock.FileLock`, so Windows works too):
 callers hold it around `lookup`, `store` and `remove`, while eviction and the clean-up in `prepare` take it only if
@@ -25,7 +25,8 @@ from ..media.atomic_files import write_bytes
 
 logger = logging.getLogger(__name__)
 
-ENGINE_SUFFIX = ".pt2"
+ENGINE_SUFFIX = ".engine"
+EARLIER_SUFFIXES = (".pt2",)  # engine files of an earlier format, which no key reaches any more
 STAGING_PREFIX = ".build-"  # a build stages its files in `.build-<key>-<random>/` here, holding the key's lock
 ABANDONED_AFTER_SECONDS = 3600  # staging that names no key: untouched for an hour, its writer was killed
 
@@ -64,6 +65,9 @@ class EngineCache:
         probe.write_bytes(b"")
         probe.unlink()
         for path in list(self.directory.iterdir()):
+            if not path.name.startswith(".") and path.suffix in EARLIER_SUFFIXES:
+                self._remove_earlier_format(path)
+        for path in list(self.directory.iterdir()):
             if path.name.startswith(STAGING_PREFIX) or (path.name.startswith(".") and path.suffix == ".tmp"):
                 self._remove_if_abandoned(path)
             elif not path.name.startswith(".") and path.suffix in (ENGINE_SUFFIX, ".json"):
@@ -91,6 +95,13 @@ class EngineCache:
                 shutil.rmtree(path)
             else:
                 path.unlink()
+
+    def _remove_earlier_format(self, path: Path) -> None:
+        """An engine file this version does not write: its entry goes, and the engine is built again when needed."""
+        with self._lock_if_free(path.stem) as held:
+            if held:
+                self.remove(path.stem, f"saved in an earlier format ({path.name})", logging.INFO)
+                path.unlink(missing_ok=True)
 
     def _remove_if_incomplete(self, key: str) -> None:
         """An engine without metadata (killed before writing it) or metadata without its engine, unless a rejection

@@ -6,10 +6,13 @@ Settings are data; options the installed Torch-TensorRT does not know are droppe
 
 import inspect
 import logging
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+from .kept_keys_attention import OP_NAME, route_masked_attention
 
 logger = logging.getLogger(__name__)
 
@@ -23,11 +26,12 @@ class TensorRTUnavailable(RuntimeError):
     """TensorRT cannot serve at all in this process (no torch_tensorrt, no CUDA)."""
 
 
-SDPA_OPS = (
+ATTENTION_OPS = (
     "aten.scaled_dot_product_attention.default",
     "aten._scaled_dot_product_flash_attention.default",
     "aten._scaled_dot_product_efficient_attention.default",
     "aten._scaled_dot_product_cudnn_attention.default",
+    OP_NAME.replace("::", ".") + ".default",
 )
 BASE_SETTINGS = {
     "use_explicit_typing": True,  # precision follows the model's dtypes (TensorRT-RTX is always strongly typed)
@@ -36,8 +40,9 @@ BASE_SETTINGS = {
     "optimization_level": 3,
     "attn_bias_is_causal": False,  # FramePack's attention is never causal
     # Attention stays in PyTorch's fused kernels: faster than TensorRT's for the transformer, and Torch-TensorRT
-    # 2.11 cannot convert attention with a constant mask (the VAE mid-block's, CLIP's causal one).
-    "torch_executed_ops": SDPA_OPS,
+    # 2.11 cannot convert attention with a constant mask (the VAE mid-block's, CLIP's causal one). Masked attention
+    # that only hides padding runs unmasked on the kept keys (`kept_keys_attention`).
+    "torch_executed_ops": ATTENTION_OPS,
 }
 COMPONENT_SETTINGS = {
     "vae_encoder": {},
@@ -60,7 +65,10 @@ TOLERANCES = {
 
 
 class TorchTensorRTBackend:
-    """The real compiler: torch.export, then torch_tensorrt.dynamo.compile; engines saved as ExportedPrograms."""
+    """The real compiler: torch.export, then torch_tensorrt.dynamo.compile; engine files are the compiled module
+    pickled (its TensorRT engines serialize themselves; a pickle names Torch-TensorRT's classes, whose version is in
+    every cache key). Torch-TensorRT's own ExportedProgram format retraces the whole program to save it, about 25 s a
+    block (docs/benchmarks.md), longer than building the full-size transformer."""
 
     def __init__(self) -> None:
         self._trt = None
@@ -98,26 +106,34 @@ class TorchTensorRTBackend:
         return options
 
     def compile(self, module: torch.nn.Module, args: tuple, settings: dict) -> Callable:
-        exported = torch.export.export(module, args, strict=False)
-        return self._trt.dynamo.compile(exported, arg_inputs=list(args), **self._options(settings))
+        return self._trt.dynamo.compile(export(module, args), arg_inputs=list(args), **self._options(settings))
 
     def save(self, compiled: Callable, args: tuple, path: Path) -> None:
-        """Retraced: an engine saved by graph surgery (`retrace=False`) does not load back as a module that takes the
-        stack's inputs ("expected 12, got 6" on the GPU). Retracing costs about 25 s a block (docs/benchmarks.md)."""
-        self._trt.save(compiled, str(path), output_format="exported_program", arg_inputs=list(args))
+        """Streamed to the file one engine at a time (torch.save would build the whole pickle in memory first)."""
         drop_host_copies(compiled)
+        with open(path, "wb") as file:
+            pickle.dump(compiled, file, protocol=pickle.HIGHEST_PROTOCOL)
 
     def refit(self, engine: Callable, module: torch.nn.Module, args: tuple) -> Callable:
-        """The engine with the module's current weights (same graph, other values), without building it again. An
-        engine loaded from disk is one inlined graph, which Torch-TensorRT refits into a copy."""
-        exported = torch.export.export(module, args, strict=False)
-        in_place = bool(list(engine.named_children()))
-        refitted = self._trt.dynamo.refit_module_weights(engine, exported, arg_inputs=list(args), in_place=in_place)
+        """The engine with the module's current weights (same graph, other values), written into its TensorRT
+        engines in place, without building it again."""
+        refitted = self._trt.dynamo.refit_module_weights(engine, export(module, args), arg_inputs=list(args),
+                                                         in_place=True)  # fmt: skip
         drop_host_copies(refitted)
         return refitted
 
     def load(self, path: Path) -> Callable:
-        return self._trt.load(str(path)).module()
+        """An engine file of this cache, which this product wrote: unpickling runs code, so the cache directory must
+        be as trusted as the program."""
+        with open(path, "rb") as file:
+            return pickle.load(file)
+
+
+def export(module: torch.nn.Module, args: tuple) -> torch.export.ExportedProgram:
+    """What TensorRT compiles: the module exported, its padding-masked attention sent to the kept keys."""
+    exported = torch.export.export(module, args, strict=False)
+    route_masked_attention(exported)
+    return exported
 
 
 def drop_host_copies(engine: torch.nn.Module) -> None:

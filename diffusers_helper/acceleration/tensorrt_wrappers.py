@@ -4,8 +4,8 @@ Each has the call signature of what it replaces: `TensorRTLatentEncoder` / `Tens
 `encoder` / `decoder`, `TensorRTTextEncoder` the LLaMA text encoder, `TensorRTCLIPTextEncoder` the CLIP one, and
 `TensorRTTransformer` the transformer's stack of dual- and single-stream blocks (installed with diffusers hooks,
 so embedders, rope and history packing stay in PyTorch and cache hooks like TeaCache still wrap the stack). The
-stack's text is padded to a fixed length and masked out of attention (which runs in PyTorch's fused kernels), so
-every prompt, and real CFG's negative prompt, runs on one engine.
+stack's text is padded to a fixed length and masked out of attention (which runs in PyTorch's fused kernels, on the
+kept keys: `kept_keys_attention`), so every prompt, and real CFG's negative prompt, runs on one engine.
 """
 
 from typing import TYPE_CHECKING

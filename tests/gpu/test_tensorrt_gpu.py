@@ -125,7 +125,7 @@ def test_an_engine_file_that_will_not_load_is_rebuilt(tmp_path):
     latents = torch.randn(*LATENTS, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         _tiny_vae_decoder(TensorRTRuntime(EngineCache(tmp_path)))[0](latents)
-        engine_file = next(tmp_path.glob("*.pt2"))
+        engine_file = next(tmp_path.glob("*.engine"))
         engine_file.write_bytes(b"\0" * engine_file.stat().st_size)
         runtime = TensorRTRuntime(EngineCache(tmp_path))
         wrapper, decoder = _tiny_vae_decoder(runtime)

@@ -1,0 +1,113 @@
+"""Masked attention over padded text, sent to the kept keys: same results as the masked kernel, on the CPU."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from diffusers_helper.acceleration.kept_keys_attention import attention_on_kept_keys, kept_keys, route_masked_attention
+from diffusers_helper.acceleration.tensorrt_backend import ATTENTION_OPS, _aten_op, export
+from diffusers_helper.tensorrt_runtime import TensorRTTransformer
+
+ROUTED = torch.ops.framepack.attention_on_kept_keys.default
+SDPA = torch.ops.aten.scaled_dot_product_attention.default
+
+
+def qkv(keys: int = 12, queries: int = 12) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(1, 2, n, 8, generator=generator) for n in (queries, keys, keys))
+
+
+def additive(row: list[float]) -> torch.Tensor:
+    return torch.tensor(row).reshape(1, 1, 1, -1)
+
+
+def padding(kept: int, total: int = 12) -> torch.Tensor:
+    return additive([0.0] * kept + [float("-inf")] * (total - kept))
+
+
+@pytest.mark.parametrize("kept", [1, 7, 12])
+def test_trailing_padding_keeps_the_leading_keys_and_matches_the_masked_kernel(kept):
+    query, key, value = qkv()
+    mask = padding(kept)
+    assert kept_keys(mask) == kept
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    torch.testing.assert_close(attention_on_kept_keys(query, key, value, mask), expected)
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        additive([0.0] * 5 + [float("-inf")] + [0.0] * 6),  # a hole: not trailing padding
+        additive([0.0] * 6 + [-1.0] * 6),  # a finite bias hides nothing
+        additive([float("-inf")] * 12),  # nothing kept
+        torch.zeros(1, 1, 12, 12).masked_fill(torch.ones(12, 12).triu(1).bool(), float("-inf")),  # per query
+        torch.ones(1, 1, 1, 12, dtype=torch.bool),
+    ],
+    ids=["hole", "finite-bias", "all-hidden", "per-query", "boolean"],
+)
+def test_any_other_mask_takes_the_masked_kernel(mask):
+    query, key, value = qkv()
+    assert kept_keys(mask) is None
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    torch.testing.assert_close(attention_on_kept_keys(query, key, value, mask), expected, equal_nan=True)
+
+
+def tiny_transformer() -> torch.nn.Module:
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    torch.manual_seed(0)
+    return HunyuanVideoFramepackTransformer3DModel(
+        num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=2, text_embed_dim=16,
+        pooled_projection_dim=8, rope_axes_dim=(2, 2, 4), has_image_proj=True, image_proj_dim=16,
+        has_clean_x_embedder=True,
+    ).eval()  # fmt: skip
+
+
+class _Exporting:
+    """A runtime that exports what the wrapper hands it and runs the export, routed attention and all."""
+
+    def __init__(self) -> None:
+        self.exported = []
+
+    def register(self, *args) -> None:
+        pass
+
+    def run(self, component, module, args):
+        self.exported.append(export(module, args))
+        return self.exported[-1].module()(*args)
+
+
+def test_the_padded_stack_exports_with_every_attention_routed_and_matches_pytorch():
+    transformer = tiny_transformer()
+    runtime = _Exporting()
+    stack = TensorRTTransformer(transformer, runtime)
+    cos, sin = transformer.rope(frame_indices=torch.arange(2), height=4, width=4, device="cpu")
+    hidden, text, temb = torch.randn(1, 8, 16), torch.randn(1, 5, 16), torch.randn(1, 16)
+    with torch.no_grad():
+        expected = stack.stack(hidden, text, temb, cos, sin)
+        output = stack(hidden, text, temb, None, (cos, sin))
+    targets = [node.target for node in runtime.exported[0].graph.nodes if node.op == "call_function"]
+    assert targets.count(ROUTED) == 3 and SDPA not in targets  # one attention per block, none left masked
+    for got, want in zip(output, expected, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+class _Attention(torch.nn.Module):
+    def forward(self, query, key, value, mask):
+        return (
+            F.scaled_dot_product_attention(query, key, value),
+            F.scaled_dot_product_attention(query, key, value, attn_mask=mask, is_causal=False),
+            F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=0.5),
+            F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.1),
+        )
+
+
+def test_only_plain_masked_attention_is_routed():
+    exported = torch.export.export(_Attention().eval(), (*qkv(), padding(9)), strict=False)
+    assert route_masked_attention(exported) == 1
+    targets = [node.target for node in exported.graph.nodes if node.op == "call_function"]
+    assert targets.count(ROUTED) == 1 and targets.count(SDPA) == 3
+
+
+def test_the_routed_op_stays_in_pytorch_when_tensorrt_compiles():
+    assert ROUTED in {_aten_op(name) for name in ATTENTION_OPS}
