@@ -7,12 +7,13 @@
     python bench/tensorrt_transformer.py save        # few blocks: save and load time in four file formats,
                                                      # the device and host memory the engine takes
     python bench/tensorrt_transformer.py full        # full size: `engines.py build` (time, peak GPU memory),
-                                                     # then a fresh process that loads it, serves two prompts
-                                                     # and a job with a LoRA (a refit)
+                                                     # then a fresh process that loads it and serves two prompts;
+                                                     # `--lora`: then a job with a LoRA (a full-size refit)
 Prints JSON lines; `--out DIR` also writes them to DIR/tensorrt_transformer.jsonl.
 """
 
 import argparse
+import copy
 import gc
 import json
 import logging
@@ -93,7 +94,14 @@ def few_blocks(frames: int = 12) -> tuple:
     return model, randn(1, tokens, 3072), randn(1, text_tokens, 3072), randn(1, 3072), cos, sin
 
 
-def probe() -> list[dict]:
+PROBE_VARIANTS = {  # name: (text padded, extra transformer settings)
+    "default": ("text padded to 1024 with a key mask, attention on the kept keys, refittable", True, {}),
+    "streaming": ("padded, refittable, weight streaming", True, {"enable_weight_streaming": True}),
+    "static": ("text as it is (one engine per prompt length), immutable weights", False, {"immutable_weights": True}),
+}
+
+
+def probe(chosen: list[str]) -> list[dict]:
     from diffusers_helper.acceleration import tensorrt_backend
     from diffusers_helper.acceleration.engine_cache import EngineCache
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer
@@ -103,14 +111,9 @@ def probe() -> list[dict]:
     texts = (text, text[:, :740].clone())
     settings = tensorrt_backend.COMPONENT_SETTINGS["transformer"]
     original = dict(settings)
-    rows = [_attention_with_and_without_mask(tokens + 1024)]
+    rows = [attention_probe(tokens + 1024)]
     print(json.dumps(rows[-1]), flush=True)
-    variants = [
-        ("text padded to 1024 with a key mask, refittable (the default)", True, {}),
-        ("padded, refittable, weight streaming", True, {"enable_weight_streaming": True}),
-        ("text as it is (one engine per prompt length), immutable weights", False, {"immutable_weights": True}),
-    ]
-    for name, padded, extra in variants:
+    for name, padded, extra in (PROBE_VARIANTS[variant] for variant in chosen):
         settings.clear()
         settings.update({**original, **extra})
         model.to("cuda")
@@ -165,17 +168,22 @@ def _weight_streaming(engine, call) -> dict:
     return results
 
 
-def _attention_with_and_without_mask(sequence: int) -> dict:
-    """Text padded to a fixed length needs a key mask; SDPA may then leave its fastest kernels."""
+def attention_probe(sequence: int) -> dict:
+    """Text padded to a fixed length needs a key mask; SDPA may then leave its fastest kernels, which attention on
+    the kept keys (what the engines' attention runs) avoids."""
+    from diffusers_helper.acceleration.kept_keys_attention import attention_on_kept_keys
+
     q, k, v = (torch.randn(1, 24, sequence, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
     mask = torch.zeros(1, 1, 1, sequence, device="cuda", dtype=torch.bfloat16)
     mask[..., -231:] = float("-inf")
     attention = torch.nn.functional.scaled_dot_product_attention
     plain = median_seconds(lambda: attention(q, k, v), runs=10)
     masked = median_seconds(lambda: attention(q, k, v, attn_mask=mask), runs=10)
-    return {"probe": "attention of one block, 24 heads x 128", "tokens": sequence,
+    kept = median_seconds(lambda: attention_on_kept_keys(q, k, v, mask), runs=10)
+    return {"probe": "attention of one block, 24 heads x 128", "tokens": sequence, "padding": 231,
             "unmasked_ms": round(plain * 1000, 2), "masked_ms": round(masked * 1000, 2),
-            "masked_slowdown": round(masked / plain, 2)}  # fmt: skip
+            "kept_keys_ms": round(kept * 1000, 2), "masked_slowdown": round(masked / plain, 2),
+            "kept_keys_slowdown": round(kept / plain, 2)}  # fmt: skip
 
 
 def block_lora(model: torch.nn.Module, path: Path, rank: int = 32) -> Path:
@@ -235,11 +243,11 @@ def refit() -> list[dict]:
 
 
 def save() -> list[dict]:
-    """Few blocks: how long saving the engine takes in the product's format (an ExportedProgram, retraced) and in the
-    others that could replace it (the GraphModule pickled by torch.save; TorchScript; pickled straight to the file),
-    loading each back and its output against the engine in memory; the device memory the engine takes (activation
-    memory allocated per call), and the host memory its modules still keep as serialized copies of their engines once
-    the runtime has built and saved it (it drops them)."""
+    """Few blocks: how long saving the engine takes in the product's format (the compiled module pickled straight to
+    the file) and in the others (Torch-TensorRT's ExportedProgram, which retraces; torch.save; TorchScript), loading
+    each back and its output against the engine in memory; the device memory the engine takes (activation memory
+    allocated per call), and the host memory its modules still keep as serialized copies of their engines once the
+    runtime has built and saved it (it drops them)."""
     import torch_tensorrt
 
     from diffusers_helper.acceleration.engine_cache import EngineCache
@@ -247,14 +255,17 @@ def save() -> list[dict]:
 
     model, hidden, text, temb, cos, sin = few_blocks(frames=3)
     formats = {
-        "exported_program (product)": (lambda engine, args, path: runtime.backend.save(engine, args, path),
-                                       lambda path: runtime.backend.load(path)),
-        "pickled GraphModule": (lambda engine, args, path: torch.save(engine, path, pickle_protocol=4),
-                                lambda path: torch.load(path, weights_only=False)),
+        "pickled module, streamed to the file (product)": (lambda engine, args, path: runtime.backend.save(engine, args, path),
+                                                           lambda path: runtime.backend.load(path)),
+        "exported_program (Torch-TensorRT's, retraced)": (
+            lambda engine, args, path: torch_tensorrt.save(engine, str(path), output_format="exported_program",
+                                                           arg_inputs=list(args)),
+            lambda path: torch_tensorrt.load(str(path)).module()),
+        "torch.save": (lambda engine, args, path: torch.save(engine, path, pickle_protocol=4),
+                       lambda path: torch.load(path, weights_only=False)),
         "torchscript": (lambda engine, args, path: torch_tensorrt.save(engine, str(path), output_format="torchscript",
                                                                        arg_inputs=list(args)),
                         lambda path: torch.jit.load(str(path))),
-        "pickled GraphModule, streamed to the file": (_pickle_streamed, _unpickle),
     }  # fmt: skip
     rows = []
     with tempfile.TemporaryDirectory() as directory, torch.no_grad():
@@ -298,27 +309,14 @@ def save() -> list[dict]:
     return rows
 
 
-def _pickle_streamed(engine, args, path: Path) -> None:
-    """Pickled straight to the file: torch.save builds the whole pickle in memory first."""
-    import pickle
-
-    with open(path, "wb") as file:
-        pickle.dump(engine, file, protocol=4)
-
-
-def _unpickle(path: Path):
-    import pickle
-
-    with open(path, "rb") as file:
-        return pickle.load(file)
-
-
 # -- full size -----------------------------------------------------------------------------------------------------
 
 
-def full(out: Path) -> list[dict]:
+def full(out: Path, lora: bool) -> list[dict]:
     """Build through the product's command (its output live, peak device memory sampled from here), then serve from
     a fresh process, which appends its own row."""
+    from diffusers_helper.acceleration.engine_cache import EngineCache
+
     cache = out / "engines"
     environment = {**os.environ, "FRAMEPACK_TENSORRT_CACHE_DIR": str(cache)}
     torch.cuda.init()
@@ -330,15 +328,19 @@ def full(out: Path) -> list[dict]:
         result = subprocess.run(command, cwd=REPO, env=environment, check=False)
     build = {"full_size": "engines.py build (full-random, 544x704, window 9, transformer)", "exit": result.returncode,
              "seconds": round(time.perf_counter() - started, 1), "peak_device_gb": round((sampler.peak - baseline) / GIB, 2),
-             "engine_files_gb": round(sum(p.stat().st_size for p in cache.rglob("*.pt2")) / GIB, 2)}  # fmt: skip
+             "engine_files_gb": round(sum(p.stat().st_size for p in cache.rglob("*.engine")) / GIB, 2),
+             "entries": [{name: record.get(name) for name in ("component", "inputs", "build_seconds", "save_seconds")}
+                         for record in EngineCache(cache).describe()]}  # fmt: skip
     print(json.dumps(build), flush=True)
-    subprocess.run([sys.executable, __file__, "serve", "--out", str(out)], cwd=REPO, env=environment, check=False)
+    serve_command = [sys.executable, __file__, "serve", "--out", str(out), *(["--lora"] if lora else [])]
+    subprocess.run(serve_command, cwd=REPO, env=environment, check=False)
     return [build]
 
 
-def serve() -> dict:
+def serve(lora: bool) -> dict:
     """A fresh process: load the full-size models with the transformer engine from the cache, time the block stack in
-    PyTorch (before the engine takes its weights) and as the engine, on a short and a long prompt."""
+    PyTorch (a copy taken before the engine holds the weights) and as the engine, on a short and a long prompt; then
+    the device memory in use with the engine serving and PyTorch's copy of the blocks on the CPU."""
     from diffusers_helper.frontend.startup import load_engine, plan_for, quiet_libraries
     from diffusers_helper.media.images import example_image
     from diffusers_helper.media.job_files import JobPaths
@@ -358,6 +360,7 @@ def serve() -> dict:
               "device_gb_models_loaded": round(device_used() / GIB, 2), "prompts": []}  # fmt: skip
     original_run = runtime.run
     seen: dict[int, dict] = {}
+    eager: dict[str, torch.nn.Module] = {}
 
     def measured_run(component, module, args):
         text_tokens = int((args[5] == 0).sum())  # the keys the mask lets through: latent and real text tokens
@@ -366,19 +369,19 @@ def serve() -> dict:
         record = seen[text_tokens] = {"text_tokens": text_tokens - args[0].shape[1], "padded_to": args[1].shape[1],
                                       "latent_tokens": args[0].shape[1]}  # fmt: skip
         with torch.no_grad():
-            parked = module in runtime._parked
-            if parked:
-                runtime._bring_back(component, module)  # PyTorch's copy back for the reference, then away again
-            reference = module(*args)[0]
-            record["eager_stack_s"] = round(median_seconds(lambda: module(*args), runs=3, warmup=1), 3)
-            if parked:
-                runtime._park(component, module, args[0].device)
+            # A GPU copy of the stack for the eager side, taken before the engine holds the weights: moving the
+            # runtime's own copy would read as changed weights (a refit).
+            stack = eager.setdefault("stack", copy.deepcopy(module))
+            # eager as it runs without TensorRT: the prompt's own text, no padding, no mask
+            unpadded = (args[0], args[1][:, : record["text_tokens"]], *args[2:5])
+            reference = stack(*unpadded)[0]
+            record["eager_stack_s"] = round(median_seconds(lambda: stack(*unpadded), runs=3, warmup=1), 3)
             output = original_run(component, module, args)
             record["relative_error"] = round(relative_error(output[0], reference), 5)
             record["engine_stack_s"] = round(median_seconds(lambda: original_run(component, module, args),
                                                             runs=3, warmup=1), 3)  # fmt: skip
             record["speedup"] = round(record["eager_stack_s"] / record["engine_stack_s"], 3)
-            record["device_gb_engine_serving"] = round(device_used() / GIB, 2)
+        print(json.dumps(record), flush=True)
         return output
 
     runtime.run = measured_run
@@ -393,13 +396,18 @@ def serve() -> dict:
                 step_times.append(round(time.perf_counter() - last, 3))
                 last = time.perf_counter()
         report["prompts"].append({"prompt_words": len(prompt.split()), "step_s": step_times})
+    eager.clear()
+    gc.collect()
+    torch.cuda.empty_cache()
     status = runtime.status["transformer"]
-    report.update(stack_calls=list(seen.values()), compiles=status.compiles, loads=status.loads,
+    report.update(stack_calls=list(seen.values()), compiles=status.compiles, loads=status.loads, refits=status.refits,
+                  device_gb_serving=round(device_used() / GIB, 2),
                   engines=status.engines, load_s=[round(s, 1) for s in status.load_seconds], status=status.describe(),
                   pytorch_weights_on=str(next(engine.models.components.transformer.transformer_blocks[1].parameters()).device),
                   gpu=torch.cuda.get_device_name(), **runtime.backend.versions())  # fmt: skip
     print(json.dumps(report), flush=True)
-    report["lora"] = _lora_switch(engine, runtime)
+    if lora:
+        report["lora"] = _lora_switch(engine, runtime)
     return report
 
 
@@ -427,13 +435,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("what", choices=("probe", "refit", "save", "full", "serve"))
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "tensorrt_transformer")
+    parser.add_argument("--lora", action="store_true", help="full/serve: also a job with a LoRA (a full-size refit)")
+    parser.add_argument("--variants", nargs="+", choices=PROBE_VARIANTS, default=list(PROBE_VARIANTS),
+                        help="probe: which ways of building the stack")  # fmt: skip
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.what == "serve":
-        rows = [serve()]
+        rows = [serve(args.lora)]
         print(json.dumps(rows[-1]), flush=True)
     else:
-        rows = {"probe": probe, "refit": refit, "save": save, "full": lambda: full(args.out)}[args.what]()
+        rows = {
+            "probe": lambda: probe(args.variants),
+            "refit": refit,
+            "save": save,
+            "full": lambda: full(args.out, args.lora),
+        }[args.what]()
     with open(args.out / "tensorrt_transformer.jsonl", "a") as log:
         log.writelines(json.dumps(row) + "\n" for row in rows)
 
