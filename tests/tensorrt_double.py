@@ -1,8 +1,8 @@
 """A stand-in for Torch-TensorRT on the CPU, for testing the runtime's own cache and fallback logic.
 
 "Compiling" is the real backend's export alone (so the wrappers' modules must export, as they must for TensorRT, and
-masked attention takes the same route); an "engine file" is the saved ExportedProgram. Failure modes reproduce what the
-real compiler does wrong, one at a time. It proves nothing about TensorRT itself: GPU tests do that.
+masked attention takes the same route); an "engine file" is the saved ExportedProgram. Failure modes reproduce
+what the real compiler does wrong, one at a time. It proves nothing about TensorRT itself: GPU tests do that.
 """
 
 import copy

@@ -561,7 +561,7 @@ def test_an_engine_file_is_the_compiled_module_pickled_without_its_serialized_co
             return isinstance(module, _EngineModule) or super().is_leaf_module(module, name)
 
     root = torch.nn.Sequential(_EngineModule(), torch.nn.ReLU())
-    compiled = torch.fx.GraphModule(root, EnginesAsLeaves().trace(root))  # as Torch-TensorRT's output is made of
+    compiled = torch.fx.GraphModule(root, EnginesAsLeaves().trace(root))  # engines as submodules, as in Torch-TensorRT
     x = torch.randn(2, 4)
     expected = compiled(x)
     backend = TorchTensorRTBackend()
