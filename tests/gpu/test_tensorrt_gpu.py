@@ -80,6 +80,41 @@ def test_a_second_process_loads_the_engine_without_compiling(cache_dir, transfor
     assert report["compiles"] == 0 and report["loads"] == 1 and report["engine"] == "tensorrt"
 
 
+def _block_lora(transformer, directory: Path):
+    """A rank-16 PEFT LoRA on every linear layer of the blocks, read back as the app reads one."""
+    from diffusers_helper.models.lora import read_lora
+    from tests.lora_files import random_layers, write_peft
+
+    layers = {name: (module.out_features, module.in_features) for name, module in transformer.named_modules()
+              if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer_blocks."))}  # fmt: skip
+    return read_lora(write_peft(directory / "lora.safetensors", random_layers(layers, rank=16, seed=3)))
+
+
+LORA_SCALE = 0.02  # the random layers are large; this keeps the fused weights within a LoRA's usual reach
+
+
+def test_an_engine_loaded_from_the_cache_is_refitted_for_a_lora_not_rebuilt(cache_dir, transformer, tmp_path):
+    """The first test's engine file, loaded by a new runtime while a LoRA is fused in: the loaded engine gets the new
+    weights by a refit (written into its TensorRT engines in place) and matches PyTorch with the LoRA."""
+    from diffusers_helper.models.lora import FusedLoras
+
+    loras = FusedLoras(transformer)
+    runtime = TensorRTRuntime(EngineCache(cache_dir))
+    stack = TensorRTTransformer(transformer, runtime)
+    hidden, text, temb, cos, sin = stack_inputs(transformer)
+    try:
+        with torch.no_grad():
+            loras.apply([(_block_lora(transformer, tmp_path), LORA_SCALE)])
+            expected = stack.stack(hidden, text, temb, cos, sin)[0]
+            output = stack(hidden, text, temb, None, (cos, sin))[0]
+    finally:
+        loras.remove()
+    status = runtime.status["transformer"]
+    print(f"load {status.load_seconds} s, refit {status.refit_seconds} s")
+    assert (status.engine, status.loads, status.refits, status.compiles) == ("tensorrt", 1, 1, 0), status.reason
+    assert relative_error(output, expected) < 0.05
+
+
 def test_a_deleted_cache_recompiles(cache_dir, transformer):
     shutil.rmtree(cache_dir)
     runtime = TensorRTRuntime(EngineCache(cache_dir))
@@ -183,24 +218,20 @@ def test_two_prompt_lengths_share_one_engine_and_the_gpu_holds_one_copy_of_the_w
 def test_a_lora_switch_refits_the_full_width_engine_and_matches_pytorch(tmp_path, transformer):
     """A LoRA on every block layer, switched on and off: two refits, no second build, PyTorch's output each time
     (the references are computed here, before the engine exists)."""
-    from diffusers_helper.models.lora import FusedLoras, read_lora
-    from tests.lora_files import random_layers, write_peft
+    from diffusers_helper.models.lora import FusedLoras
 
-    layers = {name: (module.out_features, module.in_features) for name, module in transformer.named_modules()
-              if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer_blocks."))}  # fmt: skip
-    lora = read_lora(write_peft(tmp_path / "lora.safetensors", random_layers(layers, rank=16, seed=3)))
+    lora = _block_lora(transformer, tmp_path)
     loras = FusedLoras(transformer)
     runtime = TensorRTRuntime(EngineCache(tmp_path / "engines"))
     stack = TensorRTTransformer(transformer, runtime)
     hidden, text, temb, cos, sin = stack_inputs(transformer)
-    scale = 0.02  # the random layers are large; this keeps the fused weights within a LoRA's usual reach
     with torch.no_grad():
         base = stack.stack(hidden, text, temb, cos, sin)[0]
-        loras.apply([(lora, scale)])
+        loras.apply([(lora, LORA_SCALE)])
         with_lora = stack.stack(hidden, text, temb, cos, sin)[0]
         loras.remove()
         outputs = []
-        for mix in ([], [(lora, scale)], []):
+        for mix in ([], [(lora, LORA_SCALE)], []):
             loras.apply(mix)
             outputs.append(stack(hidden, text, temb, None, (cos, sin))[0])
     status = runtime.status["transformer"]
