@@ -342,9 +342,6 @@ def serve(lora: bool) -> dict:
     PyTorch (a copy taken before the engine holds the weights) and as the engine, on a short and a long prompt; then
     the device memory in use with the engine serving and PyTorch's copy of the blocks on the CPU."""
     from diffusers_helper.frontend.startup import load_engine, plan_for, quiet_libraries
-    from diffusers_helper.media.images import example_image
-    from diffusers_helper.media.job_files import JobPaths
-    from diffusers_helper.pipeline.events import StepProgress
     from diffusers_helper.settings import GenerationSettings, ModelSettings, TensorRTOptions
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
@@ -371,7 +368,7 @@ def serve(lora: bool) -> dict:
         with torch.no_grad():
             # A GPU copy of the stack for the eager side, taken before the engine holds the weights: moving the
             # runtime's own copy would read as changed weights (a refit).
-            stack = eager.setdefault("stack", copy.deepcopy(module))
+            stack = eager.setdefault("stack", hookless_copy(module))
             # eager as it runs without TensorRT: the prompt's own text, no padding, no mask
             unpadded = (args[0], args[1][:, : record["text_tokens"]], *args[2:5])
             reference = stack(*unpadded)[0]
@@ -386,15 +383,7 @@ def serve(lora: bool) -> dict:
 
     runtime.run = measured_run
     for prompt in PROMPTS:
-        settings = GenerationSettings(prompt=prompt, seconds=1.2, steps=3, step_cache="off")
-        step_times, last = [], time.perf_counter()
-        for event in engine.generate(
-            example_image(704, 544), settings, JobPaths.for_video(Path(tempfile.mkdtemp()) / "x.mp4")
-        ):
-            if isinstance(event, StepProgress):
-                torch.cuda.synchronize()
-                step_times.append(round(time.perf_counter() - last, 3))
-                last = time.perf_counter()
+        step_times = run_job(engine, GenerationSettings(prompt=prompt, seconds=1.2, steps=3, step_cache="off"))
         report["prompts"].append({"prompt_words": len(prompt.split()), "step_s": step_times})
     eager.clear()
     gc.collect()
@@ -411,20 +400,41 @@ def serve(lora: bool) -> dict:
     return report
 
 
+def run_job(engine, settings) -> list[float]:
+    """One 544x704 job; the seconds each step took (the first includes encoding). A failed job raises: the engine
+    reports failures as events, which a benchmark must not pass over."""
+    from diffusers_helper.media.images import example_image
+    from diffusers_helper.media.job_files import JobPaths
+    from diffusers_helper.pipeline.events import Failed, StepProgress
+
+    step_times, last = [], time.perf_counter()
+    paths = JobPaths.for_video(Path(tempfile.mkdtemp()) / "x.mp4")
+    for event in engine.generate(example_image(704, 544), settings, paths):
+        if isinstance(event, Failed):
+            raise RuntimeError(f"the job failed: {event.message}")
+        if isinstance(event, StepProgress):
+            torch.cuda.synchronize()
+            step_times.append(round(time.perf_counter() - last, 3))
+            last = time.perf_counter()
+    return step_times
+
+
+def hookless_copy(module: torch.nn.Module) -> torch.nn.Module:
+    """A copy of the block stack without the blocks' hooks (they lead to the runtime, whose locks do not copy); the
+    stack calls each block's class forward, so the copy runs as plain PyTorch."""
+    hooks = {id(part._diffusers_hook): None for part in module.modules() if hasattr(part, "_diffusers_hook")}
+    return copy.deepcopy(module, hooks)
+
+
 def _lora_switch(engine, runtime) -> dict:
     """A LoRA on every block layer for one more job: the engine loaded from disk is refitted (and checked by the
     runtime), never built again."""
-    from diffusers_helper.media.images import example_image
-    from diffusers_helper.media.job_files import JobPaths
     from diffusers_helper.settings import GenerationSettings, LoraChoice
 
-    directory = Path(tempfile.mkdtemp())
-    path = block_lora(engine.models.components.transformer, directory / "lora.safetensors")
-    settings = GenerationSettings(prompt=PROMPTS[0], seconds=1.2, steps=1, step_cache="off",
-                                  loras=(LoraChoice(path, 0.5),))  # fmt: skip
+    path = block_lora(engine.models.components.transformer, Path(tempfile.mkdtemp()) / "lora.safetensors")
     started = time.perf_counter()
-    for _ in engine.generate(example_image(704, 544), settings, JobPaths.for_video(directory / "x.mp4")):
-        pass
+    run_job(engine, GenerationSettings(prompt=PROMPTS[0], seconds=1.2, steps=1, step_cache="off",
+                                       loras=(LoraChoice(path, 0.5),)))  # fmt: skip
     status = runtime.status["transformer"]
     return {"job_s": round(time.perf_counter() - started, 1), "refits": status.refits,
             "refit_s": [round(s, 1) for s in status.refit_seconds], "compiles": status.compiles,
