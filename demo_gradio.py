@@ -81,17 +81,22 @@ class App:
     a job asks for another."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        from diffusers_helper.frontend.startup import default_resolution, load_engine, model_settings, plan_for
+        from diffusers_helper.frontend.startup import (
+            default_resolution,
+            load_engine,
+            model_settings,
+            plan_for,
+            runtime_for,
+        )
         from diffusers_helper.frontend.worker import JobRunner
         from diffusers_helper.settings import LORAS_DIR, InvalidSettings
-        from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
         if args.loras is not None and not args.loras.is_dir():
             raise InvalidSettings(f"LoRA folder not found: {args.loras}")
         self.outputs = args.outputs
         self.loras = args.loras or LORAS_DIR
         self.models = model_settings(args)
-        self.runtime = TensorRTRuntime() if self.models.tensorrt.enabled else None
+        self.runtime = runtime_for(self.models)
         self._plan_for, self._load_engine = plan_for, load_engine
         plan = plan_for(self.models)
         self.free_gb = plan.budget_gb  # measured once, before the models take their share

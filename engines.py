@@ -76,8 +76,9 @@ def list_engines() -> int:
     for record in reversed(records):  # most recently used first
         used = datetime.datetime.fromtimestamp(record["last_used"]).strftime("%Y-%m-%d %H:%M")
         shapes = " ".join("x".join(str(side) for side in shape) for shape, _ in record.get("inputs", []))
+        speed = f"{record['speedup']:.2f}x PyTorch" if "speedup" in record else "speed not measured"
         print(f"{record['key']}  {record.get('component', '?'):<15} {record['bytes'] / 1024**3:7.2f} GB  "
-              f"used {used}  on {record.get('gpu', '?')}  inputs {shapes}")  # fmt: skip
+              f"used {used}  on {record.get('gpu', '?')}  {speed}  inputs {shapes}")  # fmt: skip
     return EXIT_OK
 
 
@@ -128,7 +129,7 @@ def build_engines(args: argparse.Namespace) -> int:
         buckets = [parse_bucket(text) for text in args.buckets] if args.buckets else None
         items = plan_items(args.variants, buckets, args.windows, resolution)
         plan = plan_for(models)
-        runtime = TensorRTRuntime()
+        runtime = TensorRTRuntime(only_if_faster=True)  # each new engine is timed, so `list` shows its speed
         unavailable = runtime.availability()
         if unavailable:
             raise InvalidSettings(f"TensorRT cannot run here: {unavailable}")

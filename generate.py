@@ -214,12 +214,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the following arguments are required: --image")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers_helper").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from diffusers_helper.frontend.startup import model_settings, plan_for, quiet_libraries
+    from diffusers_helper.frontend.startup import model_settings, plan_for, quiet_libraries, runtime_for
     from diffusers_helper.media.images import load_input_image
     from diffusers_helper.media.job_files import JobPaths, ensure_writable_dir
     from diffusers_helper.models.lora import read_lora
     from diffusers_helper.settings import InvalidSettings
-    from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
     quiet_libraries()
     try:
@@ -232,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_writable_dir(paths.video.parent)
         paths.check(args.overwrite, input_image=args.image)
         plan = plan_for(models, settings.gpu_memory_preservation)
-        runtime = TensorRTRuntime() if models.tensorrt.enabled else None
+        runtime = runtime_for(models)
     except (InvalidSettings, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

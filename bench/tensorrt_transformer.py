@@ -274,9 +274,9 @@ def save() -> list[dict]:
         captured = {}
         original_run = runtime.run
 
-        def capturing_run(component, module, args):
+        def capturing_run(component, module, args, in_pytorch=None):
             captured["args"] = args
-            return original_run(component, module, args)
+            return original_run(component, module, args, in_pytorch)
 
         runtime.run = capturing_run
         before = device_used()
@@ -359,10 +359,10 @@ def serve(lora: bool) -> dict:
     seen: dict[int, dict] = {}
     eager: dict[str, torch.nn.Module] = {}
 
-    def measured_run(component, module, args):
-        text_tokens = int((args[5] == 0).sum())  # the keys the mask lets through: latent and real text tokens
-        if component != "transformer" or text_tokens in seen:
-            return original_run(component, module, args)
+    def measured_run(component, module, args, in_pytorch=None):
+        text_tokens = int((args[5] == 0).sum()) if component == "transformer" else None  # latent + real text
+        if text_tokens is None or text_tokens in seen:
+            return original_run(component, module, args, in_pytorch)
         record = seen[text_tokens] = {"text_tokens": text_tokens - args[0].shape[1], "padded_to": args[1].shape[1],
                                       "latent_tokens": args[0].shape[1]}  # fmt: skip
         with torch.no_grad():
@@ -373,9 +373,9 @@ def serve(lora: bool) -> dict:
             unpadded = (args[0], args[1][:, : record["text_tokens"]], *args[2:5])
             reference = stack(*unpadded)[0]
             record["eager_stack_s"] = round(median_seconds(lambda: stack(*unpadded), runs=3, warmup=1), 3)
-            output = original_run(component, module, args)
+            output = original_run(component, module, args, in_pytorch)
             record["relative_error"] = round(relative_error(output[0], reference), 5)
-            record["engine_stack_s"] = round(median_seconds(lambda: original_run(component, module, args),
+            record["engine_stack_s"] = round(median_seconds(lambda: original_run(component, module, args, in_pytorch),
                                                             runs=3, warmup=1), 3)  # fmt: skip
             record["speedup"] = round(record["eager_stack_s"] / record["engine_stack_s"], 3)
         print(json.dumps(record), flush=True)

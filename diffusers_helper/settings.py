@@ -134,15 +134,19 @@ class TensorRTOptions:
     vae: bool = False
     text_encoders: bool = False
     transformer: bool = False
+    always: bool = False  # every engine that passes its check serves, even one measured no faster than PyTorch
 
     @classmethod
-    def from_flags(cls, enable: bool, text_encoders: bool, transformer: bool) -> "TensorRTOptions":
-        """--enable-tensorrt (the VAE) is the switch the other two flags need; InvalidSettings names them."""
-        if (text_encoders or transformer) and not enable:
+    def from_flags(
+        cls, enable: bool, text_encoders: bool, transformer: bool, always: bool = False
+    ) -> "TensorRTOptions":
+        """--enable-tensorrt (the VAE) is the switch the other flags need; InvalidSettings names them."""
+        if (text_encoders or transformer or always) and not enable:
             flags = [flag for flag, on in (("--tensorrt-text-encoders", text_encoders),
-                                           ("--tensorrt-transformer", transformer)) if on]  # fmt: skip
+                                           ("--tensorrt-transformer", transformer),
+                                           ("--tensorrt-always", always)) if on]  # fmt: skip
             raise InvalidSettings(f"{' and '.join(flags)} {'needs' if len(flags) == 1 else 'need'} --enable-tensorrt")
-        return cls(enable, text_encoders, transformer)
+        return cls(enable, text_encoders, transformer, always)
 
     @property
     def enabled(self) -> bool:

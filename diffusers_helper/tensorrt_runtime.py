@@ -7,7 +7,9 @@ the PyTorch copy moves to the CPU (kept there for fallback, for checking new eng
 when the component falls back. Components built with refittable weights (the transformer) are keyed without their
 weights: when the weights change (a LoRA fused in, or any in-place edit, seen through the tensors' version counters)
 or an engine from the cache was built with other weights, the engine is refitted with the current ones instead of
-built again, and checked again. Anything that goes wrong (no torch_tensorrt, no CUDA, an export or build
+built again, and checked again. With `only_if_faster`, each engine is also timed against PyTorch once, on the
+inputs of its check, and serves only where it is at least MIN_SPEEDUP times as fast; the measurement is kept in the
+engine's cache record, so a later process does not even load an engine that lost. Anything that goes wrong (no torch_tensorrt, no CUDA, an export or build
 error, running out of memory while building, an engine that will not load, a wrong or failing engine) costs one
 warning and sends that component back to PyTorch for the rest of the process; the other components keep their
 engines.
@@ -36,7 +38,7 @@ import torch
 import transformers
 
 from .acceleration.engine_cache import ENGINE_SUFFIX, EngineCache, cache_key
-from .acceleration.measure import output_error
+from .acceleration.measure import median_seconds, output_error
 from .acceleration.tensorrt_backend import (
     BASE_SETTINGS,
     COMPONENT_SETTINGS,
@@ -68,6 +70,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CACHE_DIR_VARIABLE = "FRAMEPACK_TENSORRT_CACHE_DIR"
+# An engine must beat PyTorch clearly to serve: one that only ties costs its build, its loads (minutes at full size)
+# and its checks for nothing.
+MIN_SPEEDUP = 1.05
+TIMED_RUNS = 3
 CACHE_LIMIT_VARIABLE = "FRAMEPACK_TENSORRT_CACHE_GB"
 
 
@@ -174,9 +180,12 @@ class ComponentStatus:
 class TensorRTRuntime:
     """Engines per (component, input signature); one instance per process, shared by the wrappers."""
 
-    def __init__(self, cache: EngineCache | None = None, backend: object | None = None) -> None:
+    def __init__(
+        self, cache: EngineCache | None = None, backend: object | None = None, only_if_faster: bool = False
+    ) -> None:
         self.cache = cache or EngineCache(default_cache_dir(), default_cache_limit())
         self.backend = backend or TorchTensorRTBackend()
+        self.only_if_faster = only_if_faster
         self.status: dict[str, ComponentStatus] = {}
         # Held weakly by the module exported: engines and fingerprints go with the models they were made for.
         self._engines: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Callable]] = weakref.WeakKeyDictionary()
@@ -185,6 +194,8 @@ class TensorRTRuntime:
         # module's weights changed since, waiting to be refitted on their next call.
         self._weight_states: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
         self._stale: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Callable]] = weakref.WeakKeyDictionary()
+        # Signatures whose engine measured no faster than PyTorch: they run in PyTorch.
+        self._slower: weakref.WeakKeyDictionary[torch.nn.Module, set[tuple]] = weakref.WeakKeyDictionary()
         # Modules whose PyTorch weights were (or may have been, by a build) sent to the CPU, and their device.
         self._parked: weakref.WeakKeyDictionary[torch.nn.Module, torch.device] = weakref.WeakKeyDictionary()
         self._kept_on_device: dict[str, tuple[torch.nn.Module, ...]] = {}
@@ -234,31 +245,35 @@ class TensorRTRuntime:
 
     # -- the core -----------------------------------------------------------------------------------------------
 
-    def run(self, component: str, module: torch.nn.Module, args: tuple):
+    def run(self, component: str, module: torch.nn.Module, args: tuple, in_pytorch: Callable | None = None):
         """`module(*args)` through the component's engine for this signature, or in PyTorch when it cannot.
 
         `module` is what gets exported (tensors in, a tensor or tuple of tensors out) and the PyTorch reference
-        each new engine must match.
+        each new engine must match. `in_pytorch` is how the call runs when it runs in PyTorch, where that is
+        cheaper than `module(*args)` (inputs padded for an engine need no padding there); engines are timed
+        against it.
         """
         if not self.is_active(component):
-            return self._in_pytorch(component, module, args)
+            return self._in_pytorch(component, module, args, in_pytorch)
         unavailable = self.availability()
         if unavailable:
             self.fall_back(component, unavailable)
-            return self._in_pytorch(component, module, args)
+            return self._in_pytorch(component, module, args, in_pytorch)
         args = tuple(a.contiguous() for a in args)  # engines take dense inputs only
         signature = (component, tuple(tuple(a.shape) for a in args), tuple(a.dtype for a in args))
+        if signature in self._slower.get(module, ()):
+            return self._in_pytorch(component, module, args, in_pytorch)
         try:
             if module in self._weight_states and self._weight_states[module] != _weight_state(module):
                 self._weights_changed(component, module)
             engine = self._engines.get(module, {}).get(signature)
             if engine is None:
-                engine = self._prepare(component, module, args, signature)
-            return self._in_pytorch(component, module, args) if engine is None else engine(*args)
+                engine = self._prepare(component, module, args, signature, in_pytorch)
+            return self._in_pytorch(component, module, args, in_pytorch) if engine is None else engine(*args)
         except Exception as error:  # any TensorRT failure: this component continues in PyTorch
             logger.debug("TensorRT %s failed", component, exc_info=True)
             self.fall_back(component, _describe(error))
-            return self._in_pytorch(component, module, args)
+            return self._in_pytorch(component, module, args, in_pytorch)
 
     def _weights_changed(self, component: str, module: torch.nn.Module) -> None:
         """The weights are not those the engines were checked with: each engine is refitted (or, for a component
@@ -272,12 +287,13 @@ class TensorRTRuntime:
 
     # -- where the PyTorch weights are ---------------------------------------------------------------------------
 
-    def _in_pytorch(self, component: str, module: torch.nn.Module, args: tuple):
-        """Run the PyTorch module; if its weights were sent to the CPU, its engines go and the weights come back."""
+    def _in_pytorch(self, component: str, module: torch.nn.Module, args: tuple, in_pytorch: Callable | None):
+        """Run the call in PyTorch; if the module's weights were sent to the CPU, its engines go and the weights come
+        back."""
         if module in self._parked:
             self._engines.pop(module, None)
             self._bring_back(component, module)
-        return module(*args)
+        return module(*args) if in_pytorch is None else in_pytorch()
 
     def _bring_back(self, component: str, module: torch.nn.Module) -> None:
         device = self._parked.pop(module, None)
@@ -324,7 +340,9 @@ class TensorRTRuntime:
         }
         return cache_key(ingredients), ingredients, weights
 
-    def _prepare(self, component: str, module: torch.nn.Module, args: tuple, signature: tuple) -> Callable | None:
+    def _prepare(
+        self, component: str, module: torch.nn.Module, args: tuple, signature: tuple, in_pytorch: Callable | None
+    ) -> Callable | None:
         """Load or build the engine for this signature and check it against PyTorch (whose weights must be on the
         device for that, and go back to the CPU once the engine has passed)."""
         key, ingredients, weights = self._key(component, module, args)
@@ -335,8 +353,14 @@ class TensorRTRuntime:
             if rejected:
                 self.fall_back(component, f"this engine was rejected before ({rejected})")
                 return None
+            speedup = (self.cache.metadata(key) or {}).get("speedup") if self.only_if_faster else None
+            if speedup is not None and speedup < MIN_SPEEDUP:
+                self._run_slower_in_pytorch(component, module, signature, speedup)
+                return None
             self._bring_back(component, module)
             expected = module(*args)  # before a build, which may move the weights to the CPU
+            timing = self.only_if_faster and speedup is None
+            pytorch_seconds = median_seconds(in_pytorch or (lambda: module(*args)), TIMED_RUNS) if timing else None
             if device != self.host:
                 self._parked[module] = device
             engine, how = self._stale.get(module, {}).pop(signature, None), "refitted"
@@ -351,9 +375,14 @@ class TensorRTRuntime:
                                    "the refit failed" if error is None else f"the refitted engine is off by {error:.3g}")  # fmt: skip
                 engine, how = self._build(component, key, module, args, {**ingredients, "weights": weights}), "built"
                 error = output_error(engine(*args), expected)
+            if error <= TOLERANCES[component] and pytorch_seconds is not None:
+                speedup = self._measure(component, key, engine, args, pytorch_seconds)
         if error > TOLERANCES[component]:
             self.cache.reject(key, f"relative error {error:.3g} against PyTorch")
             self.fall_back(component, f"engine output differs from PyTorch (relative error {error:.3g})")
+            return None
+        if speedup is not None and speedup < MIN_SPEEDUP:
+            self._run_slower_in_pytorch(component, module, signature, speedup)
             return None
         logger.info("TensorRT %s engine ready (%s, relative error %.2g)", component, how, error)
         self._engines.setdefault(module, {})[signature] = engine
@@ -361,6 +390,30 @@ class TensorRTRuntime:
         self._park(component, module, device)
         self._weight_states[module] = _weight_state(module)
         return engine
+
+    def _measure(self, component: str, key: str, engine: Callable, args: tuple, pytorch_seconds: float) -> float:
+        """The engine's speed-up over PyTorch on the same inputs, kept in its cache record."""
+        engine_seconds = median_seconds(lambda: engine(*args), TIMED_RUNS)
+        speedup = pytorch_seconds / engine_seconds
+        logger.info("TensorRT %s engine: %.3fs a call against PyTorch's %.3fs (%.2fx)", component, engine_seconds,
+                    pytorch_seconds, speedup)  # fmt: skip
+        measured = {"speedup": round(speedup, 3), "engine_seconds": engine_seconds, "pytorch_seconds": pytorch_seconds}
+        try:
+            self.cache.annotate(key, measured)
+        except OSError as error:
+            logger.warning("TensorRT %s: could not keep the engine's speed in the cache (%s); the next process "
+                           "measures it again", component, error)  # fmt: skip
+        return speedup
+
+    def _run_slower_in_pytorch(self, component: str, module: torch.nn.Module, signature: tuple, speedup: float) -> None:
+        """An engine no faster than PyTorch: this signature runs in PyTorch (weights back on the GPU, if a build or
+        an earlier engine sent them away), and the status says why."""
+        self._slower.setdefault(module, set()).add(signature)
+        status = self.status[component]
+        status.engine = "pytorch"
+        status.reason = (f"its engine measured {speedup:.2f}x PyTorch's speed on this GPU, under the "
+                         f"{MIN_SPEEDUP:.2f}x it must reach; measured once, kept in the engine cache")  # fmt: skip
+        logger.info("TensorRT %s: %s", component, status.reason)
 
     def _refit(self, component: str, engine: Callable, module: torch.nn.Module, args: tuple) -> Callable | None:
         """The engine with the module's current weights written into it, or None if the refit fails."""

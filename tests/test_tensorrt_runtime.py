@@ -307,6 +307,21 @@ def test_flags_that_need_enable_tensorrt():
         vae=True, text_encoders=True, transformer=True
     )
     assert TensorRTOptions(transformer=True).enabled  # the components themselves are independent
+    with pytest.raises(InvalidSettings, match="--tensorrt-always needs --enable-tensorrt"):
+        TensorRTOptions.from_flags(False, False, False, always=True)
+
+
+@pytest.mark.parametrize("flags, only_if_faster", [([], None), (["--enable-tensorrt"], True),
+                                                   (["--enable-tensorrt", "--tensorrt-always"], False)])  # fmt: skip
+def test_the_app_and_cli_runtime_serves_only_faster_engines_unless_told_always(flags, only_if_faster):
+    import argparse
+
+    from diffusers_helper.frontend.startup import add_model_arguments, model_settings, runtime_for
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    runtime = runtime_for(model_settings(parser.parse_args(flags)))
+    assert (runtime and runtime.only_if_faster) == only_if_faster
 
 
 @pytest.mark.parametrize("setup", ["offload", "bitsandbytes"])
@@ -598,3 +613,93 @@ def test_loads_and_refits_say_what_they_do_while_they_run(tmp_path, monkeypatch,
     }
     assert len(seen) == 1 and re.fullmatch(expected[step], seen[0])
     assert runtime.status[COMPONENT].busy is None and "TensorRT (engine in use" in runtime.status[COMPONENT].describe()
+
+
+# -- an engine serves only where it is faster ------------------------------------------------------------------
+
+
+class _Timings:
+    """Stands in for the runtime's timer: runs the call once, and says it took the next of the given seconds
+    (PyTorch is timed first, then the engine). No seconds left: a timing that should not have happened."""
+
+    def __init__(self, *seconds: float) -> None:
+        self.seconds = list(seconds)
+
+    def __call__(self, function, runs=5, warmup=1) -> float:
+        function()
+        return self.seconds.pop(0)
+
+
+@pytest.mark.parametrize("speedup, served_by", [(0.99, "pytorch"), (1.5, "tensorrt")])
+def test_an_engine_serves_only_where_it_is_faster_than_pytorch_measured_once(tmp_path, monkeypatch, speedup, served_by):
+    import diffusers_helper.tensorrt_runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "median_seconds", _Timings(1.0, 1.0 / speedup))
+    cache = EngineCache(tmp_path / "engines")
+    runtime = TensorRTRuntime(cache, FakeBackend(), only_if_faster=True)
+    runtime.register(COMPONENT)
+    module = seeded_mlp()
+    for _ in range(2):  # the second call is served without timing again
+        actual, expected = call(runtime, module)
+        assert torch.allclose(actual, expected)
+    status = runtime.status[COMPONENT]
+    assert (status.engine, status.compiles) == (served_by, 1)
+    if served_by == "pytorch":
+        assert "0.99x PyTorch's speed" in status.describe() and module not in runtime._parked
+    [record] = cache.describe()
+    assert record["speedup"] == pytest.approx(speedup, abs=1e-3)
+
+    # A later process trusts the record: no timing; an engine that lost is not even loaded.
+    later = TensorRTRuntime(cache, FakeBackend(), only_if_faster=True)
+    later.register(COMPONENT)
+    call(later, seeded_mlp())
+    assert (later.status[COMPONENT].engine, later.status[COMPONENT].loads) == (
+        (served_by, 0) if served_by == "pytorch" else (served_by, 1)
+    )
+    # Told to use every engine that matches PyTorch, it loads the one that lost too.
+    always = TensorRTRuntime(cache, FakeBackend())
+    always.register(COMPONENT)
+    call(always, seeded_mlp())
+    assert (always.status[COMPONENT].engine, always.status[COMPONENT].loads) == ("tensorrt", 1)
+
+
+def test_a_speed_that_cannot_be_kept_costs_a_warning_not_the_engine(tmp_path, monkeypatch, caplog):
+    import diffusers_helper.tensorrt_runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "median_seconds", _Timings(1.0, 0.5))
+
+    def unwritable(key, fields):
+        raise PermissionError("read-only")
+
+    runtime, _ = make_runtime(tmp_path)
+    runtime.only_if_faster = True
+    monkeypatch.setattr(runtime.cache, "annotate", unwritable)
+    with caplog.at_level(logging.WARNING):
+        call(runtime)
+    assert runtime.status[COMPONENT].engine == "tensorrt"
+    assert "could not keep the engine's speed" in caplog.text
+
+
+def test_the_transformer_runs_its_prompt_unpadded_when_it_runs_in_pytorch(tmp_path):
+    """Padding is for the engine: in PyTorch the text goes in as it is, without a mask (the fastest attention), and
+    the engine was timed against that."""
+    from diffusers import HunyuanVideoFramepackTransformer3DModel
+
+    from diffusers_helper.tensorrt_runtime import TensorRTTransformer
+
+    torch.manual_seed(0)
+    transformer = HunyuanVideoFramepackTransformer3DModel(num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                                          num_single_layers=1, has_image_proj=True,
+                                                          has_clean_x_embedder=True).eval()  # fmt: skip
+    runtime = TensorRTRuntime(EngineCache(tmp_path / "engines"), FakeBackend(fail="export"))
+    wrapper = TensorRTTransformer(transformer, runtime)
+    seen = []
+    wrapper.stack.register_forward_pre_hook(lambda module, args: seen.append((args[1].shape[1], len(args))))
+    hidden, text, temb = torch.randn(1, 16, 16), torch.randn(1, 5, 16), torch.randn(1, 16)
+    rope = (torch.randn(16, 8), torch.randn(16, 8))
+    with torch.no_grad():
+        output = wrapper(hidden, text, temb, None, rope)
+        expected = wrapper.stack(hidden, text, temb, *rope)
+    assert runtime.status["transformer"].reason.startswith("fell back")
+    assert seen[-2] == (5, 5)  # the fallback's own call: 5 text tokens, no mask
+    assert torch.equal(output[0], expected[0]) and output[1].shape == text.shape

@@ -185,6 +185,14 @@ class EngineCache:
         self.enforce_limit(keep=key)
         return target
 
+    def annotate(self, key: str, fields: dict) -> None:
+        """Add what was measured after the entry was stored (its speed) to its record; hold the key's lock. An entry
+        removed meanwhile gets nothing."""
+        metadata = self.metadata(key)
+        if metadata is not None:
+            record = {**metadata, **fields}
+            write_bytes(self._metadata(key), json.dumps(record, indent=2, sort_keys=True, default=str).encode())
+
     def reject(self, key: str, reason: str) -> None:
         """Remember that this engine gives wrong results, so no process loads or rebuilds it (the record first, so
         nobody finds the engine in between)."""

@@ -61,6 +61,13 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--tensorrt-transformer", action="store_true", help="also the transformer's block stack (default: off)"
     )
     tensorrt.add_argument(
+        "--tensorrt-always",
+        action="store_true",
+        help="use every engine that matches PyTorch, even one that measured no faster than PyTorch on this GPU "
+        "(default: an engine serves only where it ran at least 1.05x PyTorch's speed, measured once and kept in "
+        "the engine cache)",
+    )
+    tensorrt.add_argument(
         "--tensorrt-info", action="store_true", help="print GPU, versions and engine cache, then exit"
     )
 
@@ -117,11 +124,23 @@ def print_tensorrt_info() -> int:
 
 def model_settings(args: argparse.Namespace) -> ModelSettings:
     """The flags as validated settings; InvalidSettings names the flag that is wrong."""
-    tensorrt = TensorRTOptions.from_flags(args.enable_tensorrt, args.tensorrt_text_encoders, args.tensorrt_transformer)
+    tensorrt = TensorRTOptions.from_flags(
+        args.enable_tensorrt, args.tensorrt_text_encoders, args.tensorrt_transformer, args.tensorrt_always
+    )
     return ModelSettings(
         variant=args.variant, preset=args.preset, models_dir=args.models, device=args.device, tensorrt=tensorrt,
         gpu_memory_limit_gb=args.gpu_memory_limit, backend=args.backend, fp8=args.fp8,
     )  # fmt: skip
+
+
+def runtime_for(settings: ModelSettings) -> "TensorRTRuntime | None":
+    """The TensorRT runtime the settings ask for (None without TensorRT): engines serve where they are faster than
+    PyTorch, or wherever they match it with `--tensorrt-always`."""
+    from ..tensorrt_runtime import TensorRTRuntime
+
+    if not settings.tensorrt.enabled:
+        return None
+    return TensorRTRuntime(only_if_faster=not settings.tensorrt.always)
 
 
 def plan_for(settings: ModelSettings, preserve_gb: float = 6.0, free_gb: float | None = None) -> "MemoryPlan":

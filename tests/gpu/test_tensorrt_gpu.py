@@ -240,3 +240,23 @@ def test_a_lora_switch_refits_the_full_width_engine_and_matches_pytorch(tmp_path
     assert relative_error(with_lora, base) > 0.05  # the LoRA moves the output
     assert max(relative_error(o, r) for o, r in zip(outputs, (base, with_lora, base), strict=True)) < 0.05
     loras.remove()
+
+
+def test_an_engine_is_timed_against_pytorch_once_and_serves_only_where_faster(tmp_path, transformer):
+    """The engine is timed against the stack in PyTorch on the prompt as it is (unpadded); the speed-up goes into the
+    cache record, and the engine serves only at MIN_SPEEDUP or more. Which way it goes depends on the GPU and the
+    TensorRT build: the test holds the runtime to what it measured."""
+    cache = EngineCache(tmp_path)
+    runtime = TensorRTRuntime(cache, only_if_faster=True)
+    stack = TensorRTTransformer(transformer, runtime)
+    hidden, text, temb, cos, sin = stack_inputs(transformer)
+    with torch.no_grad():
+        expected = stack.stack(hidden, text, temb, cos, sin)[0]
+        output = stack(hidden, text, temb, None, (cos, sin))[0]
+    [record] = cache.describe()
+    status = runtime.status["transformer"]
+    print(f"engine {record['engine_seconds']:.4f} s, PyTorch {record['pytorch_seconds']:.4f} s: "
+          f"{record['speedup']}x; {status.describe()}")  # fmt: skip
+    assert relative_error(output, expected) < 0.05
+    faster = record["speedup"] >= tensorrt_runtime.MIN_SPEEDUP
+    assert (status.engine, status.pytorch_weights_on_cpu) == (("tensorrt", True) if faster else ("pytorch", False))
