@@ -173,10 +173,6 @@ class ModelSettings:
             raise InvalidSettings(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.backend not in BACKENDS:
             raise InvalidSettings(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.backend == "compile" and self.tensorrt.transformer:
-            raise InvalidSettings(
-                "--backend compile and --tensorrt-transformer both choose how the transformer runs; pick one"
-            )
         if self.fp8 and self.tensorrt.transformer:
             raise InvalidSettings(
                 "--fp8 runs the blocks through torch.compile, and --tensorrt-transformer through TensorRT; pick one"

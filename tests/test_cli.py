@@ -211,15 +211,6 @@ def test_fp8_without_an_fp8_gpu_makes_the_bf16_video_and_says_why(capsys, image_
     assert err.strip().endswith(f"transformer blocks: PyTorch; float32 ({reason}; this run is on the CPU)")
 
 
-def test_backend_compile_and_the_tensorrt_transformer_are_one_choice_too_many(capsys, image_file, tmp_path):
-    flags = ("--enable-tensorrt", "--tensorrt-transformer", "--backend", "compile")
-    code, err = run_main(capsys, "--preset", "tiny", "--image", image_file, "--output", tmp_path / "x.mp4", *flags)
-    assert code == 2 and not (tmp_path / "x.mp4").exists()
-    assert err.strip() == (
-        "error: --backend compile and --tensorrt-transformer both choose how the transformer runs; pick one"
-    )
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on machines without CUDA")
 def test_tensorrt_without_a_gpu_falls_back_and_the_video_completes(image_file, tmp_path):
     output = tmp_path / "x.mp4"

@@ -5,9 +5,13 @@ Each has the call signature of what it replaces: `TensorRTLatentEncoder` / `Tens
 `TensorRTTransformer` the transformer's stack of dual- and single-stream blocks (installed with diffusers hooks,
 so embedders, rope and history packing stay in PyTorch and cache hooks like TeaCache still wrap the stack). The
 stack's text is padded to a fixed length and masked out of attention (which runs in PyTorch's fused kernels, on the
-kept keys: `kept_keys_attention`), so every prompt, and real CFG's negative prompt, runs on one engine.
+kept keys: `kept_keys_attention`), so every prompt, and real CFG's negative prompt, runs on one engine. Where
+the stack runs in PyTorch instead (the engine was no faster, or TensorRT fell back), the prompt goes in unpadded and
+each block can go through a `run_block` of its own (torch.compile's compiled blocks).
 """
 
+import functools
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -142,19 +146,30 @@ class _BlockStack(torch.nn.Module):
         return hidden_states, encoder_hidden_states
 
 
+RunBlock = Callable[[torch.nn.Module, Callable, tuple, dict], tuple]  # (block, its eager forward, args, kwargs)
+
+
 class TensorRTTransformer(torch.nn.Module):
     """Drop-in for the transformer's block stack, called like one block: one engine per latent token count (a
     resolution bucket and latent window), whatever the prompt: the text is padded to a multiple of
     STACK_TEXT_BUCKET tokens, and an additive key mask keeps the padding out of every token's attention.
     `keep_on_device` are blocks' parts that other code runs in PyTorch, which stay on the GPU when the engine takes
-    over the weights."""
+    over the weights; `run_block` runs a block when the stack runs in PyTorch (default: its eager forward), and is
+    what the engine is timed against."""
 
     component = "transformer"
 
-    def __init__(self, transformer: torch.nn.Module, runtime: "TensorRTRuntime", keep_on_device: tuple = ()) -> None:
+    def __init__(
+        self,
+        transformer: torch.nn.Module,
+        runtime: "TensorRTRuntime",
+        keep_on_device: tuple = (),
+        run_block: RunBlock | None = None,
+    ) -> None:
         super().__init__()
         self.stack = _BlockStack(transformer.transformer_blocks, transformer.single_transformer_blocks)
         self.runtime = runtime
+        self.run_block = run_block
         runtime.register(self.component, keep_on_device)
 
     def forward(self, hidden_states, encoder_hidden_states, temb, attention_mask=None, image_rotary_emb=None):
@@ -170,10 +185,20 @@ class TensorRTTransformer(torch.nn.Module):
         args = (hidden_states, padded, temb, *image_rotary_emb, keys)
 
         def in_pytorch():  # the prompt as it is: no padding, so no mask and the fastest attention kernels
-            return self.stack(hidden_states, encoder_hidden_states, temb, *image_rotary_emb)
+            return self._in_pytorch(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
 
         hidden_states, encoder_hidden_states = self.runtime.run(self.component, self.stack, args, in_pytorch)
         return hidden_states, encoder_hidden_states[:, :length]
+
+    def _in_pytorch(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb):
+        if self.run_block is None:
+            return self.stack(hidden_states, encoder_hidden_states, temb, *image_rotary_emb)
+        for block in [*self.stack.dual, *self.stack.single]:
+            eager = functools.partial(type(block).forward, block)
+            hidden_states, encoder_hidden_states = self.run_block(
+                block, eager, (hidden_states, encoder_hidden_states, temb, None, image_rotary_emb), {}
+            )
+        return hidden_states, encoder_hidden_states
 
 
 class _RunStackHook(ModelHook):
@@ -193,11 +218,14 @@ class _SkipBlockHook(ModelHook):
 
 
 def install_transformer_stack(
-    transformer: torch.nn.Module, runtime: "TensorRTRuntime", keep_on_device: tuple = ()
+    transformer: torch.nn.Module,
+    runtime: "TensorRTRuntime",
+    keep_on_device: tuple = (),
+    run_block: RunBlock | None = None,
 ) -> TensorRTTransformer:
     """Route the transformer's block loop through one TensorRTTransformer: the first block runs the whole stack,
     the others pass their inputs through. Install before cache hooks (TeaCache) so those wrap the stack."""
-    stack = TensorRTTransformer(transformer, runtime, keep_on_device)
+    stack = TensorRTTransformer(transformer, runtime, keep_on_device, run_block)
     first, *rest = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
     HookRegistry.check_if_exists_or_initialize(first).register_hook(_RunStackHook(stack), STACK_HOOK)
     for block in rest:

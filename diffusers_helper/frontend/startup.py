@@ -38,7 +38,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=BACKENDS,
         default="auto",
-        help="how the transformer's blocks run when they are not a TensorRT engine: auto = torch.compile where it "
+        help="how the transformer's blocks run when they are not a TensorRT engine (and what such an engine is "
+        "timed against): auto = torch.compile where it "
         "measured faster than PyTorch on this GPU (measured once, remembered beside the engine cache; PyTorch on the "
         "CPU), compile = always torch.compile, eager = plain PyTorch (default: %(default)s)",
     )

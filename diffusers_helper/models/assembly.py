@@ -1,8 +1,9 @@
 """Assembly: the one place that decides what wraps the transformer, and in which order.
 
 Hooks on the transformer's blocks nest in registration order, so the order is the design:
-1. the TensorRT block stack (innermost: the first block runs the whole compiled stack), or else torch.compile's
-   compiled block forwards (`--backend`),
+1. the TensorRT block stack (innermost: the first block runs the whole compiled stack; where it runs in PyTorch,
+   its blocks go through torch.compile's compiled forwards as `--backend` says), or else those compiled forwards
+   as the blocks' own hooks,
 2. streaming (a streamed block's weights arrive just before it runs),
 3. the step caches (outermost: TeaCache and MagCache decide around the stack, compiled or streamed, so a skipped
    step calls no streamed block and moves no weights; TeaCache reads the first block, which therefore always stays
@@ -29,6 +30,7 @@ from ..tensorrt_runtime import (
     TensorRTLatentEncoder,
     TensorRTRuntime,
     TensorRTTextEncoder,
+    TensorRTTransformer,
     default_cache_dir,
     install_transformer_stack,
 )
@@ -81,6 +83,9 @@ class AssembledModels:
             report["transformer"] += f"; {self.fp8}"
         if self.runtime is not None:
             report.update({name: status.describe() for name, status in self.runtime.status.items()})
+            stack = self.runtime.status.get("transformer")
+            if stack is not None and stack.engine == "pytorch" and self.compiled is not None:
+                report["transformer"] += f"; blocks: {self.compiled.describe()}"
         return report
 
 
@@ -91,15 +96,18 @@ def assemble(
     runtime: TensorRTRuntime | None = None,
 ) -> AssembledModels:
     """Wrap and place freshly loaded components; call once per load."""
+    fp8 = quantize_fp8(components.transformer, settings, plan)
+    in_fp8 = fp8 == FP8_APPLIED
+    compiled = compiled_blocks(components.transformer, settings, plan.device, fp8=in_fp8)
+    stack = None
     if runtime is not None and settings.tensorrt.enabled:
         unavailable = runtime.availability()
         if unavailable:
             runtime.cannot_serve(requested_components(settings.tensorrt), unavailable)
         else:
-            accelerate(components, settings.tensorrt, runtime, offloading=plan.offload)
-    fp8 = quantize_fp8(components.transformer, settings, plan)
-    in_fp8 = fp8 == FP8_APPLIED
-    compiled = compile_blocks(components.transformer, settings, plan.device, fp8=in_fp8)
+            stack = accelerate(components, settings.tensorrt, runtime, plan.offload, compiled)
+    if compiled is not None and stack is None:
+        compiled.install(components.transformer)
     keep_output_head_float32(components.transformer)
     placement = place_components(components, plan)
     teacache = apply_teacache(components.transformer)
@@ -130,16 +138,13 @@ def quantize_fp8(transformer: torch.nn.Module, settings: ModelSettings, plan: Me
     return FP8_APPLIED
 
 
-def compile_blocks(
+def compiled_blocks(
     transformer: torch.nn.Module, settings: ModelSettings, device: torch.device, fp8: bool = False
 ) -> CompiledBlocks | None:
-    """torch.compile on the transformer's blocks as `--backend` asks: `auto` only on a GPU (compiling on the CPU
-    costs more than it saves) and never where the TensorRT stack runs the blocks."""
-    if (
-        settings.backend == "eager"
-        or settings.tensorrt.transformer
-        or (settings.backend == "auto" and device.type != "cuda")
-    ):
+    """torch.compile for the transformer's blocks as `--backend` asks (`auto` only on a GPU: compiling on the CPU
+    costs more than it saves), not yet installed: it runs the blocks either as their own hooks or, under the
+    TensorRT stack, wherever the stack runs in PyTorch."""
+    if settings.backend == "eager" or (settings.backend == "auto" and device.type != "cuda"):
         return None
     unavailable = compile_unavailable(device)
     if unavailable:
@@ -147,9 +152,7 @@ def compile_blocks(
             logger.warning("%s; the transformer blocks run in PyTorch", unavailable)
         return None
     weights = "float8" if fp8 else str(transformer.dtype).removeprefix("torch.")
-    compiled = CompiledBlocks(settings.backend, BackendChoices(default_cache_dir() / CHOICES_FILE), weights)
-    compiled.install(transformer)
-    return compiled
+    return CompiledBlocks(settings.backend, BackendChoices(default_cache_dir() / CHOICES_FILE), weights)
 
 
 def requested_components(options: TensorRTOptions) -> list[str]:
@@ -170,8 +173,15 @@ def keep_output_head_float32(transformer: torch.nn.Module) -> None:
     HookRegistry.check_if_exists_or_initialize(head).register_hook(_Float32Input(), FLOAT32_HEAD_HOOK)
 
 
-def accelerate(components: Components, options: TensorRTOptions, runtime: TensorRTRuntime, offloading: bool) -> None:
-    """Swap in the TensorRT wrappers the options ask for."""
+def accelerate(
+    components: Components,
+    options: TensorRTOptions,
+    runtime: TensorRTRuntime,
+    offloading: bool,
+    compiled: CompiledBlocks | None = None,
+) -> TensorRTTransformer | None:
+    """Swap in the TensorRT wrappers the options ask for; the transformer's stack, if it was installed (its blocks
+    run through `compiled` wherever it runs in PyTorch)."""
     if options.vae:
         components.vae.encoder = TensorRTLatentEncoder(components.vae.encoder, runtime)
         components.vae.decoder = TensorRTLatentDecoder(components.vae.decoder, runtime)
@@ -183,7 +193,11 @@ def accelerate(components: Components, options: TensorRTOptions, runtime: Tensor
         if reason:
             runtime.fall_back("transformer", f"not compatible with this setup: {reason}")
         else:
-            install_transformer_stack(components.transformer, runtime, modules_read(components.transformer))
+            run_block = None if compiled is None else compiled.forward
+            return install_transformer_stack(
+                components.transformer, runtime, modules_read(components.transformer), run_block
+            )
+    return None
 
 
 def _transformer_engine_obstacle(transformer: torch.nn.Module, offloading: bool) -> str | None:

@@ -260,3 +260,26 @@ def test_an_engine_is_timed_against_pytorch_once_and_serves_only_where_faster(tm
     assert relative_error(output, expected) < 0.05
     faster = record["speedup"] >= tensorrt_runtime.MIN_SPEEDUP
     assert (status.engine, status.pytorch_weights_on_cpu) == (("tensorrt", True) if faster else ("pytorch", False))
+
+
+def test_the_engine_is_timed_against_the_compiled_blocks_and_the_faster_path_serves(tmp_path, transformer):
+    """`--tensorrt-transformer` with torch.compile as the PyTorch side: the engine competes with the compiled
+    blocks, not with eager ones, and whichever measured faster runs the stack."""
+    from diffusers_helper.acceleration.compiled_blocks import CompiledBlocks
+
+    compiled = CompiledBlocks("compile")
+    cache = EngineCache(tmp_path)
+    runtime = TensorRTRuntime(cache, only_if_faster=True)
+    stack = TensorRTTransformer(transformer, runtime, run_block=compiled.forward)
+    hidden, text, temb, cos, sin = stack_inputs(transformer)
+    with torch.no_grad():
+        expected = stack.stack(hidden, text, temb, cos, sin)[0]
+        output = stack(hidden, text, temb, None, (cos, sin))[0]
+    [record] = cache.describe()
+    status = runtime.status["transformer"]
+    print(f"engine {record['engine_seconds']:.4f} s, compiled blocks {record['pytorch_seconds']:.4f} s: "
+          f"{record['speedup']}x; {status.describe()}; blocks: {compiled.describe()}")  # fmt: skip
+    assert compiled.failure is None and set(compiled._decisions.values()) == {"compile"}
+    assert relative_error(output, expected) < 0.05
+    faster = record["speedup"] >= tensorrt_runtime.MIN_SPEEDUP
+    assert status.engine == ("tensorrt" if faster else "pytorch")
