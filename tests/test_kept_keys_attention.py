@@ -72,7 +72,7 @@ class _Exporting:
     def register(self, *args) -> None:
         pass
 
-    def run(self, component, module, args):
+    def run(self, component, module, args, in_pytorch=None):
         self.exported.append(export(module, args))
         return self.exported[-1].module()(*args)
 
