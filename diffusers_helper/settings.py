@@ -17,6 +17,9 @@ DEVICES = ("auto", "cpu", "cuda")
 # How the transformer's blocks run when they are not a TensorRT engine: torch.compile where it is measured faster
 # (auto; on a GPU), always compiled, or PyTorch eager.
 BACKENDS = ("auto", "compile", "eager")
+# A TensorRT engine serves only at this speed-up over PyTorch or more (unless --tensorrt-always): one that only ties
+# costs its build, its loads (minutes at full size) and its checks for nothing.
+MIN_TENSORRT_SPEEDUP = 1.05
 PRESETS = {
     "tiny": "tiny preset (random weights: expect noise)",
     "full-random": "full-size random preset (real sizes and speed, random weights: expect noise)",

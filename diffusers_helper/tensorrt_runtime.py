@@ -8,11 +8,11 @@ when the component falls back. Components built with refittable weights (the tra
 weights: when the weights change (a LoRA fused in, or any in-place edit, seen through the tensors' version counters)
 or an engine from the cache was built with other weights, the engine is refitted with the current ones instead of
 built again, and checked again. With `only_if_faster`, each engine is also timed against PyTorch once, on the
-inputs of its check, and serves only where it is at least MIN_SPEEDUP times as fast; the measurement is kept in the
-engine's cache record, so a later process does not even load an engine that lost. Anything that goes wrong (no torch_tensorrt, no CUDA, an export or build
-error, running out of memory while building, an engine that will not load, a wrong or failing engine) costs one
-warning and sends that component back to PyTorch for the rest of the process; the other components keep their
-engines.
+inputs of its check, and serves only where it is at least MIN_TENSORRT_SPEEDUP times as fast; the measurement is
+kept in the engine's cache record, so a later process does not even load an engine that lost. Anything that goes
+wrong (no torch_tensorrt, no CUDA, an export or build error, running out of memory while building, an engine that
+will not load, a wrong or failing engine) costs one warning and sends that component back to PyTorch for the rest
+of the process; the other components keep their engines.
 
 The wrappers (`diffusers_helper.acceleration.tensorrt_wrappers`, re-exported here) are drop-in modules with the
 call signature of what they replace; the compiler is `acceleration.tensorrt_backend`, the on-disk cache
@@ -54,7 +54,7 @@ from .acceleration.tensorrt_wrappers import (
     TensorRTTransformer,
     install_transformer_stack,
 )
-from .settings import CACHE_DIR, InvalidSettings
+from .settings import CACHE_DIR, MIN_TENSORRT_SPEEDUP, InvalidSettings
 
 __all__ = [
     "TensorRTRuntime",
@@ -70,11 +70,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CACHE_DIR_VARIABLE = "FRAMEPACK_TENSORRT_CACHE_DIR"
-# An engine must beat PyTorch clearly to serve: one that only ties costs its build, its loads (minutes at full size)
-# and its checks for nothing.
-MIN_SPEEDUP = 1.05
-TIMED_RUNS = 3
 CACHE_LIMIT_VARIABLE = "FRAMEPACK_TENSORRT_CACHE_GB"
+TIMED_RUNS = 3  # calls timed, each way, when an engine is measured against PyTorch
 
 
 def default_cache_dir() -> Path:
@@ -354,7 +351,7 @@ class TensorRTRuntime:
                 self.fall_back(component, f"this engine was rejected before ({rejected})")
                 return None
             speedup = (self.cache.metadata(key) or {}).get("speedup") if self.only_if_faster else None
-            if speedup is not None and speedup < MIN_SPEEDUP:
+            if speedup is not None and speedup < MIN_TENSORRT_SPEEDUP:
                 self._run_slower_in_pytorch(component, module, signature, speedup)
                 return None
             self._bring_back(component, module)
@@ -381,7 +378,7 @@ class TensorRTRuntime:
             self.cache.reject(key, f"relative error {error:.3g} against PyTorch")
             self.fall_back(component, f"engine output differs from PyTorch (relative error {error:.3g})")
             return None
-        if speedup is not None and speedup < MIN_SPEEDUP:
+        if speedup is not None and speedup < MIN_TENSORRT_SPEEDUP:
             self._run_slower_in_pytorch(component, module, signature, speedup)
             return None
         logger.info("TensorRT %s engine ready (%s, relative error %.2g)", component, how, error)
@@ -412,7 +409,7 @@ class TensorRTRuntime:
         status = self.status[component]
         status.engine = "pytorch"
         status.reason = (f"its engine measured {speedup:.2f}x PyTorch's speed on this GPU, under the "
-                         f"{MIN_SPEEDUP:.2f}x it must reach; measured once, kept in the engine cache")  # fmt: skip
+                         f"{MIN_TENSORRT_SPEEDUP:.2f}x it must reach; measured once, kept in the engine cache")  # fmt: skip
         logger.info("TensorRT %s: %s", component, status.reason)
 
     def _refit(self, component: str, engine: Callable, module: torch.nn.Module, args: tuple) -> Callable | None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 from ..settings import (
     BACKENDS,
     DEVICES,
+    MIN_TENSORRT_SPEEDUP,
     PRESETS,
     VARIANTS,
     GenerationSettings,
@@ -38,10 +39,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--backend",
         choices=BACKENDS,
         default="auto",
-        help="how the transformer's blocks run when they are not a TensorRT engine (and what such an engine is "
-        "timed against): auto = torch.compile where it "
-        "measured faster than PyTorch on this GPU (measured once, remembered beside the engine cache; PyTorch on the "
-        "CPU), compile = always torch.compile, eager = plain PyTorch (default: %(default)s)",
+        help="how the transformer's blocks run when they are not a TensorRT engine, and what such an engine is "
+        "timed against: auto = torch.compile where it measured faster than PyTorch on this GPU (measured once, "
+        "remembered beside the engine cache; PyTorch on the CPU), compile = always torch.compile, eager = plain "
+        "PyTorch (default: %(default)s)",
     )
     models.add_argument(
         "--fp8",
@@ -65,8 +66,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--tensorrt-always",
         action="store_true",
         help="use every engine that matches PyTorch, even one that measured no faster than PyTorch on this GPU "
-        "(default: an engine serves only where it ran at least 1.05x PyTorch's speed, measured once and kept in "
-        "the engine cache)",
+        f"(default: an engine serves only where it ran at least {MIN_TENSORRT_SPEEDUP}x PyTorch's speed, measured "
+        "once and kept in the engine cache)",
     )
     tensorrt.add_argument(
         "--tensorrt-info", action="store_true", help="print GPU, versions and engine cache, then exit"

@@ -21,7 +21,7 @@ from diffusers_helper.models.placement import plan_memory
 from diffusers_helper.models.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
 from diffusers_helper.pipeline.engine import FramePackEngine
 from diffusers_helper.pipeline.events import Finished
-from diffusers_helper.settings import GenerationSettings, ModelSettings, TensorRTOptions
+from diffusers_helper.settings import MIN_TENSORRT_SPEEDUP, GenerationSettings, ModelSettings, TensorRTOptions
 from diffusers_helper.tensorrt_runtime import TensorRTLatentDecoder, TensorRTRuntime, TensorRTTransformer
 
 from .midsize import mid_size_transformer, stack_inputs
@@ -258,7 +258,7 @@ def test_an_engine_is_timed_against_pytorch_once_and_serves_only_where_faster(tm
     print(f"engine {record['engine_seconds']:.4f} s, PyTorch {record['pytorch_seconds']:.4f} s: "
           f"{record['speedup']}x; {status.describe()}")  # fmt: skip
     assert relative_error(output, expected) < 0.05
-    faster = record["speedup"] >= tensorrt_runtime.MIN_SPEEDUP
+    faster = record["speedup"] >= MIN_TENSORRT_SPEEDUP
     assert (status.engine, status.pytorch_weights_on_cpu) == (("tensorrt", True) if faster else ("pytorch", False))
 
 
@@ -281,5 +281,5 @@ def test_the_engine_is_timed_against_the_compiled_blocks_and_the_faster_path_ser
           f"{record['speedup']}x; {status.describe()}; blocks: {compiled.describe()}")  # fmt: skip
     assert compiled.failure is None and set(compiled._decisions.values()) == {"compile"}
     assert relative_error(output, expected) < 0.05
-    faster = record["speedup"] >= tensorrt_runtime.MIN_SPEEDUP
+    faster = record["speedup"] >= MIN_TENSORRT_SPEEDUP
     assert status.engine == ("tensorrt" if faster else "pytorch")
