@@ -76,9 +76,10 @@ def list_engines() -> int:
     for record in reversed(records):  # most recently used first
         used = datetime.datetime.fromtimestamp(record["last_used"]).strftime("%Y-%m-%d %H:%M")
         shapes = " ".join("x".join(str(side) for side in shape) for shape, _ in record.get("inputs", []))
-        speed = f"{record['speedup']:.2f}x PyTorch" if "speedup" in record else "speed not measured"
+        speedups = record.get("speedups") or {}
+        speed = ", ".join(f"{m['speedup']:.2f}x PyTorch ({versus})" for versus, m in speedups.items())
         print(f"{record['key']}  {record.get('component', '?'):<15} {record['bytes'] / 1024**3:7.2f} GB  "
-              f"used {used}  on {record.get('gpu', '?')}  {speed}  inputs {shapes}")  # fmt: skip
+              f"used {used}  on {record.get('gpu', '?')}  {speed or 'speed not measured'}  inputs {shapes}")  # fmt: skip
     return EXIT_OK
 
 

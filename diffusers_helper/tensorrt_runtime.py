@@ -196,6 +196,7 @@ class TensorRTRuntime:
         # Modules whose PyTorch weights were (or may have been, by a build) sent to the CPU, and their device.
         self._parked: weakref.WeakKeyDictionary[torch.nn.Module, torch.device] = weakref.WeakKeyDictionary()
         self._kept_on_device: dict[str, tuple[torch.nn.Module, ...]] = {}
+        self._pytorch: dict[str, str] = {}
         self.host = torch.device("cpu")
         self._unavailable: str | None = None
         self._checked = False
@@ -216,11 +217,15 @@ class TensorRTRuntime:
                 self._unavailable = f"engine cache directory {self.cache.directory} is not writable ({error})"
         return self._unavailable
 
-    def register(self, component: str, keep_on_device: tuple[torch.nn.Module, ...] = ()) -> None:
+    def register(
+        self, component: str, keep_on_device: tuple[torch.nn.Module, ...] = (), pytorch: str = "eager"
+    ) -> None:
         """Announce a component; `keep_on_device` are parts of it that other code runs in PyTorch (a step cache
-        reading the first block), which stay on the GPU when the rest of its PyTorch weights move to the CPU."""
+        reading the first block), which stay on the GPU when the rest of its PyTorch weights move to the CPU;
+        `pytorch` names how it runs in PyTorch (its engines' speed is measured and remembered against that)."""
         self.status.setdefault(component, ComponentStatus(reason="waiting for the first call"))
         self._kept_on_device[component] = keep_on_device
+        self._pytorch[component] = pytorch
 
     def cannot_serve(self, components: list[str], reason: str) -> None:
         """TensorRT cannot run here at all: these components run in PyTorch, said once."""
@@ -350,9 +355,10 @@ class TensorRTRuntime:
             if rejected:
                 self.fall_back(component, f"this engine was rejected before ({rejected})")
                 return None
-            speedup = (self.cache.metadata(key) or {}).get("speedup") if self.only_if_faster else None
+            versus = self._pytorch.get(component, "eager")
+            speedup = self._remembered_speedup(key, versus) if self.only_if_faster else None
             if speedup is not None and speedup < MIN_TENSORRT_SPEEDUP:
-                self._run_slower_in_pytorch(component, module, signature, speedup)
+                self._run_slower_in_pytorch(component, module, signature, speedup, versus)
                 return None
             self._bring_back(component, module)
             expected = module(*args)  # before a build, which may move the weights to the CPU
@@ -373,13 +379,13 @@ class TensorRTRuntime:
                 engine, how = self._build(component, key, module, args, {**ingredients, "weights": weights}), "built"
                 error = output_error(engine(*args), expected)
             if error <= TOLERANCES[component] and pytorch_seconds is not None:
-                speedup = self._measure(component, key, engine, args, pytorch_seconds)
+                speedup = self._measure(component, key, engine, args, pytorch_seconds, versus)
         if error > TOLERANCES[component]:
             self.cache.reject(key, f"relative error {error:.3g} against PyTorch")
             self.fall_back(component, f"engine output differs from PyTorch (relative error {error:.3g})")
             return None
         if speedup is not None and speedup < MIN_TENSORRT_SPEEDUP:
-            self._run_slower_in_pytorch(component, module, signature, speedup)
+            self._run_slower_in_pytorch(component, module, signature, speedup, versus)
             return None
         logger.info("TensorRT %s engine ready (%s, relative error %.2g)", component, how, error)
         self._engines.setdefault(module, {})[signature] = engine
@@ -388,27 +394,38 @@ class TensorRTRuntime:
         self._weight_states[module] = _weight_state(module)
         return engine
 
-    def _measure(self, component: str, key: str, engine: Callable, args: tuple, pytorch_seconds: float) -> float:
-        """The engine's speed-up over PyTorch on the same inputs, kept in its cache record."""
+    def _remembered_speedup(self, key: str, versus: str) -> float | None:
+        measured = ((self.cache.metadata(key) or {}).get("speedups") or {}).get(versus)
+        return None if measured is None else measured["speedup"]
+
+    def _measure(
+        self, component: str, key: str, engine: Callable, args: tuple, pytorch_seconds: float, versus: str
+    ) -> float:
+        """The engine's speed-up over PyTorch (`versus`: how PyTorch ran) on the same inputs, kept in its cache
+        record beside those measured against other ways of running PyTorch."""
         engine_seconds = median_seconds(lambda: engine(*args), TIMED_RUNS)
         speedup = pytorch_seconds / engine_seconds
-        logger.info("TensorRT %s engine: %.3fs a call against PyTorch's %.3fs (%.2fx)", component, engine_seconds,
-                    pytorch_seconds, speedup)  # fmt: skip
-        measured = {"speedup": round(speedup, 3), "engine_seconds": engine_seconds, "pytorch_seconds": pytorch_seconds}
+        logger.info("TensorRT %s engine: %.3fs a call against PyTorch's %.3fs (%s): %.2fx", component, engine_seconds,
+                    pytorch_seconds, versus, speedup)  # fmt: skip
+        speedups = (self.cache.metadata(key) or {}).get("speedups") or {}
+        speedups[versus] = {"speedup": round(speedup, 3), "engine_seconds": engine_seconds,
+                            "pytorch_seconds": pytorch_seconds}  # fmt: skip
         try:
-            self.cache.annotate(key, measured)
+            self.cache.annotate(key, {"speedups": speedups})
         except OSError as error:
             logger.warning("TensorRT %s: could not keep the engine's speed in the cache (%s); the next process "
                            "measures it again", component, error)  # fmt: skip
         return speedup
 
-    def _run_slower_in_pytorch(self, component: str, module: torch.nn.Module, signature: tuple, speedup: float) -> None:
+    def _run_slower_in_pytorch(
+        self, component: str, module: torch.nn.Module, signature: tuple, speedup: float, versus: str
+    ) -> None:
         """An engine no faster than PyTorch: this signature runs in PyTorch (weights back on the GPU, if a build or
         an earlier engine sent them away), and the status says why."""
         self._slower.setdefault(module, set()).add(signature)
         status = self.status[component]
         status.engine = "pytorch"
-        status.reason = (f"its engine measured {speedup:.2f}x PyTorch's speed on this GPU, under the "
+        status.reason = (f"its engine measured {speedup:.2f}x the speed of PyTorch ({versus}) on this GPU, under the "
                          f"{MIN_TENSORRT_SPEEDUP:.2f}x it must reach; measured once, kept in the engine cache")  # fmt: skip
         logger.info("TensorRT %s: %s", component, status.reason)
 

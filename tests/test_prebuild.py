@@ -68,10 +68,10 @@ def test_list_shows_component_shapes_size_and_last_use(filled_cache, capsys):
     assert "2 engine(s)" in out and out.count("transformer") == 2 and "1x1024x32" in out
     assert out.count("speed not measured") == 2
     key = filled_cache.describe()[0]["key"]
-    filled_cache.annotate(key, {"speedup": 1.5})
+    filled_cache.annotate(key, {"speedups": {"eager": {"speedup": 1.5}, "torch.compile": {"speedup": 0.8}}})
     engines.main(["list"])
     out = capsys.readouterr().out
-    assert "1.50x PyTorch" in out and out.count("speed not measured") == 1
+    assert "1.50x PyTorch (eager), 0.80x PyTorch (torch.compile)" in out and out.count("speed not measured") == 1
 
 
 def test_prune_by_age_size_component_and_all(filled_cache, capsys):

@@ -204,6 +204,10 @@ class CompiledBlocks:
         self.failure = reason
         logger.warning("torch.compile cannot serve the transformer blocks (%s); they run in PyTorch", reason)
 
+    def describe_mode(self) -> str:
+        """How the blocks are meant to run, before anything is measured: what a TensorRT engine is timed against."""
+        return "torch.compile" if self.mode == "compile" else "torch.compile where faster than eager"
+
     def describe(self) -> str:
         """What the blocks run on, for status lines and the sidecar."""
         if self.failure is not None:

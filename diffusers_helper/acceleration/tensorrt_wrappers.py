@@ -7,11 +7,10 @@ so embedders, rope and history packing stay in PyTorch and cache hooks like TeaC
 stack's text is padded to a fixed length and masked out of attention (which runs in PyTorch's fused kernels, on the
 kept keys: `kept_keys_attention`), so every prompt, and real CFG's negative prompt, runs on one engine. Where
 the stack runs in PyTorch instead (the engine was no faster, or TensorRT fell back), the prompt goes in unpadded and
-each block can go through a `run_block` of its own (torch.compile's compiled blocks).
+each block can go through torch.compile's compiled forward (`CompiledBlocks`).
 """
 
 import functools
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,6 +19,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutp
 
 if TYPE_CHECKING:
     from ..tensorrt_runtime import TensorRTRuntime
+    from .compiled_blocks import CompiledBlocks
 
 TEXT_LENGTH_BUCKET = 64  # LLaMA token counts are padded up to a multiple of this: one engine serves many prompts
 # The stack's text tokens (image embeddings and prompt: 729 + at most 256 for FramePack) are padded up to a multiple
@@ -146,16 +146,13 @@ class _BlockStack(torch.nn.Module):
         return hidden_states, encoder_hidden_states
 
 
-RunBlock = Callable[[torch.nn.Module, Callable, tuple, dict], tuple]  # (block, its eager forward, args, kwargs)
-
-
 class TensorRTTransformer(torch.nn.Module):
     """Drop-in for the transformer's block stack, called like one block: one engine per latent token count (a
     resolution bucket and latent window), whatever the prompt: the text is padded to a multiple of
     STACK_TEXT_BUCKET tokens, and an additive key mask keeps the padding out of every token's attention.
     `keep_on_device` are blocks' parts that other code runs in PyTorch, which stay on the GPU when the engine takes
-    over the weights; `run_block` runs a block when the stack runs in PyTorch (default: its eager forward), and is
-    what the engine is timed against."""
+    over the weights; `compiled` runs the blocks wherever the stack runs in PyTorch (else their eager forwards),
+    and so is what the engine is timed against."""
 
     component = "transformer"
 
@@ -164,13 +161,14 @@ class TensorRTTransformer(torch.nn.Module):
         transformer: torch.nn.Module,
         runtime: "TensorRTRuntime",
         keep_on_device: tuple = (),
-        run_block: RunBlock | None = None,
+        compiled: "CompiledBlocks | None" = None,
     ) -> None:
         super().__init__()
         self.stack = _BlockStack(transformer.transformer_blocks, transformer.single_transformer_blocks)
         self.runtime = runtime
-        self.run_block = run_block
-        runtime.register(self.component, keep_on_device)
+        self.compiled = compiled
+        pytorch = "eager" if compiled is None else compiled.describe_mode()
+        runtime.register(self.component, keep_on_device, pytorch)
 
     def forward(self, hidden_states, encoder_hidden_states, temb, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:  # only batches > 1 carry a mask; FramePack runs batch 1, engines too
@@ -191,11 +189,11 @@ class TensorRTTransformer(torch.nn.Module):
         return hidden_states, encoder_hidden_states[:, :length]
 
     def _in_pytorch(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb):
-        if self.run_block is None:
+        if self.compiled is None:
             return self.stack(hidden_states, encoder_hidden_states, temb, *image_rotary_emb)
         for block in [*self.stack.dual, *self.stack.single]:
             eager = functools.partial(type(block).forward, block)
-            hidden_states, encoder_hidden_states = self.run_block(
+            hidden_states, encoder_hidden_states = self.compiled.forward(
                 block, eager, (hidden_states, encoder_hidden_states, temb, None, image_rotary_emb), {}
             )
         return hidden_states, encoder_hidden_states
@@ -221,11 +219,11 @@ def install_transformer_stack(
     transformer: torch.nn.Module,
     runtime: "TensorRTRuntime",
     keep_on_device: tuple = (),
-    run_block: RunBlock | None = None,
+    compiled: "CompiledBlocks | None" = None,
 ) -> TensorRTTransformer:
     """Route the transformer's block loop through one TensorRTTransformer: the first block runs the whole stack,
     the others pass their inputs through. Install before cache hooks (TeaCache) so those wrap the stack."""
-    stack = TensorRTTransformer(transformer, runtime, keep_on_device, run_block)
+    stack = TensorRTTransformer(transformer, runtime, keep_on_device, compiled)
     first, *rest = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
     HookRegistry.check_if_exists_or_initialize(first).register_hook(_RunStackHook(stack), STACK_HOOK)
     for block in rest:

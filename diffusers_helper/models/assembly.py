@@ -193,9 +193,8 @@ def accelerate(
         if reason:
             runtime.fall_back("transformer", f"not compatible with this setup: {reason}")
         else:
-            run_block = None if compiled is None else compiled.forward
             return install_transformer_stack(
-                components.transformer, runtime, modules_read(components.transformer), run_block
+                components.transformer, runtime, modules_read(components.transformer), compiled
             )
     return None
 
