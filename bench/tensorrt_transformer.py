@@ -9,6 +9,9 @@
     python bench/tensorrt_transformer.py full        # full size: `engines.py build` (time, peak GPU memory),
                                                      # then a fresh process that loads it and serves two prompts;
                                                      # `--lora`: then a job with a LoRA (a full-size refit)
+    python bench/tensorrt_transformer.py serve --out DIR  # the serving half alone; with an empty engine cache
+                                                     # (FRAMEPACK_TENSORRT_CACHE_DIR) the first job builds the engine
+                                                     # just in time, which skips the fresh-process load
 Prints JSON lines; `--out DIR` also writes them to DIR/tensorrt_transformer.jsonl.
 """
 
