@@ -653,9 +653,11 @@ def test_an_engine_serves_only_where_it_is_faster_than_pytorch_measured_once(tmp
     later = TensorRTRuntime(cache, FakeBackend(), only_if_faster=True)
     later.register(COMPONENT)
     call(later, seeded_mlp())
-    assert (later.status[COMPONENT].engine, later.status[COMPONENT].loads) == (
-        (served_by, 0) if served_by == "pytorch" else (served_by, 1)
-    )
+    status = later.status[COMPONENT]
+    if served_by == "pytorch":  # by the record, not by a failure (a timing here would be one)
+        assert status.loads == 0 and status.reason.startswith("its engine measured 0.99x")
+    else:
+        assert (status.engine, status.loads) == ("tensorrt", 1)
     # Told to use every engine that matches PyTorch, it loads the one that lost too.
     always = TensorRTRuntime(cache, FakeBackend())
     always.register(COMPONENT)
