@@ -6,7 +6,9 @@
     python bench/backends.py --preset tiny --device cpu --configs eager compile --seconds 1 --steps 2
 
 For each backend (`eager`: PyTorch; `compile`: torch.compile of the transformer blocks; `fp8`: FP8 block linears,
-compiled where faster; `tensorrt`: Torch-TensorRT engines for every component) it times, after a warm-up: text
+compiled where faster; `tensorrt`: Torch-TensorRT engines for every component, each serving once it matches PyTorch,
+eager blocks wherever the stack falls back; `fastest`: what every TensorRT flag gives by default, each engine
+serving only where it measured faster than PyTorch, the blocks compiled where faster) it times, after a warm-up: text
 encoding, image encoding and VAE encoding (medians), one transformer call (median, with its FLOPs counted by PyTorch
 and the TFLOP/s that makes against the chip's bf16 matrix rate measured in the same run), a job's steps (their mean)
 and sections (the VAE decode of a section separately), the time from Start to the first preview, the whole video and
@@ -33,7 +35,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 PROMPT = "The girl dances gracefully, with clear movements, full of charm."
-CONFIGS = ("eager", "compile", "fp8", "tensorrt")
+CONFIGS = ("eager", "compile", "fp8", "tensorrt", "fastest")
 REFERENCE = "eager_reference.pt"  # eager's transformer output and video, which the other processes compare with
 ATTENTION_KERNELS = ("flash", "efficient", "cudnn")
 EXTRAS = ("attention", "caches")  # the eager process's extra rows: attention kernels, step caches
@@ -44,8 +46,9 @@ CHART_COLUMNS = (("s_per_step", "seconds per step"), ("s_per_section", "seconds 
 def model_settings(config: str, preset: str, device: str):
     from diffusers_helper.settings import ModelSettings, TensorRTOptions
 
-    if config == "tensorrt":
-        return ModelSettings(preset=preset, device=device, tensorrt=TensorRTOptions(True, True, True))
+    if config in ("tensorrt", "fastest"):
+        backend = "eager" if config == "tensorrt" else "auto"
+        return ModelSettings(preset=preset, device=device, backend=backend, tensorrt=TensorRTOptions(True, True, True))
     if config == "fp8":
         return ModelSettings(preset=preset, device=device, fp8=True)  # what --fp8 gives: compiled where faster
     return ModelSettings(preset=preset, device=device, backend=config)
@@ -59,13 +62,19 @@ def run_config(
 
     import torch
 
-    from diffusers_helper.frontend.startup import default_resolution, load_engine, plan_for, quiet_libraries
+    from diffusers_helper.frontend.startup import (
+        default_resolution,
+        load_engine,
+        plan_for,
+        quiet_libraries,
+        runtime_for,
+    )
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     models = model_settings(config, preset, device)
-    runtime = TensorRTRuntime() if config == "tensorrt" else None
+    runtime = TensorRTRuntime() if config == "tensorrt" else runtime_for(models)
     if runtime is not None and runtime.availability():
         return [{"config": config, "error": f"not available: {runtime.availability()}"}]
     plan = plan_for(models)

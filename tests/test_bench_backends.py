@@ -50,3 +50,12 @@ def test_the_eager_process_times_only_the_extras_asked_for(tmp_path):
     assert [row["config"] for row in rows] == [
         "eager", "eager, flash attention", "eager, efficient attention", "eager, cudnn attention"
     ]  # fmt: skip
+
+
+def test_the_tensorrt_rows_are_every_engine_always_and_the_default_fastest_path():
+    from diffusers_helper.frontend.startup import runtime_for
+
+    always, fastest = (backends.model_settings(config, "tiny", "cpu") for config in ("tensorrt", "fastest"))
+    assert always.tensorrt == fastest.tensorrt and fastest.tensorrt.transformer and not fastest.tensorrt.always
+    assert (always.backend, fastest.backend) == ("eager", "auto")  # the engines alone; the product's default
+    assert runtime_for(fastest).only_if_faster
