@@ -59,3 +59,14 @@ def test_the_tensorrt_rows_are_every_engine_always_and_the_default_fastest_path(
     assert always.tensorrt == fastest.tensorrt and fastest.tensorrt.transformer and not fastest.tensorrt.always
     assert (always.backend, fastest.backend) == ("eager", "auto")  # the engines alone; the product's default
     assert runtime_for(fastest).only_if_faster
+
+
+def test_the_compile_row_runs_compiled_code_in_its_jobs_after_the_flops_are_counted(tmp_path):
+    """Counting FLOPs under a dispatch mode must not leave torch.compile running eagerly: the prompt of another length
+    after the jobs then compiles graphs of its own (2 block classes x 2 text lengths)."""
+    flags = ["--preset", "tiny", "--device", "cpu", "--configs", "compile", "--seconds", "1", "--steps", "2"]
+    assert backends.main([*flags, "--runs", "1", "--out", str(tmp_path)]) == 0
+    row = json.loads((tmp_path / "backends.jsonl").read_text().splitlines()[0])
+    assert row["backends"]["transformer"].startswith("torch.compile") and row["transformer_tflop"] > 0
+    assert row["torch_compile"]["graphs"] == 4
+    assert "encoder_hidden_states" in str(row["torch_compile"]["recompile_reasons"])
