@@ -12,6 +12,8 @@
     python bench/tensorrt_transformer.py serve --out DIR  # the serving half alone; with an empty engine cache
                                                      # (FRAMEPACK_TENSORRT_CACHE_DIR) the first job builds the engine
                                                      # just in time, which skips the fresh-process load
+    python bench/tensorrt_transformer.py load --engine FILE  # a cached engine file loaded under cProfile: where
+                                                     # the seconds go (unpickling, decoding, TensorRT deserializing)
 Prints JSON lines; `--out DIR` also writes them to DIR/tensorrt_transformer.jsonl.
 """
 
@@ -444,10 +446,44 @@ def _lora_switch(engine, runtime) -> dict:
             "status": status.describe(), "device_gb": round(device_used() / GIB, 2)}  # fmt: skip
 
 
+def load_profile(path: Path) -> dict:
+    """One cached engine file loaded as the runtime loads it, under cProfile, then read once more as plain bytes:
+    which calls the load spends its seconds in, against what reading the file alone costs."""
+    import cProfile
+    import pstats
+
+    from diffusers_helper.acceleration.tensorrt_backend import TorchTensorRTBackend
+
+    backend = TorchTensorRTBackend()
+    backend.check_available()
+    profile = cProfile.Profile()
+    started = time.perf_counter()
+    profile.enable()
+    engine = backend.load(path)
+    profile.disable()
+    loaded = time.perf_counter() - started
+    device_gb = device_used() / GIB
+    del engine
+    started = time.perf_counter()
+    with open(path, "rb") as file:
+        while file.read(1 << 26):
+            pass
+    stats = pstats.Stats(profile).stats  # {(file, line, name): (calls, primitive, own seconds, cumulative, callers)}
+    costliest = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:12]
+    row = {"load": str(path), "file_gb": round(path.stat().st_size / GIB, 2), "load_s": round(loaded, 1),
+            "read_again_s": round(time.perf_counter() - started, 1), "device_gb_loaded": round(device_gb, 2),
+            "own_seconds": [{"call": f"{Path(where).name}:{line} {name}", "calls": calls, "own_s": round(own, 2),
+                             "cumulative_s": round(cumulative, 2)}
+                            for (where, line, name), (calls, _, own, cumulative, _) in costliest]}  # fmt: skip
+    print(json.dumps(row), flush=True)
+    return row
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("what", choices=("probe", "refit", "save", "full", "serve"))
+    parser.add_argument("what", choices=("probe", "refit", "save", "full", "serve", "load"))
     parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "tensorrt_transformer")
+    parser.add_argument("--engine", type=Path, help="load: the engine file (an .engine in the engine cache)")
     parser.add_argument("--lora", action="store_true", help="full/serve: also a job with a LoRA (a full-size refit)")
     parser.add_argument("--variants", nargs="+", choices=PROBE_VARIANTS, default=list(PROBE_VARIANTS),
                         help="probe: which ways of building the stack")  # fmt: skip
@@ -462,6 +498,7 @@ def main() -> None:
             "refit": refit,
             "save": save,
             "full": lambda: full(args.out, args.lora),
+            "load": lambda: [load_profile(args.engine)],
         }[args.what]()
     with open(args.out / "tensorrt_transformer.jsonl", "a") as log:
         log.writelines(json.dumps(row) + "\n" for row in rows)
