@@ -448,7 +448,8 @@ def _lora_switch(engine, runtime) -> dict:
 
 def load_profile(path: Path) -> dict:
     """One cached engine file loaded as the runtime loads it, under cProfile, then read once more as plain bytes:
-    which calls the load spends its seconds in, against what reading the file alone costs."""
+    which calls the load spends its seconds in, against what reading the file alone costs; and for one of its
+    TensorRT engines, what its unpickling costs against building it from its raw bytes."""
     import cProfile
     import pstats
 
@@ -463,6 +464,7 @@ def load_profile(path: Path) -> dict:
     profile.disable()
     loaded = time.perf_counter() - started
     device_gb = device_used() / GIB
+    one_engine = _engine_decoding(engine)
     del engine
     started = time.perf_counter()
     with open(path, "rb") as file:
@@ -472,11 +474,36 @@ def load_profile(path: Path) -> dict:
     costliest = sorted(stats.items(), key=lambda item: item[1][2], reverse=True)[:12]
     row = {"load": str(path), "file_gb": round(path.stat().st_size / GIB, 2), "load_s": round(loaded, 1),
             "read_again_s": round(time.perf_counter() - started, 1), "device_gb_loaded": round(device_gb, 2),
+            "one_engine": one_engine,
             "own_seconds": [{"call": f"{Path(where).name}:{line} {name}", "calls": calls, "own_s": round(own, 2),
                              "cumulative_s": round(cumulative, 2)}
                             for (where, line, name), (calls, _, own, cumulative, _) in costliest]}  # fmt: skip
     print(json.dumps(row), flush=True)
     return row
+
+
+def _engine_decoding(compiled: torch.nn.Module) -> dict:
+    """The largest TensorRT engine in a loaded module: Torch-TensorRT pickles an engine with its bytes in base64,
+    decoded in C++ when unpickled; timed against decoding them in Python and building the engine from raw bytes."""
+    import base64
+    import pickle
+
+    engines = [m.engine for m in compiled.modules() if isinstance(getattr(m, "engine", None), torch.ScriptObject)]
+    index = torch.ops.tensorrt.ENGINE_IDX()
+    states = [engine.__getstate__()[0] for engine in engines]  # (the state, the class name)
+    state = max(states, key=lambda state: len(state[index]))
+    pickled = pickle.dumps(engines[states.index(state)], protocol=pickle.HIGHEST_PROTOCOL)
+    started = time.perf_counter()
+    pickle.loads(pickled)
+    unpickled = time.perf_counter() - started
+    started = time.perf_counter()
+    raw = base64.b64decode(state[index])
+    decoded = time.perf_counter() - started
+    started = time.perf_counter()
+    torch.classes.tensorrt.Engine([*state[:index], raw, *state[index + 1 :]])
+    torch.cuda.synchronize()
+    return {"engines": len(engines), "largest_mb": round(len(raw) / 2**20, 1), "unpickle_s": round(unpickled, 3),
+            "python_base64_decode_s": round(decoded, 3), "from_raw_bytes_s": round(time.perf_counter() - started, 3)}  # fmt: skip
 
 
 def main() -> None:
