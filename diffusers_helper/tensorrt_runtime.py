@@ -12,7 +12,9 @@ inputs of its check, and serves only where it is at least MIN_TENSORRT_SPEEDUP t
 kept in the engine's cache record, so a later process does not even load an engine that lost. Anything that goes
 wrong (no torch_tensorrt, no CUDA, an export or build error, running out of memory while building, an engine that
 will not load, a wrong or failing engine) costs one warning and sends that component back to PyTorch for the rest
-of the process; the other components keep their engines.
+of the process; the other components keep their engines. A build can be cancelled (`cancel_builds_when`, which the
+engine ties to a job's stop): it gives up within TensorRT's next progress step, caches nothing, and that call runs
+in PyTorch; the next call of that shape builds again.
 
 The wrappers (`diffusers_helper.acceleration.tensorrt_wrappers`, re-exported here) are drop-in modules with the
 call signature of what they replace; the compiler is `acceleration.tensorrt_backend`, the on-disk cache
@@ -43,6 +45,8 @@ from .acceleration.tensorrt_backend import (
     BASE_SETTINGS,
     COMPONENT_SETTINGS,
     TOLERANCES,
+    BuildCancelled,
+    BuildProgress,
     TensorRTUnavailable,
     TorchTensorRTBackend,
 )
@@ -155,6 +159,7 @@ class ComponentStatus:
     busy: str | None = None  # what a long step under way does (compiling, loading, refitting an engine), since when,
     busy_since: float | None = None  # and how long it took the last time, where that is known
     busy_expected_seconds: float | None = None
+    build: BuildProgress | None = None  # the build under way, which says how far it is
     engines: int = 0
     compiles: int = 0
     loads: int = 0
@@ -169,7 +174,8 @@ class ComponentStatus:
         if self.busy is not None:
             elapsed = time.perf_counter() - self.busy_since
             expected = "" if self.busy_expected_seconds is None else f" of about {self.busy_expected_seconds:.0f}s"
-            return f"{self.busy}... {elapsed:.0f}s{expected}"
+            detail = self.build.describe() if self.build is not None else None
+            return f"{self.busy}... {elapsed:.0f}s{expected}" + (f"; {detail}" if detail else "")
         parked = "; PyTorch weights on the CPU" if self.pytorch_weights_on_cpu and self.engine == "tensorrt" else ""
         return f"{'TensorRT' if self.engine == 'tensorrt' else 'PyTorch'} ({self.reason}{parked})"
 
@@ -198,6 +204,7 @@ class TensorRTRuntime:
         self._kept_on_device: dict[str, tuple[torch.nn.Module, ...]] = {}
         self._pytorch: dict[str, str] = {}
         self.host = torch.device("cpu")
+        self._cancelled: Callable[[], bool] = lambda: False  # builds give up once this is true
         self._unavailable: str | None = None
         self._checked = False
         self._lock = threading.Lock()
@@ -245,6 +252,16 @@ class TensorRTRuntime:
         status = self.status.get(component)
         return status is not None and not status.reason.startswith("fell back")
 
+    @contextlib.contextmanager
+    def cancel_builds_when(self, cancelled: Callable[[], bool]) -> Iterator[None]:
+        """Builds started inside the block give up once `cancelled()` is true: nothing is cached, the call runs in
+        PyTorch, and the next call of that shape builds again."""
+        previous, self._cancelled = self._cancelled, cancelled
+        try:
+            yield
+        finally:
+            self._cancelled = previous
+
     # -- the core -----------------------------------------------------------------------------------------------
 
     def run(self, component: str, module: torch.nn.Module, args: tuple, in_pytorch: Callable | None = None):
@@ -272,10 +289,18 @@ class TensorRTRuntime:
             if engine is None:
                 engine = self._prepare(component, module, args, signature, in_pytorch)
             return self._in_pytorch(component, module, args, in_pytorch) if engine is None else engine(*args)
+        except BuildCancelled:
+            self._build_cancelled(component)
+            return self._in_pytorch(component, module, args, in_pytorch)
         except Exception as error:  # any TensorRT failure: this component continues in PyTorch
             logger.debug("TensorRT %s failed", component, exc_info=True)
             self.fall_back(component, _describe(error))
             return self._in_pytorch(component, module, args, in_pytorch)
+
+    def _build_cancelled(self, component: str) -> None:
+        status = self.status[component]
+        status.engine, status.reason = "pytorch", "engine build cancelled; the next run of this shape builds it"
+        logger.info("TensorRT %s: the engine build was cancelled; nothing was cached", component)
 
     def _weights_changed(self, component: str, module: torch.nn.Module) -> None:
         """The weights are not those the engines were checked with: each engine is refitted (or, for a component
@@ -477,14 +502,15 @@ class TensorRTRuntime:
             ingredients["inputs"],
         )
         settings = {**BASE_SETTINGS, **COMPONENT_SETTINGS[component]}
+        progress = status.build = BuildProgress(self._cancelled)
         with self._busy(component, "compiling engine (first run of this shape)", status.expected_build_seconds):
-            compiled = self.backend.compile(module, args, settings)
+            compiled = self.backend.compile(module, args, settings, progress)
             compiled_at = time.perf_counter()
             with tempfile.TemporaryDirectory(
                 dir=self.cache.directory, prefix=self.cache.staging_prefix(key)
             ) as staging:
                 built = Path(staging) / f"engine{ENGINE_SUFFIX}"
-                self.backend.save(compiled, args, built)
+                self.backend.save(compiled, args, built, progress)
                 saved_at = time.perf_counter()
                 timing = {
                     "build_seconds": round(saved_at - started, 1),
@@ -505,10 +531,10 @@ class TensorRTRuntime:
         status = self.status[component]
         status.busy, status.busy_since, status.busy_expected_seconds = activity, time.perf_counter(), expected_seconds
         try:
-            with _Heartbeat(f"TensorRT {component}: still {activity}", status.busy_since):
+            with _Heartbeat(lambda: f"TensorRT {component}: still {status.describe()}"):
                 yield
         finally:
-            status.busy = status.busy_since = status.busy_expected_seconds = None
+            status.busy = status.busy_since = status.busy_expected_seconds = status.build = None
 
     def _last_build_seconds(self, component: str, gpu: str) -> float | None:
         """The most recent build of this component on this GPU, for an estimate while the next one runs."""
@@ -567,16 +593,16 @@ def _describe(error: BaseException) -> str:
 
 
 class _Heartbeat:
-    """Logs `message` with the elapsed seconds every 30 s until the block ends."""
+    """Logs `message()` every 30 s until the block ends."""
 
-    def __init__(self, message: str, started: float, every: float = 30.0) -> None:
-        self.message, self.started, self.every = message, started, every
+    def __init__(self, message: Callable[[], str], every: float = 30.0) -> None:
+        self.message, self.every = message, every
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True)
 
     def _beat(self) -> None:
         while not self._stop.wait(self.every):
-            logger.info("%s: %.0fs", self.message, time.perf_counter() - self.started)
+            logger.info("%s", self.message())
 
     def __enter__(self) -> "_Heartbeat":
         self._thread.start()

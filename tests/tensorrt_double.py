@@ -14,6 +14,7 @@ from diffusers_helper.acceleration.tensorrt_backend import export
 from diffusers_helper.tensorrt_runtime import TensorRTUnavailable
 
 FAILURES = ("unavailable", "export", "oom", "save", "load", "run", "refit")
+ENGINES = 3  # "engines" a build makes, as TensorRT makes one per stretch between operations left to PyTorch
 
 
 class FakeEngine(torch.nn.Module):
@@ -51,17 +52,30 @@ class FakeBackend:
     def versions(self) -> dict:
         return {"torch": torch.__version__, "torch_tensorrt": self.version, "build": "fake", "tensorrt": "0"}
 
-    def compile(self, module, args, settings):
+    def compile(self, module, args, settings, progress):
+        """Builds ENGINES "engines" in turn, the compile delay spread over them, checking for a cancel before each
+        (as TensorRT's progress monitor does at every step)."""
         if self.fail == "export":
             raise RuntimeError("torch.export: could not guard on data-dependent expression")
         if self.fail == "oom":
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         exported = export(module, args)
-        time.sleep(self.compile_delay)
+        progress.engines_expected = ENGINES
+        for _ in range(ENGINES):
+            progress.check()
+            progress.engines_started += 1
+            self.on_engine_started(progress)
+            time.sleep(self.compile_delay / ENGINES)
         self.compiled += 1
         return FakeEngine(exported, self.scale, self.fail == "run")
 
-    def save(self, compiled, args, path):
+    def on_engine_started(self, progress) -> None:
+        """A test's look at a build under way (to cancel it, or read the status)."""
+
+    def save(self, compiled, args, path, progress=None):
+        """Checks for a cancel before writing, as the real backend does before every write."""
+        if progress is not None:
+            progress.check()
         if self.fail == "save":
             path.write_bytes(b"half an engi")
             raise OSError(28, "No space left on device")

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from diffusers_helper.acceleration.engine_cache import EngineCache, cache_key
+from diffusers_helper.acceleration.tensorrt_backend import BuildProgress
 from diffusers_helper.models.assembly import accelerate, assemble
 from diffusers_helper.settings import InvalidSettings, ModelSettings, TensorRTOptions
 from diffusers_helper.tensorrt_runtime import (
@@ -457,7 +458,7 @@ def test_the_pytorch_copy_leaves_the_device_once_the_engine_passes_and_returns_f
     assert len(moves.log) == 2  # served by the engine: nothing moves
     backend.fail = "run"
     runtime._engines[module] = {
-        sig: backend.compile(module, (torch.ones(2, 8),), {}) for sig in runtime._engines[module]
+        sig: backend.compile(module, (torch.ones(2, 8),), {}, BuildProgress()) for sig in runtime._engines[module]
     }
     actual, expected = call(runtime, module)
     assert torch.equal(actual, expected)
@@ -474,6 +475,89 @@ def test_a_build_says_how_long_the_last_one_took(tmp_path):
                                          runtime.backend.compile)  # fmt: skip
     call(runtime, shape=(3, 8))
     assert re.search(r"compiling engine .* of about \d+s", seen[0])
+
+
+def test_a_build_says_which_engine_it_is_building(tmp_path):
+    runtime, backend = make_runtime(tmp_path)
+    seen = []
+    backend.on_engine_started = lambda progress: seen.append(runtime.status[COMPONENT].describe())
+    call(runtime)
+    assert [line.rsplit("; ", 1)[1] for line in seen] == [f"TensorRT engine {n} of about 3" for n in (1, 2, 3)]
+    assert runtime.status[COMPONENT].build is None and "engine in use" in runtime.status[COMPONENT].describe()
+
+
+@pytest.mark.parametrize("when", ["building", "saving"])
+def test_a_cancelled_build_caches_nothing_runs_in_pytorch_and_builds_again_next_time(tmp_path, monkeypatch, when):
+    runtime, backend = make_runtime(tmp_path)
+    asked = []
+    if when == "building":
+        backend.on_engine_started = lambda progress: asked.append(progress.engines_started == 2)
+    else:
+        save = backend.save
+        monkeypatch.setattr(backend, "save", lambda *a: asked.append(True) or save(*a))
+    with runtime.cancel_builds_when(lambda: any(asked)):
+        actual, expected = call(runtime)
+        assert torch.equal(actual, expected)  # the call itself ran in PyTorch
+        status = runtime.status[COMPONENT]
+        assert status.engine == "pytorch" and "build cancelled" in status.reason and runtime.is_active(COMPONENT)
+        assert call(runtime)[0].equal(expected)  # still cancelled: no new build starts
+    assert runtime.cache.describe() == [] and leftovers(runtime.cache.directory) == []
+    assert backend.compiled == (1 if when == "saving" else 0)
+    actual, expected = call(runtime)  # the cancel was for that job only: the next call builds
+    assert torch.equal(actual, expected) and runtime.status[COMPONENT].engine == "tensorrt"
+    assert len(runtime.cache.describe()) == 1
+
+
+def test_a_cancel_stops_the_real_backend_writing_an_engine_file(tmp_path):
+    from diffusers_helper.acceleration.tensorrt_backend import BuildCancelled, TorchTensorRTBackend
+
+    checks = []
+
+    def cancelled() -> bool:  # from the second write on
+        checks.append(True)
+        return len(checks) > 1
+
+    progress = BuildProgress(cancelled)
+    path = tmp_path / "engine.engine"
+    with pytest.raises(BuildCancelled):
+        TorchTensorRTBackend().save(torch.nn.Linear(512, 512), (), path, progress)
+    assert len(checks) == 2 and path.stat().st_size < 512 * 512 * 4  # stopped part of the way through
+
+
+def test_stopping_a_job_during_an_engine_build_ends_the_build_and_the_job(tmp_path, tiny_root):
+    """End pressed while the transformer's engine builds: the build gives up, the job ends as stopped without waiting
+    for it, and the next job builds the engine."""
+    import threading
+
+    from diffusers_helper.media.images import example_image
+    from diffusers_helper.media.job_files import JobPaths
+    from diffusers_helper.models.components import load_components
+    from diffusers_helper.models.placement import plan_memory
+    from diffusers_helper.pipeline.engine import FramePackEngine
+    from diffusers_helper.pipeline.events import Finished
+    from diffusers_helper.settings import GenerationSettings
+    from tests.conftest import FrameSink
+
+    plan = plan_memory("cpu")
+    runtime, backend = make_runtime(tmp_path)
+    components = load_components("framepack", tiny_root, plan.dtypes())
+    models = assemble(
+        components, plan, ModelSettings(preset="tiny", tensorrt=TensorRTOptions(transformer=True)), runtime
+    )
+    engine = FramePackEngine(models, write_video=FrameSink())
+    settings = GenerationSettings(prompt="a cat", seconds=1.0, resolution=128, steps=3, step_cache="off")
+    stop = threading.Event()
+    backend.on_engine_started = lambda progress: stop.set()  # End, pressed while the first engine builds
+    paths = JobPaths.for_video(tmp_path / "stopped.mp4")
+    events = list(engine.generate(example_image(256, 256), settings, paths, stop))
+    assert isinstance(events[-1], Finished) and events[-1].stopped
+    assert json.loads(paths.sidecar.read_text())["status"] == "stopped"
+    assert backend.compiled == 0 and runtime.cache.describe() == []
+    assert "build cancelled" in runtime.status["transformer"].reason
+    backend.on_engine_started = lambda progress: None
+    events = list(engine.generate(example_image(256, 256), settings, JobPaths.for_video(tmp_path / "next.mp4")))
+    assert isinstance(events[-1], Finished) and not events[-1].stopped
+    assert backend.compiled == 1 and runtime.status["transformer"].engine == "tensorrt"
 
 
 # -- new weights: refit, never a stale engine ---------------------------------------------------------------------

@@ -4,10 +4,12 @@ Settings are data; options the installed Torch-TensorRT does not know are droppe
 `enabled_precisions` and `use_explicit_typing`; `attn_bias_is_causal` appeared in 2.11).
 """
 
+import contextlib
 import inspect
 import logging
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +26,32 @@ INSTALL_HINT = (
 
 class TensorRTUnavailable(RuntimeError):
     """TensorRT cannot serve at all in this process (no torch_tensorrt, no CUDA)."""
+
+
+class BuildCancelled(RuntimeError):
+    """A build gave up because it was asked to (its job was stopped): nothing was cached, nothing is wrong."""
+
+
+@dataclass
+class BuildProgress:
+    """A build in progress: how far it is (TensorRT builds one engine per stretch of graph between the operations
+    left to PyTorch), and whether it should give up."""
+
+    cancelled: Callable[[], bool] = field(default=lambda: False)
+    engines_started: int = 0
+    engines_expected: int | None = None
+
+    def check(self) -> None:
+        """Raise BuildCancelled once the build has been asked to give up."""
+        if self.cancelled():
+            raise BuildCancelled("the engine build was cancelled")
+
+    def describe(self) -> str | None:
+        if not self.engines_started:
+            return None
+        expected = self.engines_expected
+        of = f" of about {expected}" if expected and expected >= self.engines_started else ""
+        return f"TensorRT engine {self.engines_started}{of}"
 
 
 ATTENTION_OPS = (
@@ -105,14 +133,29 @@ class TorchTensorRTBackend:
             options["torch_executed_ops"] = {op for name in options["torch_executed_ops"] if (op := _aten_op(name))}
         return options
 
-    def compile(self, module: torch.nn.Module, args: tuple, settings: dict) -> Callable:
-        return self._trt.dynamo.compile(export(module, args), arg_inputs=list(args), **self._options(settings))
+    def compile(self, module: torch.nn.Module, args: tuple, settings: dict, progress: BuildProgress) -> Callable:
+        """Export, then build; `progress` counts the TensorRT engines as their builds start, and a cancelled build
+        stops at TensorRT's next progress step (BuildCancelled)."""
+        progress.check()
+        exported = export(module, args)
+        options = self._options(settings)
+        progress.engines_expected = _pytorch_stretches(exported, options.get("torch_executed_ops", ()))
+        progress.check()
+        with _watched_engine_builds(progress) as interrupted:
+            try:
+                return self._trt.dynamo.compile(exported, arg_inputs=list(args), **options)
+            except Exception:
+                if interrupted:  # Ctrl-C during a build reaches the monitor, which stops TensorRT: raised here
+                    raise KeyboardInterrupt from None
+                progress.check()  # a build that TensorRT stopped for a cancel fails as a cancel
+                raise
 
-    def save(self, compiled: Callable, args: tuple, path: Path) -> None:
-        """Streamed to the file one engine at a time (torch.save would build the whole pickle in memory first)."""
+    def save(self, compiled: Callable, args: tuple, path: Path, progress: BuildProgress | None = None) -> None:
+        """Streamed to the file one engine at a time (torch.save would build the whole pickle in memory first); a
+        cancel stops it between writes (the caller removes the partial file)."""
         drop_host_copies(compiled)
         with open(path, "wb") as file:
-            pickle.dump(compiled, file, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(compiled, _CheckedWrites(file, progress or BuildProgress()), protocol=pickle.HIGHEST_PROTOCOL)
 
     def refit(self, engine: Callable, module: torch.nn.Module, args: tuple) -> Callable:
         """The engine with the module's current weights (same graph, other values), written into its TensorRT
@@ -134,6 +177,66 @@ def export(module: torch.nn.Module, args: tuple) -> torch.export.ExportedProgram
     exported = torch.export.export(module, args, strict=False)
     route_masked_attention(exported)
     return exported
+
+
+def _pytorch_stretches(exported: torch.export.ExportedProgram, executed_in_pytorch) -> int:
+    """How many engines a build makes, about: one per stretch of graph between the operations left to PyTorch."""
+    kept = set(executed_in_pytorch)
+    return 1 + sum(node.op == "call_function" and node.target in kept for node in exported.graph.nodes)
+
+
+class _CheckedWrites:
+    """A file whose writes first check for a cancel."""
+
+    def __init__(self, file, progress: BuildProgress) -> None:
+        self._file, self._progress = file, progress
+
+    def write(self, data) -> int:
+        self._progress.check()
+        return self._file.write(data)
+
+
+@contextlib.contextmanager
+def _watched_engine_builds(progress: BuildProgress) -> Iterator[list]:
+    """While Torch-TensorRT builds, each TensorRT builder configuration it makes gets a progress monitor: every
+    engine started is counted, and TensorRT's next step after a cancel stops that build. Torch-TensorRT sets monitors
+    only under its debugger, so its configuration step is wrapped (`TRTInterpreter._populate_trt_builder_config`).
+    Yields a list that holds True if Ctrl-C arrived during a build (a monitor must not raise into TensorRT)."""
+    from torch_tensorrt.dynamo.conversion._TRTInterpreter import TRTInterpreter, trt
+
+    class Monitor(trt.IProgressMonitor):
+        def __init__(self) -> None:
+            trt.IProgressMonitor.__init__(self)
+
+        def phase_start(self, phase_name, parent_phase, num_steps) -> None:
+            pass
+
+        def phase_finish(self, phase_name) -> None:
+            pass
+
+        def step_complete(self, phase_name, step) -> bool:
+            try:
+                return not progress.cancelled()
+            except KeyboardInterrupt:
+                interrupted.append(True)
+                return False
+
+    interrupted: list = []
+    monitor = Monitor()  # referenced here for as long as TensorRT may call it
+    configure = TRTInterpreter._populate_trt_builder_config
+
+    def configure_watched(interpreter, *args, **kwargs):
+        progress.check()
+        config = configure(interpreter, *args, **kwargs)
+        config.progress_monitor = monitor
+        progress.engines_started += 1
+        return config
+
+    TRTInterpreter._populate_trt_builder_config = configure_watched
+    try:
+        yield interrupted
+    finally:
+        TRTInterpreter._populate_trt_builder_config = configure
 
 
 def drop_host_copies(engine: torch.nn.Module) -> None:

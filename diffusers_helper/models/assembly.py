@@ -13,7 +13,9 @@ head is kept in float32 (FramePack's "high quality fp32 output") before the memo
 nothing: they are fused into the weights where the plan put them (models/lora.py), so FP8 weights take none.
 """
 
+import contextlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -68,6 +70,10 @@ class AssembledModels:
         variant = f"{self.components.variant} ({self.components.model_ids()['transformer']})"
         streaming = f" ({self.placement.describe()})" if self.plan.offload else ""
         return f"{variant}, {self.settings.describe_source()}; {self.plan.describe()}{streaming}"
+
+    def cancel_builds_when(self, stopped: Callable[[], bool]) -> contextlib.AbstractContextManager:
+        """Engine builds started inside the block give up once `stopped()` is true (a job's End)."""
+        return contextlib.nullcontext() if self.runtime is None else self.runtime.cancel_builds_when(stopped)
 
     def blocks(self) -> str | None:
         """What the transformer blocks run on, where torch.compile or `--fp8` has a say in it (else None)."""

@@ -91,7 +91,9 @@ class FramePackEngine:
                 ensure_writable_dir(paths.video.parent)
                 paths.check(overwrite)
                 paths.remove_existing()
-                yield from self._generate(image, settings, paths, stop or threading.Event(), record, loras)
+                stop = stop or threading.Event()
+                with self.models.cancel_builds_when(stop.is_set):  # End during an engine build ends the build
+                    yield from self._generate(image, settings, paths, stop, record, loras)
             except Exception as error:  # the job fails, the process (and any UI) goes on
                 logger.debug("generation failed", exc_info=True)
                 message = _failure_message(error)

@@ -156,6 +156,30 @@ def test_a_real_build_failure_falls_back_to_pytorch(tmp_path, monkeypatch):
     assert status.engine == "pytorch" and status.reason.startswith("fell back")
 
 
+def test_a_build_cancelled_inside_tensorrt_stops_there_and_caches_nothing(tmp_path):
+    """The cancel is asked for once the first engine's build has started: TensorRT's progress monitor sees it at its
+    next step and stops that build (the question comes from inside TensorRT, not from the next engine's start)."""
+    import inspect
+
+    runtime = TensorRTRuntime(EngineCache(tmp_path))
+    wrapper, decoder = _tiny_vae_decoder(runtime)
+    status = runtime.status["vae_decoder"]
+    asked_from = []
+
+    def cancelled() -> bool:
+        if status.build is None or status.build.engines_started < 1:
+            return False
+        asked_from.append({frame.function for frame in inspect.stack()})
+        return True
+
+    latents = torch.randn(*LATENTS, device="cuda", dtype=torch.float16)
+    with torch.no_grad(), runtime.cancel_builds_when(cancelled):
+        assert torch.equal(wrapper(latents), decoder(latents))
+    assert "step_complete" in asked_from[0]
+    assert status.engine == "pytorch" and "build cancelled" in status.reason and status.compiles == 0
+    assert not list(tmp_path.glob("*.engine")) and not list(tmp_path.glob(".build-*"))
+
+
 def test_an_engine_file_that_will_not_load_is_rebuilt(tmp_path):
     latents = torch.randn(*LATENTS, device="cuda", dtype=torch.float16)
     with torch.no_grad():
