@@ -524,6 +524,16 @@ def test_a_cancel_stops_the_real_backend_writing_an_engine_file(tmp_path):
     assert len(checks) == 2 and path.stat().st_size < 512 * 512 * 4  # stopped part of the way through
 
 
+def test_the_real_backend_round_trips_what_is_not_a_tensorrt_engine(tmp_path):
+    """Engine files carry TensorRT engines raw (GPU tests check those); everything around them pickles as usual."""
+    from diffusers_helper.acceleration.tensorrt_backend import TorchTensorRTBackend
+
+    module = seeded_mlp()
+    TorchTensorRTBackend().save(module, (), tmp_path / "engine.engine")
+    loaded = TorchTensorRTBackend().load(tmp_path / "engine.engine")
+    assert torch.equal(loaded(torch.ones(2, 8)), module(torch.ones(2, 8)))
+
+
 def test_stopping_a_job_during_an_engine_build_ends_the_build_and_the_job(tmp_path, tiny_root):
     """End pressed while the transformer's engine builds: the build gives up, the job ends as stopped without waiting
     for it, and the next job builds the engine."""

@@ -4,6 +4,7 @@ Settings are data; options the installed Torch-TensorRT does not know are droppe
 `enabled_precisions` and `use_explicit_typing`; `attn_bias_is_causal` appeared in 2.11).
 """
 
+import base64
 import contextlib
 import inspect
 import logging
@@ -94,7 +95,7 @@ TOLERANCES = {
 
 class TorchTensorRTBackend:
     """The real compiler: torch.export, then torch_tensorrt.dynamo.compile; engine files are the compiled module
-    pickled (its TensorRT engines serialize themselves; a pickle names Torch-TensorRT's classes, whose version is in
+    pickled, its TensorRT engines as their raw bytes (a pickle names Torch-TensorRT's classes, whose version is in
     every cache key). Torch-TensorRT's own ExportedProgram format retraces the whole program to save it, about 25 s a
     block (docs/benchmarks.md), longer than building the full-size transformer."""
 
@@ -155,7 +156,7 @@ class TorchTensorRTBackend:
         cancel stops it between writes (the caller removes the partial file)."""
         drop_host_copies(compiled)
         with open(path, "wb") as file:
-            pickle.dump(compiled, _CheckedWrites(file, progress or BuildProgress()), protocol=pickle.HIGHEST_PROTOCOL)
+            _RawEnginePickler(_CheckedWrites(file, progress or BuildProgress())).dump(compiled)
 
     def refit(self, engine: Callable, module: torch.nn.Module, args: tuple) -> Callable:
         """The engine with the module's current weights (same graph, other values), written into its TensorRT
@@ -183,6 +184,31 @@ def _pytorch_stretches(exported: torch.export.ExportedProgram, executed_in_pytor
     """How many engines a build makes, about: one per stretch of graph between the operations left to PyTorch."""
     kept = set(executed_in_pytorch)
     return 1 + sum(node.op == "call_function" and node.target in kept for node in exported.graph.nodes)
+
+
+TENSORRT_ENGINE_CLASS = "__torch__.torch.classes.tensorrt.Engine"
+
+
+class _RawEnginePickler(pickle.Pickler):
+    """Pickles Torch-TensorRT's engines with their bytes as they are: their own pickling carries them in base64, a
+    third larger on disk, and decodes them again on every load."""
+
+    def __init__(self, file) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+
+    def reducer_override(self, obj):
+        if not isinstance(obj, torch.ScriptObject):
+            return NotImplemented
+        info, class_name = obj.__getstate__()
+        if class_name != TENSORRT_ENGINE_CLASS:
+            return NotImplemented
+        index = torch.ops.tensorrt.ENGINE_IDX()
+        return tensorrt_engine_from_raw, ([*info[:index], base64.b64decode(info[index]), *info[index + 1 :]],)
+
+
+def tensorrt_engine_from_raw(info: list) -> torch.ScriptObject:
+    """A TensorRT engine from Torch-TensorRT's serialization fields, its engine field raw (what engine files hold)."""
+    return torch.classes.tensorrt.Engine(info)
 
 
 class _CheckedWrites:

@@ -141,6 +141,26 @@ def test_vae_decoder_engine_matches_pytorch(tmp_path):
     assert runtime.status["vae_decoder"].engine == "tensorrt", runtime.status["vae_decoder"].reason
 
 
+def test_engine_files_hold_the_engines_raw_and_load_back(tmp_path):
+    """Torch-TensorRT pickles an engine's bytes in base64 (a third larger); the cache's files carry them raw."""
+    import base64
+
+    runtime = TensorRTRuntime(EngineCache(tmp_path))
+    wrapper, decoder = _tiny_vae_decoder(runtime)
+    latents = torch.randn(*LATENTS, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        wrapper(latents)
+        engine_file = next(tmp_path.glob("*.engine"))
+        loaded = runtime.backend.load(engine_file)
+        engines = [m.engine for m in loaded.modules() if isinstance(getattr(m, "engine", None), torch.ScriptObject)]
+        raw = sum(
+            len(base64.b64decode(engine.__getstate__()[0][torch.ops.tensorrt.ENGINE_IDX()])) for engine in engines
+        )
+        print(f"engine file {engine_file.stat().st_size} bytes for {len(engines)} engines of {raw} bytes")
+        assert engines and engine_file.stat().st_size < raw * 1.1 + 2**20
+        assert relative_error(loaded(latents), decoder(latents)) < 0.05
+
+
 def test_a_real_build_failure_falls_back_to_pytorch(tmp_path, monkeypatch):
     # Torch-TensorRT 2.11 cannot convert attention with a constant mask (the VAE mid-block's): with attention
     # no longer left to PyTorch, the build fails for real, and PyTorch must serve the same result.
