@@ -168,7 +168,6 @@ class ComponentStatus:
     load_seconds: list[float] = field(default_factory=list)
     refit_seconds: list[float] = field(default_factory=list)
     pytorch_weights_on_cpu: bool = False  # the engine holds the weights on the GPU; PyTorch's copy waits on the CPU
-    expected_build_seconds: float | None = None  # how long the last build of this component on this GPU took
 
     def describe(self) -> str:
         if self.busy is not None:
@@ -495,7 +494,6 @@ class TensorRTRuntime:
     def _build(self, component: str, key: str, module, args: tuple, ingredients: dict) -> Callable:
         status = self.status[component]
         started = time.perf_counter()
-        status.expected_build_seconds = self._last_build_seconds(component, ingredients["gpu"])
         logger.info(
             "compiling TensorRT engine for %s, inputs %s (first run of this shape; this can take minutes)",
             component,
@@ -503,7 +501,8 @@ class TensorRTRuntime:
         )
         settings = {**BASE_SETTINGS, **COMPONENT_SETTINGS[component]}
         progress = status.build = BuildProgress(self._cancelled)
-        with self._busy(component, "compiling engine (first run of this shape)", status.expected_build_seconds):
+        last_build = self._last_build_seconds(component, ingredients["gpu"])
+        with self._busy(component, "compiling engine (first run of this shape)", last_build):
             compiled = self.backend.compile(module, args, settings, progress)
             compiled_at = time.perf_counter()
             with tempfile.TemporaryDirectory(
