@@ -2,7 +2,8 @@
 
     python bench/tensorrt_transformer.py probe       # full-width blocks at the 544x704 token count: static vs
                                                      # text as it is vs padded with a key mask, refittable,
-                                                     # weight streaming, masked against unmasked attention
+                                                     # weight streaming (beside PyTorch's block streaming),
+                                                     # masked against unmasked attention
     python bench/tensorrt_transformer.py refit       # the same blocks: build, then a LoRA on and off (two refits)
     python bench/tensorrt_transformer.py save        # few blocks: save and load time in four file formats,
                                                      # the device and host memory the engine takes
@@ -155,6 +156,10 @@ def probe(chosen: list[str]) -> list[dict]:
                         row["weight_streaming"] = _weight_streaming(engine, lambda: through_engine(text))  # noqa: B023
             rows.append(row)
             print(json.dumps(row), flush=True)
+            if extra.get("enable_weight_streaming"):
+                with torch.no_grad():
+                    rows.append(_pytorch_block_streaming(model, hidden, text, temb, cos, sin))
+                print(json.dumps(rows[-1]), flush=True)
     settings.clear()
     settings.update(original)
     return rows
@@ -171,6 +176,37 @@ def _weight_streaming(engine, call) -> dict:
             streaming.device_budget = int(total * fraction)
             results[f"ms_at_{int(fraction * 100)}%"] = round(median_seconds(call) * 1000, 2)
     return results
+
+
+def _pytorch_block_streaming(model, hidden, text, temb, cos, sin) -> dict:
+    """The same blocks as the product streams them when they do not fit (models/placement.py): the first block
+    resident, the others streamed from pinned memory, each prefetched while the one before runs; the share of the
+    block weights that stays on the GPU, to set beside the engine's budgets."""
+    from diffusers.hooks import HookRegistry
+
+    from diffusers_helper.models.placement import GROUP_OFFLOADING_HOOK, MemoryPlan, Placement, _stream_transformer
+
+    def size(module):
+        return sum(p.numel() * p.element_size() for p in module.parameters())
+
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    resident = size(model) - sum(size(block) for block in blocks[1:])  # all but the blocks after the first
+    _stream_transformer(model, MemoryPlan(torch.device("cuda"), torch.bfloat16, torch.float16, True, resident / GIB, 0.0),
+                        Placement())  # fmt: skip
+
+    def through_blocks():
+        h, e = hidden, text
+        for block in blocks:  # called as modules: their streaming hooks run
+            h, e = block(h, e, temb, None, (cos, sin))
+        return h
+
+    try:
+        return {"probe": "PyTorch block streaming (the product's, without TensorRT)", "latent_tokens": hidden.shape[1],
+                "resident_share": round(size(blocks[0]) / sum(size(block) for block in blocks), 3),
+                "ms": round(median_seconds(through_blocks) * 1000, 2)}  # fmt: skip
+    finally:
+        for block in blocks:
+            HookRegistry.check_if_exists_or_initialize(block).remove_hook(GROUP_OFFLOADING_HOOK, recurse=False)
 
 
 def attention_probe(sequence: int) -> dict:
