@@ -523,6 +523,21 @@ def test_a_cancel_stops_the_real_backend_writing_an_engine_file(tmp_path):
     assert len(checks) == 2 and path.stat().st_size < 512 * 512 * 4  # stopped part of the way through
 
 
+def test_a_build_expects_one_engine_per_stretch_between_the_attention_left_to_pytorch():
+    from diffusers_helper.acceleration.tensorrt_backend import ATTENTION_OPS, _aten_op, _pytorch_stretches, export
+
+    class TwoAttentions(torch.nn.Module):
+        def forward(self, q, mask):
+            attention = torch.nn.functional.scaled_dot_product_attention
+            first = attention(q, q, q)
+            return attention(first * 2, first, first, attn_mask=mask) + 1  # masked: routed to the kept-keys op
+
+    mask = torch.zeros(1, 1, 1, 8)
+    mask[..., 6:] = float("-inf")
+    exported = export(TwoAttentions(), (torch.randn(1, 2, 8, 4), mask))
+    assert _pytorch_stretches(exported, {op for name in ATTENTION_OPS if (op := _aten_op(name))}) == 3
+
+
 def test_the_real_backend_round_trips_what_is_not_a_tensorrt_engine(tmp_path):
     """Engine files carry TensorRT engines raw (GPU tests check those); everything around them pickles as usual."""
     from diffusers_helper.acceleration.tensorrt_backend import TorchTensorRTBackend
