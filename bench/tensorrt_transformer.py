@@ -14,7 +14,9 @@
                                                      # (FRAMEPACK_TENSORRT_CACHE_DIR) the first job builds the engine
                                                      # just in time, which skips the fresh-process load
     python bench/tensorrt_transformer.py load --engine FILE  # a cached engine file loaded under cProfile: where
-                                                     # the seconds go (unpickling, decoding, TensorRT deserializing)
+                                                     # the seconds go (unpickling, decoding, TensorRT deserializing),
+                                                     # and one engine set up with and without a TensorRT-RTX
+                                                     # runtime cache (its kernels compiled or found)
 Prints JSON lines; `--out DIR` also writes them to DIR/tensorrt_transformer.jsonl.
 """
 
@@ -424,13 +426,18 @@ def serve(lora: bool) -> dict:
 
     runtime.run = measured_run
     for prompt in PROMPTS:
-        step_times = run_job(engine, GenerationSettings(prompt=prompt, seconds=1.2, steps=3, step_cache="off"))
-        report["prompts"].append({"prompt_words": len(prompt.split()), "step_s": step_times})
+        with PeakSampler() as peak:  # the first job's peak includes a just-in-time build
+            step_times = run_job(engine, GenerationSettings(prompt=prompt, seconds=1.2, steps=3, step_cache="off"))
+        report["prompts"].append({"prompt_words": len(prompt.split()), "step_s": step_times,
+                                  "device_gb_peak": round(peak.peak / GIB, 2)})  # fmt: skip
     eager.clear()
     gc.collect()
     torch.cuda.empty_cache()
     status = runtime.status["transformer"]
     report.update(stack_calls=list(seen.values()), compiles=status.compiles, loads=status.loads, refits=status.refits,
+                  build_s=[round(s, 1) for s in status.compile_seconds],
+                  engine_files=[{"key": entry["key"], "gb": round(entry["bytes"] / GIB, 2)}
+                                for entry in runtime.cache.describe()],
                   device_gb_serving=round(device_used() / GIB, 2),
                   engines=status.engines, load_s=[round(s, 1) for s in status.load_seconds], status=status.describe(),
                   pytorch_weights_on=str(next(engine.models.components.transformer.transformer_blocks[1].parameters()).device),
@@ -539,7 +546,47 @@ def _engine_decoding(compiled: torch.nn.Module) -> dict:
     torch.classes.tensorrt.Engine([*state[:index], raw, *state[index + 1 :]])
     torch.cuda.synchronize()
     return {"engines": len(engines), "largest_mb": round(len(raw) / 2**20, 1), "unpickle_s": round(unpickled, 3),
-            "python_base64_decode_s": round(decoded, 3), "from_raw_bytes_s": round(time.perf_counter() - started, 3)}  # fmt: skip
+            "python_base64_decode_s": round(decoded, 3), "from_raw_bytes_s": round(time.perf_counter() - started, 3),
+            "runtime_cache": _runtime_cache(raw)}  # fmt: skip
+
+
+def _runtime_cache(raw: bytes) -> list[dict]:
+    """TensorRT-RTX compiles an engine's kernels when the engine is set up; its runtime cache keeps them for the next
+    process (Torch-TensorRT 2.11 offers no way to use one). One engine set up twice through TensorRT's own API:
+    deserialized, given an execution context, run once; first with an empty runtime cache, then with what the first
+    put in it."""
+    import tensorrt as trt
+    from torch_tensorrt import dtype
+
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+    filled, rows = None, []
+    for cache_state in ("empty", "filled by the first"):
+        started = time.perf_counter()
+        engine = runtime.deserialize_cuda_engine(raw)
+        deserialized = time.perf_counter()
+        config = engine.create_runtime_config()
+        cache = config.create_runtime_cache()
+        if filled is not None:
+            cache.deserialize(filled)
+        config.set_runtime_cache(cache)
+        context = engine.create_execution_context(config)
+        contexted = time.perf_counter()
+        tensors = []
+        for name in (engine.get_tensor_name(i) for i in range(engine.num_io_tensors)):
+            shape = tuple(engine.get_tensor_shape(name))
+            tensors.append(
+                torch.zeros(shape, dtype=dtype._from(engine.get_tensor_dtype(name)).to(torch.dtype), device="cuda")
+            )
+            context.set_tensor_address(name, tensors[-1].data_ptr())
+        context.execute_async_v3(torch.cuda.current_stream().cuda_stream)
+        torch.cuda.synchronize()
+        ran = time.perf_counter()
+        filled = bytes(cache.serialize())
+        rows.append({"runtime_cache": cache_state, "deserialize_s": round(deserialized - started, 3),
+                     "context_s": round(contexted - deserialized, 3), "first_run_s": round(ran - contexted, 3),
+                     "cache_mb_after": round(len(filled) / 2**20, 2)})  # fmt: skip
+        del context, engine
+    return rows
 
 
 def main() -> None:
