@@ -287,7 +287,8 @@ def refit() -> list[dict]:
 
 def save() -> list[dict]:
     """Few blocks: how long saving the engine takes in the product's format (the compiled module pickled straight to
-    the file) and in the others (Torch-TensorRT's ExportedProgram, which retraces; torch.save; TorchScript), loading
+    the file; the runtime's own save after the build writes the builder's bytes, a later save serializes the live
+    engines again) and in the others (Torch-TensorRT's ExportedProgram, which retraces; torch.save; TorchScript), loading
     each back and its output against the engine in memory; the device memory the engine takes (activation memory
     allocated per call), and the host memory its modules still keep as serialized copies of their engines once the
     runtime has built and saved it (it drops them)."""
@@ -333,6 +334,7 @@ def save() -> list[dict]:
             path = Path(directory) / f"engine{index}"
             row = {"format": name, "blocks": "1 dual + 2 single, width 3072", "latent_tokens": hidden.shape[1],
                    "build_s": round(status.compile_seconds[0], 1), "host_gb_serialized_copies": round(held / GIB, 3),
+                   "runtime_save_s": runtime.cache.describe()[0]["save_seconds"],  # the builder's bytes, written
                    "device_gb_engine": round((device_used() - before) / GIB, 2)}  # fmt: skip
             try:
                 started = time.perf_counter()

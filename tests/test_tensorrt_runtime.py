@@ -523,6 +523,18 @@ def test_a_cancel_stops_the_real_backend_writing_an_engine_file(tmp_path):
     assert len(checks) == 2 and path.stat().st_size < 512 * 512 * 4  # stopped part of the way through
 
 
+def test_saving_an_engine_file_says_how_much_is_written(tmp_path):
+    from diffusers_helper.acceleration.tensorrt_backend import TorchTensorRTBackend
+
+    progress = BuildProgress()
+    path = tmp_path / "engine.engine"
+    TorchTensorRTBackend().save(torch.nn.Linear(1024, 1024), (), path, progress)
+    assert progress.bytes_saved == path.stat().st_size
+    assert progress.describe() == "saving the engine to the cache: 4 MB"
+    progress.bytes_saved, progress.bytes_to_save = 12_345_000_000, 23_600_000_000
+    assert progress.describe() == "saving the engine to the cache: 12.3 GB of about 23.6 GB"
+
+
 def test_a_build_expects_one_engine_per_stretch_between_the_attention_left_to_pytorch():
     from diffusers_helper.acceleration.tensorrt_backend import ATTENTION_OPS, _aten_op, _pytorch_stretches, export
 

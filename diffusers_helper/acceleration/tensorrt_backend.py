@@ -41,6 +41,8 @@ class BuildProgress:
     cancelled: Callable[[], bool] = field(default=lambda: False)
     engines_started: int = 0
     engines_expected: int | None = None
+    bytes_saved: int = 0  # written to the engine file so far
+    bytes_to_save: int | None = None  # what the engines alone take, where known before the file is written
 
     def check(self) -> None:
         """Raise BuildCancelled once the build has been asked to give up."""
@@ -48,11 +50,18 @@ class BuildProgress:
             raise BuildCancelled("the engine build was cancelled")
 
     def describe(self) -> str | None:
+        if self.bytes_saved:
+            of = f" of about {_size(self.bytes_to_save)}" if self.bytes_to_save else ""
+            return f"saving the engine to the cache: {_size(self.bytes_saved)}{of}"
         if not self.engines_started:
             return None
         expected = self.engines_expected
         of = f" of about {expected}" if expected and expected >= self.engines_started else ""
         return f"TensorRT engine {self.engines_started}{of}"
+
+
+def _size(count: int) -> str:
+    return f"{count / 1e9:.1f} GB" if count >= 1e9 else f"{count / 1e6:.0f} MB"
 
 
 ATTENTION_OPS = (
@@ -153,10 +162,14 @@ class TorchTensorRTBackend:
 
     def save(self, compiled: Callable, args: tuple, path: Path, progress: BuildProgress | None = None) -> None:
         """Streamed to the file one engine at a time (torch.save would build the whole pickle in memory first); a
-        cancel stops it between writes (the caller removes the partial file)."""
+        cancel stops it between writes (the caller removes the partial file). A freshly built engine's modules still
+        hold the bytes TensorRT's builder made: those are written, not the live engines serialized again."""
+        progress = progress or BuildProgress()
+        built = _builder_outputs(compiled)
+        progress.bytes_to_save = sum(len(info[torch.ops.tensorrt.ENGINE_IDX()]) for info in built.values()) or None
         drop_host_copies(compiled)
         with open(path, "wb") as file:
-            _RawEnginePickler(_CheckedWrites(file, progress or BuildProgress())).dump(compiled)
+            _RawEnginePickler(_CheckedWrites(file, progress), built).dump(compiled)
 
     def refit(self, engine: Callable, module: torch.nn.Module, args: tuple) -> Callable:
         """The engine with the module's current weights (same graph, other values), written into its TensorRT
@@ -191,19 +204,35 @@ TENSORRT_ENGINE_CLASS = "__torch__.torch.classes.tensorrt.Engine"
 
 class _RawEnginePickler(pickle.Pickler):
     """Pickles Torch-TensorRT's engines with their bytes as they are: their own pickling carries them in base64, a
-    third larger on disk, and decodes them again on every load."""
+    third larger on disk, and decodes them again on every load. `built` holds the serialization fields of engines
+    whose builder output is still at hand, by the engine's id; any other engine is serialized from the live one."""
 
-    def __init__(self, file) -> None:
+    def __init__(self, file, built: dict[int, list]) -> None:
         super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self._built = built
 
     def reducer_override(self, obj):
         if not isinstance(obj, torch.ScriptObject):
             return NotImplemented
-        info, class_name = obj.__getstate__()
-        if class_name != TENSORRT_ENGINE_CLASS:
-            return NotImplemented
-        index = torch.ops.tensorrt.ENGINE_IDX()
-        return tensorrt_engine_from_raw, ([*info[:index], base64.b64decode(info[index]), *info[index + 1 :]],)
+        info = self._built.get(id(obj))
+        if info is None:
+            state, class_name = obj.__getstate__()
+            if class_name != TENSORRT_ENGINE_CLASS:
+                return NotImplemented
+            index = torch.ops.tensorrt.ENGINE_IDX()
+            info = [*state[:index], base64.b64decode(state[index]), *state[index + 1 :]]
+        return tensorrt_engine_from_raw, (info,)
+
+
+def _builder_outputs(compiled: torch.nn.Module) -> dict[int, list]:
+    """The serialization fields, engine bytes raw, of each live engine whose module still holds what the builder made
+    (Torch-TensorRT's modules keep it until `drop_host_copies`), by the engine's id."""
+    return {
+        id(module.engine): module._pack_engine_info()
+        for module in compiled.modules()
+        if isinstance(getattr(module, "engine", None), torch.ScriptObject)
+        and getattr(module, "serialized_engine", None)
+    }
 
 
 def tensorrt_engine_from_raw(info: list) -> torch.ScriptObject:
@@ -219,7 +248,9 @@ class _CheckedWrites:
 
     def write(self, data) -> int:
         self._progress.check()
-        return self._file.write(data)
+        written = self._file.write(data)
+        self._progress.bytes_saved += written
+        return written
 
 
 @contextlib.contextmanager
