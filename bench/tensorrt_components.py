@@ -1,9 +1,13 @@
 """Per-component TensorRT figures on a CUDA GPU: compile time, load-from-cache time (a second process),
 speed against PyTorch (same inputs, warm-up, median), and which components fell back and why.
 
-    python bench/tensorrt_components.py [--tiny-only]      # prints JSON lines
+    python bench/tensorrt_components.py [--tiny-only]      # the mid-size stack, then every tiny component
+    python bench/tensorrt_components.py --full-size        # the full-size VAE (encoder, decoder), LLaMA and CLIP
+                                                           # as engines: a job builds them, a fresh process loads them
+Prints JSON lines.
 """
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -110,9 +114,66 @@ def tiny_components(cache_dir: Path) -> dict:
     }  # fmt: skip
 
 
+def full_size_job(cache_dir: Path) -> dict:
+    """One 544x704 job (one section, 2 steps) on the full-size random models with the VAE and both text encoders as
+    engines, the runtime as the app makes it (an engine serves only where it measured faster than PyTorch): what
+    each component ran on and what its engines took, and the device memory at the job's peak."""
+    from bench.tensorrt_transformer import PROMPTS, PeakSampler, run_job
+    from diffusers_helper.frontend.startup import load_engine, plan_for, quiet_libraries
+
+    quiet_libraries()
+    models = ModelSettings(preset="full-random", device="cuda", tensorrt=TensorRTOptions(vae=True, text_encoders=True))
+    runtime = TensorRTRuntime(EngineCache(cache_dir), only_if_faster=True)
+    engine = load_engine(models, plan_for(models), runtime, keep_video=False)
+    started = time.perf_counter()
+    with PeakSampler() as peak:
+        run_job(engine, GenerationSettings(prompt=PROMPTS[1], seconds=1.2, steps=2, step_cache="off"))
+    return {
+        "job_s": round(time.perf_counter() - started, 1), "device_gb_peak": round(peak.peak / 1024**3, 2),
+        "components": {
+            name: {"engine": status.engine, "reason": status.reason, "compiles": status.compiles, "loads": status.loads,
+                   "compile_s": [round(t, 1) for t in status.compile_seconds],
+                   "load_s": [round(t, 1) for t in status.load_seconds],
+                   "relative_errors": [round(e, 5) for e in status.relative_errors]}
+            for name, status in runtime.status.items()
+        },
+        **environment(runtime),
+    }  # fmt: skip
+
+
+def full_size_components(cache_dir: Path) -> dict:
+    """The full-size job twice, each in a fresh process: the first builds the engines, the second loads them; then
+    per engine what the cache recorded (build and save time, size, the runtime's timing against PyTorch)."""
+    runs = []
+    for _ in ("build", "load"):
+        result = subprocess.run([sys.executable, __file__, "--job", str(cache_dir)], cwd=REPO, capture_output=True,
+                                text=True, check=False)  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(f"the full-size job failed:\n{result.stderr[-3000:]}")
+        runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    engines = [
+        {key: record.get(key) for key in ("component", "inputs", "build_seconds", "save_seconds", "speedups")}
+        | {"file_gb": round(record["bytes"] / 1024**3, 2)}
+        for record in EngineCache(cache_dir).describe()
+    ]
+    return {"full_size": "VAE encoder and decoder, LLaMA, CLIP as engines, 544x704", "built": runs[0],
+            "fresh_process": runs[1], "engines": engines}  # fmt: skip
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny-only", action="store_true", help="only the tiny components")
+    parser.add_argument("--full-size", action="store_true", help="the full-size VAE and text encoders as engines")
+    parser.add_argument("--job", type=Path, help=argparse.SUPPRESS)  # one full-size job with this engine cache
+    args = parser.parse_args()
+    if args.job:
+        print(json.dumps(full_size_job(args.job)), flush=True)
+        return
     with tempfile.TemporaryDirectory() as directory:
-        if "--tiny-only" not in sys.argv:
+        if args.full_size:
+            print(json.dumps(full_size_components(Path(directory) / "full")), flush=True)
+            return
+        if not args.tiny_only:
             print(json.dumps(mid_size_stack(Path(directory) / "stack")), flush=True)
         print(json.dumps(tiny_components(Path(directory) / "tiny")), flush=True)
 

@@ -167,6 +167,7 @@ class ComponentStatus:
     compile_seconds: list[float] = field(default_factory=list)
     load_seconds: list[float] = field(default_factory=list)
     refit_seconds: list[float] = field(default_factory=list)
+    relative_errors: list[float] = field(default_factory=list)  # each engine checked, against PyTorch
     pytorch_weights_on_cpu: bool = False  # the engine holds the weights on the GPU; PyTorch's copy waits on the CPU
 
     def describe(self) -> str:
@@ -404,6 +405,7 @@ class TensorRTRuntime:
                 error = output_error(engine(*args), expected)
             if error <= TOLERANCES[component] and pytorch_seconds is not None:
                 speedup = self._measure(component, key, engine, args, pytorch_seconds, versus)
+        status.relative_errors.append(error)
         if error > TOLERANCES[component]:
             self.cache.reject(key, f"relative error {error:.3g} against PyTorch")
             self.fall_back(component, f"engine output differs from PyTorch (relative error {error:.3g})")

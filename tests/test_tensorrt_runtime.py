@@ -289,6 +289,7 @@ def test_a_wrong_engine_is_rejected_and_not_rebuilt_by_later_processes(tmp_path,
         actual, expected = call(runtime)
     assert torch.equal(actual, expected)  # the PyTorch result, not the wrong one
     assert "differs from PyTorch" in caplog.text
+    assert runtime.status[COMPONENT].relative_errors == [pytest.approx(0.5, abs=1e-3)]  # what the check measured
     later, later_backend = make_runtime(tmp_path, scale=1.5)
     call(later)
     assert later_backend.compiled == 0 and "rejected" in later.status[COMPONENT].reason
