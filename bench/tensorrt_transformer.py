@@ -384,8 +384,10 @@ def full(out: Path, lora: bool) -> list[dict]:
 
 def serve(lora: bool) -> dict:
     """A fresh process: load the full-size models with the transformer engine from the cache, time the block stack in
-    PyTorch (a copy taken before the engine holds the weights) and as the engine, on a short and a long prompt; then
-    the device memory in use with the engine serving and PyTorch's copy of the blocks on the CPU."""
+    PyTorch (a copy taken before the engine holds the weights) and as the engine, on a short and a long prompt in two
+    buckets that share one engine; then the device memory in use with the engine serving and PyTorch's copy of the
+    blocks on the CPU."""
+    from diffusers_helper.acceleration.kept_keys_attention import kept_keys
     from diffusers_helper.frontend.startup import load_engine, plan_for, quiet_libraries
     from diffusers_helper.settings import GenerationSettings, ModelSettings, TensorRTOptions
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime
@@ -401,25 +403,26 @@ def serve(lora: bool) -> dict:
     report = {"serve": "fresh process, full-random, engine from the cache", "load_models_s": round(time.perf_counter() - started, 1),
               "device_gb_models_loaded": round(device_used() / GIB, 2), "prompts": []}  # fmt: skip
     original_run = runtime.run
-    seen: dict[int, dict] = {}
+    seen: dict[tuple, dict] = {}
     eager: dict[str, torch.nn.Module] = {}
 
     def measured_run(component, module, args, in_pytorch=None):
-        text_tokens = int((args[5] == 0).sum()) if component == "transformer" else None  # latent + real text
-        if text_tokens is None or text_tokens in seen:
+        kept = kept_keys(args[5]) if component == "transformer" else None  # [(0, latents), (padded, + text)]
+        if kept is None or tuple(kept) in seen:
             return original_run(component, module, args, in_pytorch)
-        record = seen[text_tokens] = {"text_tokens": text_tokens - args[0].shape[1], "padded_to": args[1].shape[1],
-                                      "latent_tokens": args[0].shape[1]}  # fmt: skip
+        latents, text_tokens = kept[0][1], kept[1][1] - kept[1][0]
+        record = seen[tuple(kept)] = {"text_tokens": text_tokens, "text_padded_to": args[1].shape[1],
+                                      "latent_tokens": latents, "latents_padded_to": args[0].shape[1]}  # fmt: skip
         with torch.no_grad():
             # A GPU copy of the stack for the eager side, taken before the engine holds the weights: moving the
             # runtime's own copy would read as changed weights (a refit).
             stack = eager.setdefault("stack", hookless_copy(module))
-            # eager as it runs without TensorRT: the prompt's own text, no padding, no mask
-            unpadded = (args[0], args[1][:, : record["text_tokens"]], *args[2:5])
+            # eager as it runs without TensorRT: the latents and the prompt as they are, no padding, no mask
+            unpadded = (args[0][:, :latents], args[1][:, :text_tokens], args[2], args[3][:latents], args[4][:latents])
             reference = stack(*unpadded)[0]
             record["eager_stack_s"] = round(median_seconds(lambda: stack(*unpadded), runs=3, warmup=1), 3)
             output = original_run(component, module, args, in_pytorch)
-            record["relative_error"] = round(relative_error(output[0], reference), 5)
+            record["relative_error"] = round(relative_error(output[0][:, :latents], reference), 5)
             record["engine_stack_s"] = round(median_seconds(lambda: original_run(component, module, args, in_pytorch),
                                                             runs=3, warmup=1), 3)  # fmt: skip
             record["speedup"] = round(record["eager_stack_s"] / record["engine_stack_s"], 3)
@@ -427,10 +430,12 @@ def serve(lora: bool) -> dict:
         return output
 
     runtime.run = measured_run
-    for prompt in PROMPTS:
+    # Two prompts in two buckets whose latent token counts (17,226 and 17,406) pad to the same 17,408
+    for prompt, size in zip(PROMPTS, ((704, 544), (672, 576)), strict=True):
         with PeakSampler() as peak:  # the first job's peak includes a just-in-time build
-            step_times = run_job(engine, GenerationSettings(prompt=prompt, seconds=1.2, steps=3, step_cache="off"))
-        report["prompts"].append({"prompt_words": len(prompt.split()), "step_s": step_times,
+            settings = GenerationSettings(prompt=prompt, seconds=1.2, steps=3, step_cache="off")
+            step_times = run_job(engine, settings, size)
+        report["prompts"].append({"prompt_words": len(prompt.split()), "image": size, "step_s": step_times,
                                   "device_gb_peak": round(peak.peak / GIB, 2)})  # fmt: skip
     eager.clear()
     gc.collect()
@@ -450,16 +455,17 @@ def serve(lora: bool) -> dict:
     return report
 
 
-def run_job(engine, settings) -> list[float]:
-    """One 544x704 job; the seconds each step took (the first includes encoding). A failed job raises: the engine
-    reports failures as events, which a benchmark must not pass over."""
+def run_job(engine, settings, size: tuple[int, int] = (704, 544)) -> list[float]:
+    """One job on an image of this size (width, height; the default falls in the 544x704 bucket); the seconds each
+    step took (the first includes encoding). A failed job raises: the engine reports failures as events, which a
+    benchmark must not pass over."""
     from diffusers_helper.media.images import example_image
     from diffusers_helper.media.job_files import JobPaths
     from diffusers_helper.pipeline.events import Failed, StepProgress
 
     step_times, last = [], time.perf_counter()
     paths = JobPaths.for_video(Path(tempfile.mkdtemp()) / "x.mp4")
-    for event in engine.generate(example_image(704, 544), settings, paths):
+    for event in engine.generate(example_image(*size), settings, paths):
         if isinstance(event, Failed):
             raise RuntimeError(f"the job failed: {event.message}")
         if isinstance(event, StepProgress):

@@ -1,4 +1,5 @@
-"""Masked attention over padded text, sent to the kept keys: same results as the masked kernel, on the CPU."""
+"""Masked attention over padded latents and text, sent to the kept keys: same results as the masked kernel, on the
+CPU."""
 
 import pytest
 import torch
@@ -29,7 +30,24 @@ def padding(kept: int, total: int = 12) -> torch.Tensor:
 def test_trailing_padding_keeps_the_leading_keys_and_matches_the_masked_kernel(kept):
     query, key, value = qkv()
     mask = padding(kept)
-    assert kept_keys(mask) == kept
+    assert kept_keys(mask) == [(0, kept)]
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    torch.testing.assert_close(attention_on_kept_keys(query, key, value, mask), expected)
+
+
+@pytest.mark.parametrize(
+    "row, stretches",
+    [
+        ([0.0] * 5 + [float("-inf")] * 2 + [0.0] * 3 + [float("-inf")] * 2, [(0, 5), (7, 10)]),  # latents, text
+        ([0.0] * 5 + [float("-inf")] + [0.0] * 6, [(0, 5), (6, 12)]),  # no text padding
+        ([float("-inf")] * 3 + [0.0] * 9, [(3, 12)]),
+    ],
+    ids=["both-paddings", "latent-padding", "leading"],
+)
+def test_padding_between_kept_keys_keeps_both_stretches_and_matches_the_masked_kernel(row, stretches):
+    query, key, value = qkv()
+    mask = additive(row)
+    assert kept_keys(mask) == stretches
     expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
     torch.testing.assert_close(attention_on_kept_keys(query, key, value, mask), expected)
 
@@ -37,13 +55,12 @@ def test_trailing_padding_keeps_the_leading_keys_and_matches_the_masked_kernel(k
 @pytest.mark.parametrize(
     "mask",
     [
-        additive([0.0] * 5 + [float("-inf")] + [0.0] * 6),  # a hole: not trailing padding
         additive([0.0] * 6 + [-1.0] * 6),  # a finite bias hides nothing
         additive([float("-inf")] * 12),  # nothing kept
         torch.zeros(1, 1, 12, 12).masked_fill(torch.ones(12, 12).triu(1).bool(), float("-inf")),  # per query
         torch.ones(1, 1, 1, 12, dtype=torch.bool),
     ],
-    ids=["hole", "finite-bias", "all-hidden", "per-query", "boolean"],
+    ids=["finite-bias", "all-hidden", "per-query", "boolean"],
 )
 def test_any_other_mask_takes_the_masked_kernel(mask):
     query, key, value = qkv()
@@ -78,18 +95,23 @@ class _Exporting:
 
 
 def test_the_padded_stack_exports_with_every_attention_routed_and_matches_pytorch():
+    """Two latent token counts and two prompt lengths: the same padded inputs for the engine, the unpadded result."""
     transformer = tiny_transformer()
     runtime = _Exporting()
     stack = TensorRTTransformer(transformer, runtime)
-    cos, sin = transformer.rope(frame_indices=torch.arange(2), height=4, width=4, device="cpu")
-    hidden, text, temb = torch.randn(1, 8, 16), torch.randn(1, 5, 16), torch.randn(1, 16)
-    with torch.no_grad():
-        expected = stack.stack(hidden, text, temb, cos, sin)
-        output = stack(hidden, text, temb, None, (cos, sin))
+    for frames, text_tokens in ((2, 5), (3, 9)):
+        cos, sin = transformer.rope(frame_indices=torch.arange(frames), height=4, width=4, device="cpu")
+        hidden, text, temb = torch.randn(1, 4 * frames, 16), torch.randn(1, text_tokens, 16), torch.randn(1, 16)
+        with torch.no_grad():
+            expected = stack.stack(hidden, text, temb, cos, sin)
+            output = stack(hidden, text, temb, None, (cos, sin))
+        for got, want in zip(output, expected, strict=True):
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    first, second = ([node.meta["val"].shape for node in exported.graph.nodes if node.op == "placeholder"]
+                     for exported in runtime.exported)  # fmt: skip
+    assert first == second  # one engine would serve both
     targets = [node.target for node in runtime.exported[0].graph.nodes if node.op == "call_function"]
     assert targets.count(ROUTED) == 3 and SDPA not in targets  # one attention per block, none left masked
-    for got, want in zip(output, expected, strict=True):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 class _Attention(torch.nn.Module):

@@ -396,7 +396,9 @@ def test_tiny_generation_with_every_wrapper_matches_pytorch(tmp_path, tiny_root,
 # -- one engine for every prompt; one copy of the weights ----------------------------------------------------------
 
 
-def test_prompts_of_several_lengths_and_the_negative_prompt_share_one_transformer_engine(tmp_path, tiny_root, engines):
+def test_prompts_of_several_lengths_the_negative_prompt_and_two_buckets_share_one_transformer_engine(
+    tmp_path, tiny_root, engines
+):
     import numpy as np
 
     from diffusers_helper.media.images import example_image
@@ -418,16 +420,18 @@ def test_prompts_of_several_lengths_and_the_negative_prompt_share_one_transforme
         GenerationSettings(prompt="a small grey cat walks slowly across a sunny garden path", seconds=1.0,
                            resolution=128, steps=2, step_cache="off", cfg=3.0, negative_prompt="blurry, dark"),
     ]  # fmt: skip
+    images = [example_image(256, 256), example_image(384, 192)]  # the 128x128 and 96x176 buckets
     reference = engines["framepack"]
-    for index, settings in enumerate(jobs):
+    for index, (settings, image) in enumerate(zip(jobs, images, strict=True)):
         accelerated, plain = FrameSink(), FrameSink()
         paths = JobPaths.for_video(tmp_path / f"trt{index}.mp4")
-        list(FramePackEngine(models, write_video=accelerated).generate(example_image(256, 256), settings, paths))
+        list(FramePackEngine(models, write_video=accelerated).generate(image, settings, paths))
         reference.write_video, original = plain, reference.write_video
         try:
-            list(reference.generate(example_image(256, 256), settings, JobPaths.for_video(tmp_path / f"pt{index}.mp4")))
+            list(reference.generate(image, settings, JobPaths.for_video(tmp_path / f"pt{index}.mp4")))
         finally:
             reference.write_video = original
+        assert accelerated.last.shape == plain.last.shape
         assert np.abs(accelerated.last.astype(int) - plain.last.astype(int)).max() <= 1
     assert (runtime.status["transformer"].compiles, runtime.status["transformer"].engines) == (1, 1)
 

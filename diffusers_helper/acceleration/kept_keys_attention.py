@@ -1,11 +1,12 @@
-"""Attention whose key mask only hides trailing keys runs PyTorch's unmasked kernel on the keys it keeps.
+"""Attention whose key mask only hides padding runs PyTorch's unmasked kernel on the keys it keeps.
 
-An engine that serves every prompt takes its text padded to a fixed length, with an additive key mask (-inf on the
-padding). A mask makes PyTorch's attention leave its fastest kernels: one full-size block's attention at 18,976
-tokens took 11.43 ms masked against 7.17 ms unmasked on an H200 (docs/benchmarks.md), more than TensorRT gains on
-the GEMMs. Attention runs in PyTorch between the engines, so `route_masked_attention` rewrites each masked attention
-of an exported program into `attention_on_kept_keys`, which reads how many keys the mask keeps (one device sync)
-and attends to those only, unmasked. Any other mask takes the masked kernel: the result is the same either way.
+An engine that serves every prompt and every bucket of a resolution takes its latent tokens and its text padded to
+fixed lengths, with an additive key mask (-inf on both paddings). A mask makes PyTorch's attention leave its fastest
+kernels: one full-size block's attention at 18,976 tokens took 11.43 ms masked against 7.17 ms unmasked on an H200
+(docs/benchmarks.md), more than TensorRT gains on the GEMMs. Attention runs in PyTorch between the engines, so
+`route_masked_attention` rewrites each masked attention of an exported program into `attention_on_kept_keys`, which
+reads which keys the mask keeps (one device sync) and attends to those only, unmasked: a slice when they lead, the
+kept stretches joined otherwise. Any other mask takes the masked kernel: the result is the same either way.
 """
 
 import torch
@@ -21,11 +22,15 @@ def attention_on_kept_keys(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor
 ) -> torch.Tensor:
     """`scaled_dot_product_attention(query, key, value, attn_mask)`, unmasked over the kept keys when the mask is one
-    row of zeros followed by -inf for every query."""
+    row of zeros and -inf for every query."""
     kept = kept_keys(attn_mask)
     if kept is None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
-    return F.scaled_dot_product_attention(query, key[..., :kept, :], value[..., :kept, :])
+    if len(kept) == 1:
+        ((start, stop),) = kept
+        return F.scaled_dot_product_attention(query, key[..., start:stop, :], value[..., start:stop, :])
+    key, value = (torch.cat([t[..., start:stop, :] for start, stop in kept], dim=-2) for t in (key, value))
+    return F.scaled_dot_product_attention(query, key, value)
 
 
 @attention_on_kept_keys.register_fake
@@ -33,16 +38,17 @@ def _(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: to
     return query.new_empty((*query.shape[:-1], value.shape[-1]))
 
 
-def kept_keys(attn_mask: torch.Tensor) -> int | None:
-    """How many leading keys an additive mask keeps when it is zeros then -inf, the same for every query; else None."""
+def kept_keys(attn_mask: torch.Tensor) -> list[tuple[int, int]] | None:
+    """The stretches of keys (start, stop) an additive mask keeps when it is zeros and -inf only, the same for every
+    query; else None."""
     if attn_mask.dtype == torch.bool or attn_mask.numel() != attn_mask.shape[-1]:
         return None
-    row = attn_mask.reshape(-1)
+    row = attn_mask.reshape(-1).cpu()  # the one device sync
     kept = row == 0
-    count, leading, rest_hidden = torch.stack(
-        [kept.sum(), kept.long().cumprod(0).sum(), (kept | torch.isneginf(row)).all().long()]
-    ).tolist()
-    return count if count == leading and rest_hidden and count > 0 else None
+    if not kept.any() or not (kept | torch.isneginf(row)).all():
+        return None
+    edges = torch.diff(torch.nn.functional.pad(kept.to(torch.int8), (1, 1))).nonzero().flatten().tolist()
+    return list(zip(edges[::2], edges[1::2], strict=True))
 
 
 def route_masked_attention(exported: torch.export.ExportedProgram) -> int:

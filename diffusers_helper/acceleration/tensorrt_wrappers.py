@@ -26,6 +26,10 @@ TEXT_LENGTH_BUCKET = 64  # LLaMA token counts are padded up to a multiple of thi
 # of this, so one engine serves every prompt. (Torch-TensorRT 2.11 / TensorRT-RTX 1.4 cannot build the stack with
 # the text length as a dynamic dimension: docs/benchmarks.md.)
 STACK_TEXT_BUCKET = 1024
+# Its latent tokens are padded up to a multiple of this, so buckets of one resolution share engines: the 14 buckets
+# at 640 (17,226 to 17,970 tokens with the default window) need 2 engines instead of 14, at most 5.3% of the tokens
+# padding (each engine of the full-size stack is a 24 GB file and a build of over ten minutes).
+STACK_LATENT_BUCKET = 1024
 STACK_HOOK = "tensorrt_block_stack"
 SKIP_HOOK = "tensorrt_block_skip"
 
@@ -147,9 +151,10 @@ class _BlockStack(torch.nn.Module):
 
 
 class TensorRTTransformer(torch.nn.Module):
-    """Drop-in for the transformer's block stack, called like one block: one engine per latent token count (a
-    resolution bucket and latent window), whatever the prompt: the text is padded to a multiple of
-    STACK_TEXT_BUCKET tokens, and an additive key mask keeps the padding out of every token's attention.
+    """Drop-in for the transformer's block stack, called like one block: one engine per latent window and padded
+    latent token count, whatever the prompt: the latent tokens are padded to a multiple of STACK_LATENT_BUCKET, the
+    text to a multiple of STACK_TEXT_BUCKET, and an additive key mask keeps both paddings out of every token's
+    attention (every other operation of the blocks is token by token, so padding changes nothing else).
     `keep_on_device` are blocks' parts that other code runs in PyTorch, which stay on the GPU when the engine takes
     over the weights; `compiled` runs the blocks wherever the stack runs in PyTorch (else their eager forwards),
     and so is what the engine is timed against."""
@@ -173,20 +178,23 @@ class TensorRTTransformer(torch.nn.Module):
     def forward(self, hidden_states, encoder_hidden_states, temb, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:  # only batches > 1 carry a mask; FramePack runs batch 1, engines too
             return self.stack(hidden_states, encoder_hidden_states, temb, *image_rotary_emb, attention_mask)
-        length = encoder_hidden_states.shape[1]
-        padding = -length % STACK_TEXT_BUCKET
-        padded = torch.nn.functional.pad(encoder_hidden_states, (0, 0, 0, padding))
-        total = hidden_states.shape[1] + length + padding
+        tokens, length = hidden_states.shape[1], encoder_hidden_states.shape[1]
+        latent_padding, text_padding = -tokens % STACK_LATENT_BUCKET, -length % STACK_TEXT_BUCKET
+        # latents (1, tokens, width) and rope (tokens, dim): rows of zeros after the last token
+        padded = [torch.nn.functional.pad(t, (0, 0, 0, latent_padding)) for t in (hidden_states, *image_rotary_emb)]
+        text = torch.nn.functional.pad(encoder_hidden_states, (0, 0, 0, text_padding))
         # Additive, in the model's dtype: a boolean mask makes Torch-TensorRT 2.11 type a segment's output int32.
-        keys = torch.zeros(1, 1, 1, total, device=hidden_states.device, dtype=hidden_states.dtype)
-        keys[..., total - padding :] = float("-inf")
-        args = (hidden_states, padded, temb, *image_rotary_emb, keys)
+        keys = torch.zeros(1, 1, 1, tokens + latent_padding + length + text_padding, device=hidden_states.device,
+                           dtype=hidden_states.dtype)  # fmt: skip
+        keys[..., tokens : tokens + latent_padding] = float("-inf")
+        keys[..., tokens + latent_padding + length :] = float("-inf")
+        args = (padded[0], text, temb, *padded[1:], keys)
 
         def in_pytorch():  # the prompt as it is: no padding, so no mask and the fastest attention kernels
             return self._in_pytorch(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
 
         hidden_states, encoder_hidden_states = self.runtime.run(self.component, self.stack, args, in_pytorch)
-        return hidden_states, encoder_hidden_states[:, :length]
+        return hidden_states[:, :tokens], encoder_hidden_states[:, :length]
 
     def _in_pytorch(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb):
         if self.compiled is None:

@@ -242,19 +242,21 @@ def test_tiny_generation_with_every_flag_completes(tmp_path):
 
 
 def test_two_prompt_lengths_share_one_engine_and_the_gpu_holds_one_copy_of_the_weights(tmp_path, transformer):
-    """Full-width blocks: one build serves a 750- and a 300-token prompt, each matching PyTorch; once the engine has
-    passed its check, PyTorch's copy of the stack is on the CPU. (Device memory is printed, not asserted: an
-    engine's context allocates its activation memory up front, several times the weights of a few blocks.)"""
+    """Full-width blocks: one build serves a 750- and a 300-token prompt, and 4400 and 4200 latent tokens (both
+    padded to 5120), each matching PyTorch; once the engine has passed its check, PyTorch's copy of the stack is on
+    the CPU. (Device memory is printed, not asserted: an engine's context allocates its activation memory up front,
+    several times the weights of a few blocks.)"""
     runtime = TensorRTRuntime(EngineCache(tmp_path))
     stack = TensorRTTransformer(transformer, runtime)
     hidden, text, temb, cos, sin = stack_inputs(transformer)
-    short_text = text[:, :300].clone()
+    cases = [(hidden, text, cos, sin), (hidden, text[:, :300].clone(), cos, sin),
+             (hidden[:, :4200].clone(), text[:, :300].clone(), cos[:4200].clone(), sin[:4200].clone())]  # fmt: skip
     with torch.no_grad():
-        references = [stack.stack(hidden, t, temb, cos, sin)[0] for t in (text, short_text)]
+        references = [stack.stack(h, t, temb, c, s)[0] for h, t, c, s in cases]
         weight_bytes = sum(p.numel() * p.element_size() for p in stack.stack.parameters())
         torch.cuda.synchronize()
         used_before = torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]
-        outputs = [stack(hidden, t, temb, None, (cos, sin))[0] for t in (text, short_text)]
+        outputs = [stack(h, t, temb, None, (c, s))[0] for h, t, c, s in cases]
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         used_after = torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]
