@@ -4,10 +4,11 @@ Each has the call signature of what it replaces: `TensorRTLatentEncoder` / `Tens
 `encoder` / `decoder`, `TensorRTTextEncoder` the LLaMA text encoder, `TensorRTCLIPTextEncoder` the CLIP one, and
 `TensorRTTransformer` the transformer's stack of dual- and single-stream blocks (installed with diffusers hooks,
 so embedders, rope and history packing stay in PyTorch and cache hooks like TeaCache still wrap the stack). The
-stack's text is padded to a fixed length and masked out of attention (which runs in PyTorch's fused kernels, on the
-kept keys: `kept_keys_attention`), so every prompt, and real CFG's negative prompt, runs on one engine. Where
-the stack runs in PyTorch instead (the engine was no faster, or TensorRT fell back), the prompt goes in unpadded and
-each block can go through torch.compile's compiled forward (`CompiledBlocks`).
+stack's text and latent tokens are padded to fixed lengths and masked out of attention (which runs in PyTorch's
+fused kernels, on the kept keys: `kept_keys_attention`), so every prompt, real CFG's negative prompt and the buckets
+of a resolution run on few engines. Where the stack runs in PyTorch instead (the engine was no faster, or TensorRT
+fell back), latents and prompt go in unpadded and each block can go through torch.compile's compiled forward
+(`CompiledBlocks`).
 """
 
 import functools
