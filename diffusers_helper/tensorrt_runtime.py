@@ -25,6 +25,7 @@ import contextlib
 import functools
 import hashlib
 import inspect
+import json
 import logging
 import os
 import tempfile
@@ -385,6 +386,10 @@ class TensorRTRuntime:
             if speedup is not None and speedup < MIN_TENSORRT_SPEEDUP:
                 self._run_slower_in_pytorch(component, module, signature, speedup, versus)
                 return None
+            elsewhere = self._speedup_of_other_shapes(key, ingredients, versus) if self.only_if_faster else None
+            if elsewhere is not None and elsewhere < MIN_TENSORRT_SPEEDUP:
+                self._run_slower_in_pytorch(component, module, signature, elsewhere, versus, other_shape=True)
+                return None
             self._bring_back(component, module)
             expected = module(*args)  # before a build, which may move the weights to the CPU
             timing = self.only_if_faster and speedup is None
@@ -424,6 +429,18 @@ class TensorRTRuntime:
         measured = ((self.cache.metadata(key) or {}).get("speedups") or {}).get(versus)
         return None if measured is None else measured["speedup"]
 
+    def _speedup_of_other_shapes(self, key: str, ingredients: dict, versus: str) -> float | None:
+        """For a shape with no engine in the cache: the most recent speed-up measured for an engine of this component
+        built for another shape with the same code, settings, GPU and versions. A full-size build takes minutes,
+        which an engine known to lose to PyTorch on this GPU would not repay."""
+        if self.cache.metadata(key) is not None:
+            return None
+        same = ("component", "code", "settings", "gpu", "compute_capability", "versions")
+        wanted = json.loads(json.dumps({k: ingredients[k] for k in same}))  # as the cache's records hold them
+        measured = [record["speedups"][versus]["speedup"] for record in self.cache.describe()
+                    if versus in (record.get("speedups") or {}) and {k: record.get(k) for k in same} == wanted]  # fmt: skip
+        return measured[-1] if measured else None
+
     def _measure(
         self, component: str, key: str, engine: Callable, args: tuple, pytorch_seconds: float, versus: str
     ) -> float:
@@ -444,15 +461,24 @@ class TensorRTRuntime:
         return speedup
 
     def _run_slower_in_pytorch(
-        self, component: str, module: torch.nn.Module, signature: tuple, speedup: float, versus: str
+        self,
+        component: str,
+        module: torch.nn.Module,
+        signature: tuple,
+        speedup: float,
+        versus: str,
+        other_shape: bool = False,
     ) -> None:
-        """An engine no faster than PyTorch: this signature runs in PyTorch (weights back on the GPU, if a build or
-        an earlier engine sent them away), and the status says why."""
+        """An engine no faster than PyTorch (this one, or for `other_shape`, one built for another input shape): this
+        signature runs in PyTorch (weights back on the GPU, if a build or an earlier engine sent them away), and the
+        status says why."""
         self._slower.setdefault(module, set()).add(signature)
         status = self.status[component]
         status.engine = "pytorch"
-        status.reason = (f"its engine measured {speedup:.2f}x the speed of PyTorch ({versus}) on this GPU, under the "
-                         f"{MIN_TENSORRT_SPEEDUP:.2f}x it must reach; measured once, kept in the engine cache")  # fmt: skip
+        which = "an engine of it for another input shape" if other_shape else "its engine"
+        kept = "so none is built for this one" if other_shape else "measured once, kept in the engine cache"
+        status.reason = (f"{which} measured {speedup:.2f}x the speed of PyTorch ({versus}) on this GPU, under the "
+                         f"{MIN_TENSORRT_SPEEDUP:.2f}x it must reach; {kept}")  # fmt: skip
         logger.info("TensorRT %s: %s", component, status.reason)
 
     def _refit(self, component: str, engine: Callable, module: torch.nn.Module, args: tuple) -> Callable | None:

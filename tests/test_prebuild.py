@@ -20,8 +20,8 @@ from tests.tensorrt_double import FakeBackend
 BUCKETS = [(128, 128), (112, 144)]
 
 
-def run_prebuild(tiny_root, cache_dir, lines):
-    runtime = TensorRTRuntime(EngineCache(cache_dir), FakeBackend())
+def run_prebuild(tiny_root, cache_dir, lines, only_if_faster=False):
+    runtime = TensorRTRuntime(EngineCache(cache_dir), FakeBackend(), only_if_faster=only_if_faster)
     models = ModelSettings(preset="tiny", tensorrt=TensorRTOptions(transformer=True))
     plan = plan_memory("cpu")
 
@@ -43,6 +43,22 @@ def test_prebuild_builds_each_shape_once_and_a_second_run_only_loads(tmp_path, t
     again, _ = run_prebuild(tiny_root, tmp_path / "engines", [])
     assert [r["compiled"] for r in again] == [{}, {}]
     assert [r["loaded"] for r in again] == [{"transformer": 1}, {}]
+
+
+def test_where_the_engine_loses_to_pytorch_the_next_shapes_are_not_built_and_each_item_says_why(
+    tmp_path, tiny_root, monkeypatch
+):
+    import diffusers_helper.tensorrt_runtime as runtime_module
+
+    monkeypatch.setattr(tensorrt_wrappers, "STACK_LATENT_BUCKET", 1)  # one shape per bucket
+    timings = iter([0.5, 1.0])  # PyTorch, then the engine: 0.5x
+    monkeypatch.setattr(runtime_module, "median_seconds", lambda function, runs: (function(), next(timings))[1])
+    lines = []
+    records, _ = run_prebuild(tiny_root, tmp_path / "engines", lines, only_if_faster=True)
+    assert [r["compiled"] for r in records] == [{"transformer": 1}, {}]
+    done = [line for line in lines if line.startswith("[") and "s, " in line]
+    assert "built transformer; transformer in PyTorch (its engine measured 0.50x" in done[0]
+    assert "transformer in PyTorch (an engine of it for another input shape measured 0.50x" in done[1]
 
 
 def test_bucket_and_plan_errors_are_one_line():

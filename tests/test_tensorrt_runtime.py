@@ -790,6 +790,33 @@ def test_an_engine_serves_only_where_it_is_faster_than_pytorch_measured_once(tmp
     assert (always.status[COMPONENT].engine, always.status[COMPONENT].loads) == ("tensorrt", 1)
 
 
+@pytest.mark.parametrize("speedup, builds", [(0.99, 1), (1.5, 2)])
+def test_a_new_shape_is_not_built_where_the_components_engines_lose_on_this_gpu(tmp_path, monkeypatch, speedup, builds):
+    """A full-size build takes minutes: an engine of the component that measured slower than PyTorch for one shape
+    means no build for the next shape, in this process and in a later one; a faster one means the next is built."""
+    import diffusers_helper.tensorrt_runtime as runtime_module
+
+    monkeypatch.setattr(runtime_module, "median_seconds", _Timings(1.0, 1.0 / speedup, 1.0, 1.0 / speedup))
+    cache = EngineCache(tmp_path / "engines")
+    backend = FakeBackend()
+    runtime = TensorRTRuntime(cache, backend, only_if_faster=True)
+    runtime.register(COMPONENT)
+    module = seeded_mlp()
+    call(runtime, module)
+    actual, expected = call(runtime, module, shape=(3, 8))
+    assert torch.allclose(actual, expected) and backend.compiled == builds
+    if builds == 1:
+        assert runtime.status[COMPONENT].reason.startswith("an engine of it for another input shape measured 0.99x")
+        later = TensorRTRuntime(cache, FakeBackend(), only_if_faster=True)
+        later.register(COMPONENT)
+        call(later, seeded_mlp(), shape=(4, 8))
+        assert later.backend.compiled == 0 and later.status[COMPONENT].engine == "pytorch"
+        always = TensorRTRuntime(cache, FakeBackend())  # --tensorrt-always: every engine that matches is built
+        always.register(COMPONENT)
+        call(always, seeded_mlp(), shape=(4, 8))
+        assert always.backend.compiled == 1 and always.status[COMPONENT].engine == "tensorrt"
+
+
 def test_a_speed_that_cannot_be_kept_costs_a_warning_not_the_engine(tmp_path, monkeypatch, caplog):
     import diffusers_helper.tensorrt_runtime as runtime_module
 

@@ -93,7 +93,7 @@ def prebuild(
             built_seconds.append(seconds)
         record = {"item": item.describe(), "seconds": round(seconds, 1), "compiled": compiled, "loaded": loaded,
                   "components": {c: s.describe() for c, s in runtime.status.items()}}  # fmt: skip
-        say(f"[{index}/{len(items)}] {item.describe()}: {seconds:.0f}s, {_summary(compiled, loaded)}")
+        say(f"[{index}/{len(items)}] {item.describe()}: {seconds:.0f}s, {_summary(compiled, loaded, runtime.status)}")
         yield record
     say(f"done: {len(items)} item(s) in {time.perf_counter() - started:.0f}s")
 
@@ -108,6 +108,9 @@ def _estimate(built_seconds: list[float], left: int) -> str:
     return f" (at most about {sum(built_seconds) / len(built_seconds) * left / 60:.0f} min left)"
 
 
-def _summary(compiled: dict, loaded: dict) -> str:
+def _summary(compiled: dict, loaded: dict, status: dict) -> str:
+    """What the item built and found, and which components run in PyTorch and why (an engine that lost to PyTorch,
+    a fallback)."""
+    in_pytorch = [f"{c} in PyTorch ({s.reason})" for c, s in status.items() if s.engine == "pytorch"]
     parts = [f"built {', '.join(compiled)}" if compiled else "", f"found {', '.join(loaded)}" if loaded else ""]
-    return "; ".join(part for part in parts if part) or "every engine already in memory"
+    return "; ".join(part for part in [*parts, *in_pytorch] if part) or "every engine already in memory"
