@@ -453,12 +453,18 @@ class TensorRTRuntime:
         speedups = (self.cache.metadata(key) or {}).get("speedups") or {}
         speedups[versus] = {"speedup": round(speedup, 3), "engine_seconds": engine_seconds,
                             "pytorch_seconds": pytorch_seconds}  # fmt: skip
-        try:
-            self.cache.annotate(key, {"speedups": speedups})
-        except OSError as error:
-            logger.warning("TensorRT %s: could not keep the engine's speed in the cache (%s); the next process "
-                           "measures it again", component, error)  # fmt: skip
+        self._annotate(
+            component, key, {"speedups": speedups}, "the engine's speed", "the next process measures it again"
+        )
         return speedup
+
+    def _annotate(self, component: str, key: str, fields: dict, what: str, otherwise: str) -> None:
+        """Add a measurement to the engine's cache record; a cache that cannot take it costs a warning, not the
+        engine."""
+        try:
+            self.cache.annotate(key, fields)
+        except OSError as error:
+            logger.warning("TensorRT %s: could not keep %s in the cache (%s); %s", component, what, error, otherwise)
 
     def _run_slower_in_pytorch(
         self,
@@ -502,10 +508,11 @@ class TensorRTRuntime:
         path = self.cache.lookup(key)
         if path is None:
             return None
-        built_with = (self.cache.metadata(key) or {}).get("weights", weights)
+        metadata = self.cache.metadata(key) or {}
+        built_with = metadata.get("weights", weights)
         started = time.perf_counter()
         try:
-            with self._busy(component, "loading engine from the cache"):
+            with self._busy(component, "loading engine from the cache", metadata.get("load_seconds")):
                 engine = self.backend.load(path)
         except Exception as error:  # whatever the reason, an engine that will not load is rebuilt
             logger.debug("TensorRT %s engine %s will not load", component, path, exc_info=True)
@@ -516,6 +523,10 @@ class TensorRTRuntime:
         status.loads += 1
         status.load_seconds.append(elapsed)
         logger.info("TensorRT %s engine loaded from %s in %.1fs", component, path, elapsed)
+        # at full size a load takes minutes: the next one's status says how long to expect
+        self._annotate(
+            component, key, {"load_seconds": round(elapsed, 1)}, "the load time", "the next load has no estimate"
+        )
         engine.built_with = built_with
         return engine
 

@@ -740,6 +740,22 @@ def test_loads_and_refits_say_what_they_do_while_they_run(tmp_path, monkeypatch,
     assert runtime.status[COMPONENT].busy is None and "TensorRT (engine in use" in runtime.status[COMPONENT].describe()
 
 
+def test_a_load_says_how_long_the_last_load_of_that_engine_took(tmp_path):
+    runtime, _ = make_runtime(tmp_path)
+    call(runtime)  # builds
+    seen = []
+    for _ in range(2):  # two later processes load it
+        later, backend = make_runtime(tmp_path)
+        load = backend.load
+        backend.load = lambda path: seen.append(later.status[COMPONENT].describe()) or load(path)  # noqa: B023
+        call(later)
+    [record] = later.cache.describe()
+    assert "of about" not in seen[0] and re.fullmatch(
+        r"loading engine from the cache\.\.\. \d+s of about \d+s", seen[1]
+    )
+    assert record["load_seconds"] >= 0
+
+
 # -- an engine serves only where it is faster ------------------------------------------------------------------
 
 
