@@ -5,7 +5,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusers_helper.acceleration.kept_keys_attention import attention_on_kept_keys, kept_keys, route_masked_attention
+from diffusers_helper.acceleration import kept_keys_attention
+from diffusers_helper.acceleration.kept_keys_attention import (
+    attention_on_kept_keys,
+    kept_keys,
+    kept_keys_declared,
+    route_masked_attention,
+)
 from diffusers_helper.acceleration.tensorrt_backend import ATTENTION_OPS, _aten_op, export
 from diffusers_helper.tensorrt_runtime import TensorRTTransformer
 
@@ -69,6 +75,28 @@ def test_any_other_mask_takes_the_masked_kernel(mask):
     torch.testing.assert_close(attention_on_kept_keys(query, key, value, mask), expected, equal_nan=True)
 
 
+def _mask_read(monkeypatch) -> list:
+    reads = []
+    monkeypatch.setattr(kept_keys_attention, "kept_keys", lambda mask: reads.append(mask) or kept_keys(mask))
+    return reads
+
+
+def test_declared_kept_keys_spare_reading_the_mask_and_only_for_a_mask_of_that_length(monkeypatch):
+    query, key, value = qkv()
+    mask = additive([float("-inf")] * 3 + [0.0] * 7 + [float("-inf")] * 2)
+    reads = _mask_read(monkeypatch)
+    expected = F.scaled_dot_product_attention(query, key, value, attn_mask=mask)
+    with kept_keys_declared(12, [(3, 10)]):
+        torch.testing.assert_close(attention_on_kept_keys(query, key, value, mask), expected)
+        assert reads == []
+        other = padding(5, total=9)
+        short_query, short_key, short_value = qkv(keys=9)
+        attention_on_kept_keys(short_query, short_key, short_value, other)
+        assert len(reads) == 1  # another mask's kept keys are read off it
+    attention_on_kept_keys(query, key, value, mask)
+    assert len(reads) == 2  # the declaration ends with its caller
+
+
 def tiny_transformer() -> torch.nn.Module:
     from diffusers import HunyuanVideoFramepackTransformer3DModel
 
@@ -94,8 +122,10 @@ class _Exporting:
         return self.exported[-1].module()(*args)
 
 
-def test_the_padded_stack_exports_with_every_attention_routed_and_matches_pytorch():
-    """Two latent token counts and two prompt lengths: the same padded inputs for the engine, the unpadded result."""
+def test_the_padded_stack_exports_with_every_attention_routed_and_matches_pytorch(monkeypatch):
+    """Two latent token counts and two prompt lengths: the same padded inputs for the engine, the unpadded result;
+    the stack declares its kept keys, so no attention reads them off the mask."""
+    reads = _mask_read(monkeypatch)
     transformer = tiny_transformer()
     runtime = _Exporting()
     stack = TensorRTTransformer(transformer, runtime)
@@ -112,6 +142,7 @@ def test_the_padded_stack_exports_with_every_attention_routed_and_matches_pytorc
     assert first == second  # one engine would serve both
     targets = [node.target for node in runtime.exported[0].graph.nodes if node.op == "call_function"]
     assert targets.count(ROUTED) == 3 and SDPA not in targets  # one attention per block, none left masked
+    assert reads == []
 
 
 class _Attention(torch.nn.Module):

@@ -5,9 +5,15 @@ fixed lengths, with an additive key mask (-inf on both paddings). A mask makes P
 kernels: one full-size block's attention at 18,976 tokens took 11.43 ms masked against 7.17 ms unmasked on an H200
 (docs/benchmarks.md), more than TensorRT gains on the GEMMs. Attention runs in PyTorch between the engines, so
 `route_masked_attention` rewrites each masked attention of an exported program into `attention_on_kept_keys`, which
-reads which keys the mask keeps (one device sync) and attends to those only, unmasked: a slice when they lead, the
-kept stretches joined otherwise. Any other mask takes the masked kernel: the result is the same either way.
+attends to the keys the mask keeps only, unmasked: a slice when they are one stretch, the stretches joined otherwise.
+Which keys are kept is read off the mask (a device sync, at every attention) unless the code that built the mask
+declared them (`kept_keys_declared`), as the transformer's stack does for its 60 attention calls. Any other mask
+takes the masked kernel: the result is the same either way.
 """
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -15,6 +21,22 @@ import torch.nn.functional as F
 OP_NAME = "framepack::attention_on_kept_keys"
 _SDPA = torch.ops.aten.scaled_dot_product_attention.default
 _SDPA_DEFAULTS = {"dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+# (keys in the mask, the stretches it keeps), for as long as the code that built that mask runs
+_DECLARED: contextvars.ContextVar[tuple[int, list[tuple[int, int]]] | None] = contextvars.ContextVar(
+    "kept_keys_declared", default=None
+)
+
+
+@contextlib.contextmanager
+def kept_keys_declared(keys: int, stretches: list[tuple[int, int]]) -> Iterator[None]:
+    """While the caller that built a padding mask of `keys` keys runs, attention under a mask of that many keys takes
+    its kept stretches from here: the host already knows them, and reading them off the mask stops the GPU's queue at
+    every attention call."""
+    token = _DECLARED.set((keys, stretches))
+    try:
+        yield
+    finally:
+        _DECLARED.reset(token)
 
 
 @torch.library.custom_op(OP_NAME, mutates_args=())
@@ -23,7 +45,11 @@ def attention_on_kept_keys(
 ) -> torch.Tensor:
     """`scaled_dot_product_attention(query, key, value, attn_mask)`, unmasked over the kept keys when the mask is one
     row of zeros and -inf for every query."""
-    kept = kept_keys(attn_mask)
+    declared = _DECLARED.get()
+    if declared is not None and declared[0] == attn_mask.shape[-1] == attn_mask.numel():
+        kept = declared[1]
+    else:
+        kept = kept_keys(attn_mask)
     if kept is None:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask)
     if len(kept) == 1:

@@ -18,6 +18,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 
+from .kept_keys_attention import kept_keys_declared
+
 if TYPE_CHECKING:
     from ..tensorrt_runtime import TensorRTRuntime
     from .compiled_blocks import CompiledBlocks
@@ -181,21 +183,24 @@ class TensorRTTransformer(torch.nn.Module):
             return self.stack(hidden_states, encoder_hidden_states, temb, *image_rotary_emb, attention_mask)
         tokens, length = hidden_states.shape[1], encoder_hidden_states.shape[1]
         latent_padding, text_padding = -tokens % STACK_LATENT_BUCKET, -length % STACK_TEXT_BUCKET
-        # latents (1, tokens, width) and rope (tokens, dim): rows of zeros after the last token
-        padded = [torch.nn.functional.pad(t, (0, 0, 0, latent_padding)) for t in (hidden_states, *image_rotary_emb)]
+        # Latents (1, tokens, width) and rope (tokens, dim) get rows of zeros before the first token, the text after
+        # its last: the kept keys (latents, then text) are one stretch, which attention reads as a slice.
+        padded = [torch.nn.functional.pad(t, (0, 0, latent_padding, 0)) for t in (hidden_states, *image_rotary_emb)]
         text = torch.nn.functional.pad(encoder_hidden_states, (0, 0, 0, text_padding))
+        kept = (latent_padding, latent_padding + tokens + length)
+        keys = kept[1] + text_padding
         # Additive, in the model's dtype: a boolean mask makes Torch-TensorRT 2.11 type a segment's output int32.
-        keys = torch.zeros(1, 1, 1, tokens + latent_padding + length + text_padding, device=hidden_states.device,
-                           dtype=hidden_states.dtype)  # fmt: skip
-        keys[..., tokens : tokens + latent_padding] = float("-inf")
-        keys[..., tokens + latent_padding + length :] = float("-inf")
-        args = (padded[0], text, temb, *padded[1:], keys)
+        mask = torch.full((1, 1, 1, keys), float("-inf"), device=hidden_states.device, dtype=hidden_states.dtype)
+        mask[..., kept[0] : kept[1]] = 0
+        args = (padded[0], text, temb, *padded[1:], mask)
 
         def in_pytorch():  # the prompt as it is: no padding, so no mask and the fastest attention kernels
             return self._in_pytorch(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
 
-        hidden_states, encoder_hidden_states = self.runtime.run(self.component, self.stack, args, in_pytorch)
-        return hidden_states[:, :tokens], encoder_hidden_states[:, :length]
+        with kept_keys_declared(keys, [kept]):
+            hidden_states, encoder_hidden_states = self.runtime.run(self.component, self.stack, args, in_pytorch)
+        # padded from an engine, as they are from PyTorch: the latents are the last rows either way
+        return hidden_states[:, -tokens:], encoder_hidden_states[:, :length]
 
     def _in_pytorch(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb):
         if self.compiled is None:

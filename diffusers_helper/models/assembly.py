@@ -208,7 +208,8 @@ def accelerate(
 def _transformer_engine_obstacle(transformer: torch.nn.Module, offloading: bool) -> str | None:
     """Why the transformer cannot run as a TensorRT engine in this setup, if it cannot."""
     if offloading:
-        return "CPU offload / low-VRAM offloading streams weights in and out; an engine holds all of them"
+        # TensorRT's weight streaming measured slower than the blocks' streaming in PyTorch (docs/tensorrt.md)
+        return "CPU offload / low-VRAM offloading streams the blocks in PyTorch; an engine holds all of its weights"
     if getattr(transformer, "hf_quantizer", None) is not None or getattr(
         transformer.config, "quantization_config", None
     ):
