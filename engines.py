@@ -49,10 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="what to build: transformer, text_encoders (LLaMA and CLIP), vae (default: %(default)s)")  # fmt: skip
     add_model_source_arguments(build.add_argument_group("models"))
     build.add_argument("--verbose", action="store_true", help="log every step and tracebacks")
-    commands.add_parser("list", help="what the cache holds: component, input shapes, size, last use")
+    commands.add_parser("list", help="what the cache holds: component, input shapes, size, last use; rejections")
     prune = commands.add_parser("prune", help="remove engines (an engine another process is using stays)")
     which = prune.add_mutually_exclusive_group(required=True)
-    which.add_argument("--all", action="store_true", help="every engine")
+    which.add_argument("--all", action="store_true", help="every engine, and the records of rejected engines")
     which.add_argument("--unused-days", type=float, metavar="DAYS", help="engines not used for this many days")
     which.add_argument("--max-gb", type=float, metavar="GB", help="least recently used first, until the cache fits")
     prune.add_argument("--component", help="only this component's engines (e.g. transformer)")
@@ -69,6 +69,7 @@ def _cache():
 def list_engines() -> int:
     cache = _cache()
     records = cache.describe()
+    _list_rejections(cache)
     if not records:
         print(f"{cache.directory}: no engines")
         return EXIT_OK
@@ -81,6 +82,13 @@ def list_engines() -> int:
         print(f"{record['key']}  {record.get('component', '?'):<15} {record['bytes'] / 1024**3:7.2f} GB  "
               f"used {used}  on {record.get('gpu', '?')}  {speed or 'speed not measured'}  inputs {shapes}")  # fmt: skip
     return EXIT_OK
+
+
+def _list_rejections(cache) -> None:
+    """Engines that gave wrong results or failed to build: not built again until pruned with --all."""
+    for record in cache.rejections():
+        print(f"{record['key']}  {record.get('component', '?'):<15} rejected on {record.get('gpu', '?')}: "
+              f"{record['rejected']} (`prune --all` lets it be built again)")  # fmt: skip
 
 
 def prune_engines(args: argparse.Namespace) -> int:
@@ -107,6 +115,10 @@ def prune_engines(args: argparse.Namespace) -> int:
     freed = sum(r["bytes"] for r in chosen if r["key"] in removed)
     busy = len(chosen) - len(removed)
     print(f"removed {len(removed)} engine(s), {freed / 1024**3:.2f} GB" + (f"; {busy} in use stayed" if busy else ""))
+    if args.all:
+        rejected = [r["key"] for r in cache.rejections() if args.component in (None, r.get("component"))]
+        if rejected:
+            print(f"removed {len(cache.prune(rejected))} rejection record(s): those engines will be built again")
     return EXIT_OK
 
 

@@ -77,6 +77,8 @@ logger = logging.getLogger(__name__)
 CACHE_DIR_VARIABLE = "FRAMEPACK_TENSORRT_CACHE_DIR"
 CACHE_LIMIT_VARIABLE = "FRAMEPACK_TENSORRT_CACHE_GB"
 TIMED_RUNS = 3  # calls timed, each way, when an engine is measured against PyTorch
+# How Torch-TensorRT reports an engine TensorRT built but cannot run here (no kernels for this GPU, for one).
+NO_EXECUTION_CONTEXT = "exec_ctx.get() != nullptr"
 
 
 def default_cache_dir() -> Path:
@@ -412,7 +414,7 @@ class TensorRTRuntime:
                 speedup = self._measure(component, key, engine, args, pytorch_seconds, versus)
         status.relative_errors.append(error)
         if error > TOLERANCES[component]:
-            self.cache.reject(key, f"relative error {error:.3g} against PyTorch")
+            self.cache.reject(key, f"relative error {error:.3g} against PyTorch", ingredients)
             self.fall_back(component, f"engine output differs from PyTorch (relative error {error:.3g})")
             return None
         if speedup is not None and speedup < MIN_TENSORRT_SPEEDUP:
@@ -542,7 +544,13 @@ class TensorRTRuntime:
         progress = status.build = BuildProgress(self._cancelled)
         last_build = self._last_build_seconds(component, ingredients["gpu"])
         with self._busy(component, "compiling engine (first run of this shape)", last_build):
-            compiled = self.backend.compile(module, args, settings, progress)
+            try:
+                compiled = self.backend.compile(module, args, settings, progress)
+            except BuildCancelled:
+                raise
+            except Exception as error:
+                self._remember_failed_build(key, ingredients, error)
+                raise
             compiled_at = time.perf_counter()
             with tempfile.TemporaryDirectory(
                 dir=self.cache.directory, prefix=self.cache.staging_prefix(key)
@@ -561,6 +569,13 @@ class TensorRTRuntime:
         logger.info("TensorRT %s engine compiled and saved in %.1fs (saving %.1fs)", component, elapsed,
                     timing["save_seconds"])  # fmt: skip
         return compiled
+
+    def _remember_failed_build(self, key: str, ingredients: dict, error: Exception) -> None:
+        """A build that failed for a reason other than memory fails again with the same code, shapes, settings, GPU
+        and versions (all in the key): later processes skip it instead of paying for it again (at full size, minutes).
+        A build that ran out of memory may fit another time."""
+        if not _out_of_memory(error):
+            self.cache.reject(key, f"its build failed: {_describe(error)}", ingredients)
 
     @contextlib.contextmanager
     def _busy(self, component: str, activity: str, expected_seconds: float | None = None) -> Iterator[None]:
@@ -623,9 +638,18 @@ def _move(module: torch.nn.Module, device: torch.device) -> None:
     module.to(device)
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
 def _describe(error: BaseException) -> str:
-    if isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower():
+    if _out_of_memory(error):
         return f"out of GPU memory while building or running the engine ({type(error).__name__})"
+    if NO_EXECUTION_CONTEXT in str(error):  # Torch-TensorRT's check; TensorRT logged its own error just before
+        return (
+            "TensorRT built the engine but could not create its execution context on this GPU"
+            " (TensorRT's own error is in the log above)"
+        )
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
 

@@ -106,6 +106,21 @@ def test_prune_by_age_size_component_and_all(filled_cache, capsys):
     assert filled_cache.describe() == [] and "removed 1 engine(s)" in capsys.readouterr().out
 
 
+def test_list_shows_rejected_engines_and_prune_all_lets_them_be_built_again(filled_cache, capsys):
+    ingredients = {"component": "vae_decoder", "gpu": "NVIDIA H200"}
+    filled_cache.reject("failed", "its build failed: RuntimeError: no kernels", ingredients)
+    filled_cache.reject("wrong", "relative error 0.5 against PyTorch", {"component": "transformer"})
+    assert engines.main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "failed  vae_decoder     rejected on NVIDIA H200: its build failed: RuntimeError: no kernels" in out
+    assert "2 engine(s)" in out  # rejections are not engines
+    assert engines.main(["prune", "--unused-days", "0"]) == 0
+    assert len(filled_cache.rejections()) == 2  # only --all removes them
+    assert engines.main(["prune", "--all", "--component", "vae_decoder"]) == 0
+    assert [r["key"] for r in filled_cache.rejections()] == ["wrong"] and filled_cache.rejection("failed") is None
+    assert "removed 1 rejection record(s)" in capsys.readouterr().out
+
+
 def test_an_engine_in_use_by_another_process_is_not_pruned(filled_cache):
     key = filled_cache.describe()[0]["key"]
     with filled_cache.lock(key):

@@ -295,6 +295,27 @@ def test_a_wrong_engine_is_rejected_and_not_rebuilt_by_later_processes(tmp_path,
     assert later_backend.compiled == 0 and "rejected" in later.status[COMPONENT].reason
 
 
+@pytest.mark.parametrize(("fail", "later_builds"), [("export", 0), ("oom", 1)])
+def test_a_failed_build_is_not_tried_again_by_later_processes_unless_it_ran_out_of_memory(tmp_path, fail, later_builds):
+    call(make_runtime(tmp_path, fail=fail)[0])
+    later, later_backend = make_runtime(tmp_path)
+    actual, expected = call(later)
+    assert torch.equal(actual, expected)
+    assert later_backend.compiled == later_builds
+    if not later_builds:
+        assert "its build failed: RuntimeError: torch.export" in later.status[COMPONENT].reason
+
+
+def test_an_engine_tensorrt_cannot_run_here_is_named_so(tmp_path, monkeypatch):
+    runtime, backend = make_runtime(tmp_path)
+    error = RuntimeError(
+        "[Error thrown at core/runtime/TRTEngine.cpp:143] Expected (exec_ctx.get() != nullptr) to be true"
+    )
+    monkeypatch.setattr(backend, "compile", lambda *args: (_ for _ in ()).throw(error))
+    call(runtime)
+    assert "could not create its execution context on this GPU" in runtime.status[COMPONENT].reason
+
+
 # -- options and incompatibilities ---------------------------------------------------------------------------------
 
 

@@ -193,15 +193,25 @@ class EngineCache:
             record = {**metadata, **fields}
             write_bytes(self._metadata(key), json.dumps(record, indent=2, sort_keys=True, default=str).encode())
 
-    def reject(self, key: str, reason: str) -> None:
-        """Remember that this engine gives wrong results, so no process loads or rebuilds it (the record first, so
-        nobody finds the engine in between)."""
-        metadata = self.metadata(key) or {}
-        write_bytes(self._metadata(key), json.dumps({**metadata, "bytes": 0, "rejected": reason}, indent=2).encode())
+    def reject(self, key: str, reason: str, ingredients: dict | None = None) -> None:
+        """Remember that this engine gives wrong results or cannot be built, so no process loads or builds it again
+        until `engines.py prune --all` removes the record (the record first, so nobody finds the engine in between).
+        `ingredients`: what the key was made of, for an engine that never had a record."""
+        record = {**(ingredients or {}), **(self.metadata(key) or {}), "bytes": 0, "rejected": reason}
+        write_bytes(self._metadata(key), json.dumps(record, indent=2, sort_keys=True, default=str).encode())
         self._engine(key).unlink(missing_ok=True)
 
     def rejection(self, key: str) -> str | None:
         return (self.metadata(key) or {}).get("rejected")
+
+    def rejections(self) -> list[dict]:
+        """Every rejection record, with its `key`."""
+        found = []
+        for path in sorted(self.directory.glob("*.json")):
+            record = self.metadata(path.stem)
+            if record is not None and record.get("rejected"):
+                found.append({**record, "key": path.stem})
+        return found
 
     def remove(self, key: str, reason: str, level: int = logging.WARNING) -> None:
         """Remove an entry, metadata first: an interrupted removal leaves an orphan engine, which `prepare` clears."""
