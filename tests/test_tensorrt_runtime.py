@@ -308,10 +308,11 @@ def test_a_failed_build_is_not_tried_again_by_later_processes_unless_it_ran_out_
 
 def test_an_engine_tensorrt_cannot_run_here_is_named_so(tmp_path, monkeypatch):
     runtime, backend = make_runtime(tmp_path)
-    error = RuntimeError(
-        "[Error thrown at core/runtime/TRTEngine.cpp:143] Expected (exec_ctx.get() != nullptr) to be true"
-    )
-    monkeypatch.setattr(backend, "compile", lambda *args: (_ for _ in ()).throw(error))
+
+    def no_kernels_for_this_gpu(*args):
+        raise RuntimeError("[Error thrown at core/runtime/TRTEngine.cpp:143] Expected (exec_ctx.get() != nullptr)")
+
+    monkeypatch.setattr(backend, "compile", no_kernels_for_this_gpu)
     call(runtime)
     assert "could not create its execution context on this GPU" in runtime.status[COMPONENT].reason
 
