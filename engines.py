@@ -69,26 +69,25 @@ def _cache():
 def list_engines() -> int:
     cache = _cache()
     records = cache.describe()
-    _list_rejections(cache)
     if not records:
         print(f"{cache.directory}: no engines")
-        return EXIT_OK
-    print(f"{cache.directory}: {len(records)} engine(s), {sum(r['bytes'] for r in records) / 1024**3:.2f} GB")
-    for record in reversed(records):  # most recently used first
-        used = datetime.datetime.fromtimestamp(record["last_used"]).strftime("%Y-%m-%d %H:%M")
-        shapes = " ".join("x".join(str(side) for side in shape) for shape, _ in record.get("inputs", []))
-        speedups = record.get("speedups") or {}
-        speed = ", ".join(f"{m['speedup']:.2f}x PyTorch ({versus})" for versus, m in speedups.items())
-        print(f"{record['key']}  {record.get('component', '?'):<15} {record['bytes'] / 1024**3:7.2f} GB  "
-              f"used {used}  on {record.get('gpu', '?')}  {speed or 'speed not measured'}  inputs {shapes}")  # fmt: skip
+    else:
+        print(f"{cache.directory}: {len(records)} engine(s), {sum(r['bytes'] for r in records) / 1024**3:.2f} GB")
+        for record in reversed(records):  # most recently used first
+            print(_engine_line(record))
+    for record in cache.rejections():  # engines that gave wrong results or failed to build
+        print(f"{record['key']}  {record.get('component', '?'):<15} rejected on {record.get('gpu', '?')}: "
+              f"{record['rejected']} (`prune --all` lets it be built again)")  # fmt: skip
     return EXIT_OK
 
 
-def _list_rejections(cache) -> None:
-    """Engines that gave wrong results or failed to build: not built again until pruned with --all."""
-    for record in cache.rejections():
-        print(f"{record['key']}  {record.get('component', '?'):<15} rejected on {record.get('gpu', '?')}: "
-              f"{record['rejected']} (`prune --all` lets it be built again)")  # fmt: skip
+def _engine_line(record: dict) -> str:
+    used = datetime.datetime.fromtimestamp(record["last_used"]).strftime("%Y-%m-%d %H:%M")
+    shapes = " ".join("x".join(str(side) for side in shape) for shape, _ in record.get("inputs", []))
+    speedups = record.get("speedups") or {}
+    speed = ", ".join(f"{m['speedup']:.2f}x PyTorch ({versus})" for versus, m in speedups.items())
+    return (f"{record['key']}  {record.get('component', '?'):<15} {record['bytes'] / 1024**3:7.2f} GB  "
+            f"used {used}  on {record.get('gpu', '?')}  {speed or 'speed not measured'}  inputs {shapes}")  # fmt: skip
 
 
 def prune_engines(args: argparse.Namespace) -> int:
