@@ -381,7 +381,9 @@ class TensorRTRuntime:
         with self._lock, self.cache.lock(key):
             rejected = self.cache.rejection(key)
             if rejected:
-                self.fall_back(component, f"this engine was rejected before ({rejected})")
+                self.fall_back(
+                    component, f"this engine was rejected before ({rejected}; `engines.py prune --all` forgets that)"
+                )
                 return None
             versus = self._pytorch.get(component, "eager")
             speedup = self._remembered_speedup(key, versus) if self.only_if_faster else None

@@ -304,6 +304,7 @@ def test_a_failed_build_is_not_tried_again_by_later_processes_unless_it_ran_out_
     assert later_backend.compiled == later_builds
     if not later_builds:
         assert "its build failed: RuntimeError: torch.export" in later.status[COMPONENT].reason
+        assert "`engines.py prune --all` forgets that" in later.status[COMPONENT].reason
 
 
 def test_an_engine_tensorrt_cannot_run_here_is_named_so(tmp_path, monkeypatch):
