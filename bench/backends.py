@@ -80,8 +80,8 @@ def run_config(
     plan = plan_for(models)
     engine = load_engine(models, plan, runtime, keep_video=False)
     resolution = default_resolution(preset)
-    image = _bucket_image(resolution)
-    settings = _settings(seconds, steps, resolution)
+    image = bucket_image(resolution)
+    settings = job_settings(seconds, steps, resolution)
     frames = []
     engine.write_video = lambda video, *_: frames.append(video)  # the frames so far, after every section
     row = {"config": config, **_components(engine, image, runs)}
@@ -132,7 +132,7 @@ def _new_prompt_length(engine, image, settings) -> dict:
     from diffusers_helper.media.job_files import JobPaths
     from diffusers_helper.pipeline.events import StepProgress
 
-    longer = _settings(settings.latent_window * 4 / 30, 3, settings.resolution)
+    longer = job_settings(settings.latent_window * 4 / 30, 3, settings.resolution)
     longer = dataclasses.replace(longer, prompt=" ".join([PROMPT] * 3))
     steps, last = [], time.perf_counter()
     for event in engine.generate(image, longer, JobPaths.for_video(Path(tempfile.mkdtemp()) / "b.mp4"), overwrite=True):
@@ -153,14 +153,14 @@ def _dynamo_report() -> dict:
     return {"graphs": counters["stats"]["unique_graphs"], "recompile_reasons": reasons}
 
 
-def _settings(seconds: float, steps: int, resolution: int, **changes):
+def job_settings(seconds: float, steps: int, resolution: int, **changes):
     from diffusers_helper.settings import GenerationSettings
 
     chosen = {"step_cache": "off", **changes}
     return GenerationSettings(prompt=PROMPT, seconds=seconds, steps=steps, resolution=resolution, **chosen)
 
 
-def _bucket_image(resolution: int):
+def bucket_image(resolution: int):
     from diffusers_helper.media.buckets import find_nearest_bucket
     from diffusers_helper.media.images import example_image
 
@@ -226,6 +226,21 @@ def _job(engine, image, settings) -> dict:
     }
 
 
+def capture_transformer_inputs(engine, image, settings) -> tuple[tuple, dict]:
+    """The transformer's arguments in a one-step job of one section at `settings`' resolution: a job's real inputs."""
+    captured = []
+
+    def capture(module, args, kwargs) -> None:
+        captured.append((args, kwargs))
+
+    handle = engine.components.transformer.register_forward_pre_hook(capture, with_kwargs=True)
+    try:
+        _job(engine, image, job_settings(settings.latent_window * 4 / 30, 1, settings.resolution))
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 def _transformer_call(engine, image, settings, runs: int) -> tuple:
     """One transformer call with a job's real inputs (captured from a one-step job), timed, and its FLOPs counted by
     PyTorch's FlopCounterMode: achieved TFLOP/s against the chip's bf16 matrix rate measured here too. Returns the
@@ -236,17 +251,7 @@ def _transformer_call(engine, image, settings, runs: int) -> tuple:
     from diffusers_helper.acceleration.measure import median_seconds
 
     transformer = engine.components.transformer
-    captured = []
-
-    def capture(module, args, kwargs) -> None:
-        captured.append((args, kwargs))
-
-    handle = transformer.register_forward_pre_hook(capture, with_kwargs=True)
-    try:
-        _job(engine, image, _settings(settings.latent_window * 4 / 30, 1, settings.resolution))
-    finally:
-        handle.remove()
-    args, kwargs = captured[0]
+    args, kwargs = capture_transformer_inputs(engine, image, settings)
     with torch.no_grad():
         output = transformer(*args, **kwargs)
         seconds = median_seconds(lambda: transformer(*args, **kwargs), runs)
@@ -277,7 +282,7 @@ def _attention_kernels(engine, image, settings) -> list[dict]:
     cuDNN cannot take its mask)."""
     from diffusers.models.attention_dispatch import attention_backend
 
-    one_section = _settings(settings.latent_window * 4 / 30, settings.steps, settings.resolution)
+    one_section = job_settings(settings.latent_window * 4 / 30, settings.steps, settings.resolution)
     rows = []
     for name in ATTENTION_KERNELS:
         row = {"config": f"eager, {name} attention"}
@@ -294,7 +299,7 @@ def _step_caches(engine, image, settings) -> list[dict]:
     rows = []
     for cache, threshold in STEP_CACHES:
         changes = {"step_cache": cache, f"{cache}_threshold": threshold}
-        job = _job(engine, image, _settings(settings.seconds, settings.steps, settings.resolution, **changes))
+        job = _job(engine, image, job_settings(settings.seconds, settings.steps, settings.resolution, **changes))
         rows.append({"config": f"eager, {cache} {threshold}", **job})
     return rows
 

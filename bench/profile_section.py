@@ -75,32 +75,47 @@ def profile(preset: str, device: str, backend: str, steps: int, out: Path, trace
             shutil.copyfileobj(raw, packed)
         (out / "trace.json").unlink()
     on_device = plan.device.type == "cuda"
-    kernels = {}
+    return {
+        "preset": preset, "backend": backend, "steps": steps, "device": torch.cuda.get_device_name() if on_device
+        else "cpu", "torch": torch.__version__, "section_wall_s": wall, **kernel_time(profiler, on_device),
+    }  # fmt: skip
+
+
+def kernel_time(profiler, on_device: bool) -> dict:
+    """A finished profile's kernel time (CPU op time off the GPU): busy seconds, seconds by kind, the top kernels."""
+    import torch
+
+    kernels: dict[str, float] = {}
     for event in profiler.key_averages():
         seconds = (event.self_device_time_total if on_device else event.self_cpu_time_total) / 1e6
         if seconds > 0 and (not on_device or event.device_type == torch.autograd.DeviceType.CUDA):
             kernels[event.key] = kernels.get(event.key, 0.0) + seconds
-    busy = sum(kernels.values())
     by_kind: dict[str, float] = {}
     for name, seconds in kernels.items():
         by_kind[kind_of(name)] = by_kind.get(kind_of(name), 0.0) + seconds
     top = sorted(kernels.items(), key=lambda item: -item[1])[:TOP]
     return {
-        "preset": preset, "backend": backend, "steps": steps, "device": torch.cuda.get_device_name() if on_device
-        else "cpu", "torch": torch.__version__, "section_wall_s": wall, "busy_s": busy,
+        "busy_s": sum(kernels.values()),
         "by_kind_s": dict(sorted(by_kind.items(), key=lambda item: -item[1])),
         "top_kernels": [{"name": name[:120], "seconds": seconds, "kind": kind_of(name)} for name, seconds in top],
-    }  # fmt: skip
+    }
 
 
 def report(result: dict) -> str:
     busy, wall = result["busy_s"], result["section_wall_s"]
     lines = [f"One section ({result['steps']} steps, {result['backend']}, {result['device']}): {wall:.2f} s wall, "
-             f"{busy:.2f} s of kernel time ({busy / wall:.0%} busy)", "", "| kind | seconds | share |", "|---|---|---|"]  # fmt: skip
-    lines += [f"| {kind} | {seconds:.3f} | {seconds / busy:.1%} |" for kind, seconds in result["by_kind_s"].items()]
+             f"{busy:.2f} s of kernel time ({busy / wall:.0%} busy)", ""]  # fmt: skip
+    return "\n".join(lines + kernel_tables(result))
+
+
+def kernel_tables(kernels: dict) -> list[str]:
+    """`kernel_time`'s figures as two markdown tables: time by kind with its share, then the top kernels."""
+    busy = kernels["busy_s"]
+    lines = ["| kind | seconds | share |", "|---|---|---|"]
+    lines += [f"| {kind} | {seconds:.3f} | {seconds / busy:.1%} |" for kind, seconds in kernels["by_kind_s"].items()]
     lines += ["", "| kernel | kind | seconds |", "|---|---|---|"]
-    lines += [f"| `{k['name']}` | {k['kind']} | {k['seconds']:.3f} |" for k in result["top_kernels"]]
-    return "\n".join(lines)
+    lines += [f"| `{k['name']}` | {k['kind']} | {k['seconds']:.3f} |" for k in kernels["top_kernels"]]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,7 +2,7 @@
 
 import json
 
-from bench import backends, profile_section
+from bench import backends, compile_options, profile_section
 
 
 def test_the_backends_bench_times_every_row_and_draws_the_chart(tmp_path):
@@ -70,3 +70,18 @@ def test_the_compile_row_runs_compiled_code_in_its_jobs_after_the_flops_are_coun
     assert row["backends"]["transformer"].startswith("torch.compile") and row["transformer_tflop"] > 0
     assert row["torch_compile"]["graphs"] == 4
     assert "encoder_hidden_states" in str(row["torch_compile"]["recompile_reasons"])
+
+
+def test_the_compile_options_bench_times_each_option_set_against_eager_and_profiles_the_first(tmp_path):
+    flags = ["--preset", "tiny", "--device", "cpu", "--options", "default", "coordinate_descent", "--runs", "1"]
+    assert compile_options.main([*flags, "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "compile_options.json").read_text())
+    eager, *compiled = result["rows"]
+    assert eager["options"] == "eager" and [row["options"] for row in compiled] == ["default", "coordinate_descent"]
+    for row in compiled:
+        assert row["compiled"] == "torch.compile" and row["speedup"] > 0 and row["first_call_s"] > 0
+        assert 0 < row["error_vs_eager"] < 1e-3  # compiled for real (not eager's output), and right
+    profiled = result["profile"]
+    assert profiled["options"] == "default" and "attention" in profiled["by_kind_s"]
+    assert abs(sum(profiled["by_kind_s"].values()) - profiled["busy_s"]) < 1e-6
+    assert "| coordinate_descent |" in (tmp_path / "compile_options.md").read_text()

@@ -5,7 +5,7 @@ import torch
 from accelerate import init_empty_weights
 
 from diffusers_helper.models.full_size_preset import FULL_SIZE
-from diffusers_helper.models.placement import MemoryPlan, needs_offload, plan_memory, transformer_layout
+from diffusers_helper.models.placement import MemoryPlan, Placement, needs_offload, plan_memory, transformer_layout
 from diffusers_helper.settings import InvalidSettings
 
 GIB = 1024**3
@@ -89,3 +89,10 @@ def test_more_memory_to_preserve_keeps_fewer_blocks(full_size_transformer):
         for preserve in (6, 10, 14, 18, 23)
     ]  # fmt: skip
     assert counts == sorted(counts, reverse=True) and counts[-1] == 1
+
+
+@pytest.mark.parametrize(("resident", "says"), [(37, "37 of 60 blocks resident, the rest streamed;"),
+                                                (60, "60 of 60 blocks resident; CLIP")])  # fmt: skip
+def test_the_placement_says_blocks_stream_only_when_some_do(resident, says):
+    described = Placement(resident_blocks=resident, blocks=60, pinned_bytes=2 * 1024**3).describe()
+    assert says in described and "2.0 GB pinned" in described

@@ -151,9 +151,10 @@ class Placement:
     def describe(self) -> str:
         if self.resident_blocks is None:
             return "every model resident"
+        streamed = "" if self.resident_blocks == self.blocks else ", the rest streamed"
         return (
-            f"LLaMA streams a layer at a time; transformer: {self.resident_blocks} of {self.blocks} blocks resident, "
-            f"the rest streamed; CLIP, SigLIP and VAE take turns; {self.pinned_bytes / GIB:.1f} GB pinned on the host"
+            f"LLaMA streams a layer at a time; transformer: {self.resident_blocks} of {self.blocks} blocks resident"
+            f"{streamed}; CLIP, SigLIP and VAE take turns; {self.pinned_bytes / GIB:.1f} GB pinned on the host"
         )
 
 
