@@ -62,14 +62,14 @@ def test_the_tensorrt_rows_are_every_engine_always_and_the_default_fastest_path(
 
 
 def test_the_compile_row_runs_compiled_code_in_its_jobs_after_the_flops_are_counted(tmp_path):
-    """Counting FLOPs under a dispatch mode must not leave torch.compile running eagerly: the prompt of another length
-    after the jobs then compiles graphs of its own (2 block classes x 2 text lengths)."""
+    """Counting FLOPs under a dispatch mode must not leave torch.compile running eagerly: the jobs compile one graph
+    per block class, and the prompt of another length after them runs those graphs (the text's length is dynamic)."""
     flags = ["--preset", "tiny", "--device", "cpu", "--configs", "compile", "--seconds", "1", "--steps", "2"]
     assert backends.main([*flags, "--runs", "1", "--out", str(tmp_path)]) == 0
     row = json.loads((tmp_path / "backends.jsonl").read_text().splitlines()[0])
     assert row["backends"]["transformer"].startswith("torch.compile") and row["transformer_tflop"] > 0
-    assert row["torch_compile"]["graphs"] == 4
-    assert "encoder_hidden_states" in str(row["torch_compile"]["recompile_reasons"])
+    assert row["torch_compile"] == {"graphs": 2, "recompile_reasons": {}}
+    assert row["new_prompt_first_step_s"] > 0
 
 
 def test_the_compile_options_bench_times_each_option_set_against_eager_and_profiles_the_first(tmp_path):

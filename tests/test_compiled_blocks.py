@@ -31,11 +31,11 @@ SETTINGS = GenerationSettings(prompt="a cat walks", seconds=1.0, steps=3, resolu
 JOBS = itertools.count()
 
 
-def tiny_engine(tiny_root, backend: str) -> FramePackEngine:
+def tiny_engine(tiny_root, backend: str, weights: str = "float32") -> FramePackEngine:
     plan = plan_memory("cpu")
     models = assemble(load_components("framepack", tiny_root, plan.dtypes()), plan, ModelSettings(preset="tiny"))
     if backend != "eager":
-        models.compiled = CompiledBlocks(backend)
+        models.compiled = CompiledBlocks(backend, weights=weights)
         models.compiled.install(models.components.transformer)
     return FramePackEngine(models, write_video=FrameSink())
 
@@ -62,31 +62,33 @@ def test_a_compiled_job_makes_the_eager_video_and_says_so(tiny_root, tmp_path):
     assert all(COMPILE_HOOK in block._diffusers_hook.hooks for block in blocks(engine))
 
 
-def test_the_status_says_compiling_while_the_first_call_and_a_new_prompt_length_compile(
-    tiny_root, tmp_path, monkeypatch
-):
-    engine = tiny_engine(tiny_root, "compile")
-    seen = []
+def test_the_status_says_compiling_while_a_graph_compiles_and_only_then(tiny_root, tmp_path, monkeypatch):
+    """The first call compiles; a prompt of another length compiles nothing, except for FP8 blocks (static graphs)."""
+    engines, seen = [], []
 
     def watching(function, **options):
         def run(*args, **kwargs):
-            seen.append(engine.models.backends()["transformer"])
+            seen.append(engines[-1].models.backends()["transformer"])
             return function(*args, **kwargs)
 
         return run
 
     monkeypatch.setattr(compiled_blocks.torch, "compile", watching)
-    frames(engine, tmp_path)
     compiling = "compiling with torch.compile (new input shapes)... "
-    assert seen[0].startswith(compiling) and not seen[-1].startswith(compiling)
-    assert engine.models.backends()["transformer"] == "torch.compile"
-    seen.clear()
-    frames(engine, tmp_path)  # the same shapes: nothing compiles
-    assert not [status for status in seen if status.startswith(compiling)]
-    seen.clear()
-    frames(engine, tmp_path, dataclasses.replace(SETTINGS, prompt="a cat walks slowly across a sunny garden"))
-    assert seen[0].startswith(compiling) and not seen[-1].startswith(compiling)
-    assert engine.models.backends()["transformer"] == "torch.compile"
+    longer = dataclasses.replace(SETTINGS, prompt="a cat walks slowly across a sunny garden")
+    for weights, longer_compiles in (("float32", False), ("float8", True)):
+        engines.append(tiny_engine(tiny_root, "compile", weights=weights))
+        seen.clear()
+        frames(engines[-1], tmp_path)
+        assert seen[0].startswith(compiling) and not seen[-1].startswith(compiling)
+        assert engines[-1].models.backends()["transformer"] == "torch.compile"
+        seen.clear()
+        frames(engines[-1], tmp_path)  # the same shapes: nothing compiles
+        assert not [status for status in seen if status.startswith(compiling)]
+        seen.clear()
+        frames(engines[-1], tmp_path, longer)
+        assert seen[0].startswith(compiling) == longer_compiles and not seen[-1].startswith(compiling), weights
+        assert engines[-1].models.backends()["transformer"] == "torch.compile"
 
 
 def test_the_compiled_blocks_read_the_weights_as_they_are_now(tiny_root, tmp_path):
@@ -153,22 +155,41 @@ def test_a_compile_that_is_wrong_or_fails_leaves_the_eager_video_with_one_warnin
         assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
 
 
-def test_torch_compile_giving_up_at_its_recompile_limit_is_a_reported_failure_not_a_quiet_eager_run(
+def test_a_prompt_of_another_length_runs_the_compiled_graph_and_a_new_latent_shape_past_the_limit_is_a_failure(
     tiny_root, tmp_path, monkeypatch
 ):
-    """Past its limit torch.compile would run a block eagerly without a word, which looks like compiled speed."""
+    """The text's length is dynamic: with one graph allowed per block class, a longer prompt still runs compiled.
+    Past its limit torch.compile would run a block eagerly without a word, which looks like compiled speed."""
     longer = dataclasses.replace(SETTINGS, prompt="a cat walks slowly across a sunny garden towards the camera")
-    expected = frames(tiny_engine(tiny_root, "eager"), tmp_path, longer)
+    bigger = dataclasses.replace(SETTINGS, resolution=192)
+    eager = tiny_engine(tiny_root, "eager")
+    expected_longer, expected_bigger = frames(eager, tmp_path, longer), frames(eager, tmp_path, bigger)
     torch._dynamo.reset()  # the compiled code of the other tests counts towards the limit
     monkeypatch.setattr(compiled_blocks, "RECOMPILE_LIMIT", 1)
     engine = tiny_engine(tiny_root, "compile")
     frames(engine, tmp_path)
+    video = frames(engine, tmp_path, longer)
     assert engine.models.backends()["transformer"] == "torch.compile"
-    video = frames(engine, tmp_path, longer)  # another text length: a second graph per block class
+    assert np.abs(video.astype(int) - expected_longer.astype(int)).max() <= 2
+    video = frames(engine, tmp_path, bigger)  # another latent shape: a second graph per block class
     torch._dynamo.reset()
-    assert np.abs(video.astype(int) - expected.astype(int)).max() <= 2
+    assert video.shape[1:3] != expected_longer.shape[1:3]
+    assert np.abs(video.astype(int) - expected_bigger.astype(int)).max() <= 2
     described = engine.models.backends()["transformer"]
     assert described.startswith("PyTorch (torch.compile failed: FailOnRecompileLimitHit"), described
+
+
+def test_fp8_blocks_compile_a_graph_per_text_length(tiny_root, tmp_path, monkeypatch):
+    """FP8 blocks keep static graphs: with one graph allowed per block class, a longer prompt is past the limit."""
+    longer = dataclasses.replace(SETTINGS, prompt="a cat walks slowly across a sunny garden towards the camera")
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled_blocks, "RECOMPILE_LIMIT", 1)
+    engine = tiny_engine(tiny_root, "compile", weights="float8")
+    frames(engine, tmp_path)
+    assert engine.models.backends()["transformer"] == "torch.compile"
+    frames(engine, tmp_path, longer)
+    torch._dynamo.reset()
+    assert engine.models.backends()["transformer"].startswith("PyTorch (torch.compile failed: FailOnRecompileLimitHit")
 
 
 def test_remembered_choices_take_the_last_line_for_a_key_and_skip_broken_lines(tmp_path):
