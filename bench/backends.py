@@ -14,12 +14,12 @@ and the TFLOP/s that makes against the chip's bf16 matrix rate measured in the s
 and sections (the VAE decode of a section separately), the time from Start to the first preview, the whole video and
 its peak GPU memory. Eager's transformer output and video are the reference (saved in --out): every other backend
 reports its output's relative error and its video's PSNR against them (the same seeded weights and inputs in every
-process). Where torch.compile runs it also reports the first step after a prompt of another length (a recompile) and
-the graphs it made, with the reasons it recompiled. The eager process also times a one-section job with the
-transformer's attention held to each of PyTorch's kernels (flash, efficient, cuDNN) and jobs under the step caches
-(TeaCache at three thresholds, MagCache); with random weights a step cache's skips show its mechanics, not the skips
-real weights would allow. Prints a table; writes backends.jsonl, backends.md (the table) and backends.png (time per
-step and per section by row) into --out.
+process). Where torch.compile runs it also reports the first step after a prompt of another length (a recompile
+where the graphs are static: FP8's) and the graphs it made, with the reasons it recompiled. The eager process also
+times a one-section job with the transformer's attention held to each of PyTorch's kernels (flash, efficient, cuDNN)
+and jobs under the step caches (TeaCache at three thresholds, MagCache); with random weights a step cache's skips
+show its mechanics, not the skips real weights would allow. Prints a table; writes backends.jsonl, backends.md (the
+table) and backends.png (time per step and per section by row) into --out.
 """
 
 import argparse
@@ -126,8 +126,8 @@ def _against_eager(config: str, reference: Path, output, video) -> dict:
 
 
 def _new_prompt_length(engine, image, settings) -> dict:
-    """A prompt of another length after the video: torch.compile's first step on the new text shape (a recompile,
-    graphs being static) against the next step."""
+    """A prompt of another length after the video: torch.compile's first step on the new text shape (a recompile
+    where the graphs are static) against the next step."""
     from diffusers_helper.acceleration.measure import synchronize
     from diffusers_helper.media.job_files import JobPaths
     from diffusers_helper.pipeline.events import StepProgress
