@@ -63,12 +63,12 @@ def test_a_compiled_job_makes_the_eager_video_and_says_so(tiny_root, tmp_path):
 
 
 def test_the_status_says_compiling_while_a_graph_compiles_and_only_then(tiny_root, tmp_path, monkeypatch):
-    """The first call compiles; a prompt of another length compiles nothing, except for FP8 blocks (static graphs)."""
-    engines, seen = [], []
+    """The first call compiles; the same shapes again or a prompt of another length compile nothing."""
+    engine, seen = tiny_engine(tiny_root, "compile"), []
 
     def watching(function, **options):
         def run(*args, **kwargs):
-            seen.append(engines[-1].models.backends()["transformer"])
+            seen.append(engine.models.backends()["transformer"])
             return function(*args, **kwargs)
 
         return run
@@ -76,19 +76,14 @@ def test_the_status_says_compiling_while_a_graph_compiles_and_only_then(tiny_roo
     monkeypatch.setattr(compiled_blocks.torch, "compile", watching)
     compiling = "compiling with torch.compile (new input shapes)... "
     longer = dataclasses.replace(SETTINGS, prompt="a cat walks slowly across a sunny garden")
-    for weights, longer_compiles in (("float32", False), ("float8", True)):
-        engines.append(tiny_engine(tiny_root, "compile", weights=weights))
+    frames(engine, tmp_path)
+    assert seen[0].startswith(compiling) and not seen[-1].startswith(compiling)
+    for settings in (SETTINGS, longer):
+        assert engine.models.backends()["transformer"] == "torch.compile"
         seen.clear()
-        frames(engines[-1], tmp_path)
-        assert seen[0].startswith(compiling) and not seen[-1].startswith(compiling)
-        assert engines[-1].models.backends()["transformer"] == "torch.compile"
-        seen.clear()
-        frames(engines[-1], tmp_path)  # the same shapes: nothing compiles
-        assert not [status for status in seen if status.startswith(compiling)]
-        seen.clear()
-        frames(engines[-1], tmp_path, longer)
-        assert seen[0].startswith(compiling) == longer_compiles and not seen[-1].startswith(compiling), weights
-        assert engines[-1].models.backends()["transformer"] == "torch.compile"
+        frames(engine, tmp_path, settings)
+        assert seen and not [status for status in seen if status.startswith(compiling)]
+    assert engine.models.backends()["transformer"] == "torch.compile"
 
 
 def test_the_compiled_blocks_read_the_weights_as_they_are_now(tiny_root, tmp_path):
@@ -177,19 +172,6 @@ def test_a_prompt_of_another_length_runs_the_compiled_graph_and_a_new_latent_sha
     assert np.abs(video.astype(int) - expected_bigger.astype(int)).max() <= 2
     described = engine.models.backends()["transformer"]
     assert described.startswith("PyTorch (torch.compile failed: FailOnRecompileLimitHit"), described
-
-
-def test_fp8_blocks_compile_a_graph_per_text_length(tiny_root, tmp_path, monkeypatch):
-    """FP8 blocks keep static graphs: with one graph allowed per block class, a longer prompt is past the limit."""
-    longer = dataclasses.replace(SETTINGS, prompt="a cat walks slowly across a sunny garden towards the camera")
-    torch._dynamo.reset()
-    monkeypatch.setattr(compiled_blocks, "RECOMPILE_LIMIT", 1)
-    engine = tiny_engine(tiny_root, "compile", weights="float8")
-    frames(engine, tmp_path)
-    assert engine.models.backends()["transformer"] == "torch.compile"
-    frames(engine, tmp_path, longer)
-    torch._dynamo.reset()
-    assert engine.models.backends()["transformer"].startswith("PyTorch (torch.compile failed: FailOnRecompileLimitHit")
 
 
 def test_remembered_choices_take_the_last_line_for_a_key_and_skip_broken_lines(tmp_path):

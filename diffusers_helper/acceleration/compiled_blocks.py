@@ -123,7 +123,7 @@ class CompiledBlocks:
         if decision == "eager":
             return eager(*args, **kwargs)
         graph = self._graph_key(module, args)
-        if graph not in self._seen:  # FP8's new text length: its static graphs compile anew
+        if graph not in self._seen:  # a new latent shape: its graphs compile anew
             self.compiling_since = time.perf_counter()
         try:
             output = self._run_compiled(module, args, kwargs)
@@ -135,29 +135,23 @@ class CompiledBlocks:
         self._seen.add(graph)
         return output
 
-    @property
-    def dynamic_text(self) -> bool:
-        return self.weights != "float8"
-
-    def _graph_key(self, module: torch.nn.Module, args: tuple) -> tuple:
-        """What a graph is compiled for: the block class and its inputs' shapes, the text's length aside where it is
-        dynamic."""
-        sized = [arg for index, arg in enumerate(args)
-                 if isinstance(arg, torch.Tensor) and not (index == 1 and self.dynamic_text)]  # fmt: skip
+    @staticmethod
+    def _graph_key(module: torch.nn.Module, args: tuple) -> tuple:
+        """What a graph is compiled for: the block class and its inputs' shapes, the text's length (dynamic) aside."""
+        sized = [arg for index, arg in enumerate(args) if isinstance(arg, torch.Tensor) and index != 1]
         return (type(module), *(tuple(arg.shape) for arg in sized))
 
     def _run_compiled(self, module: torch.nn.Module, args: tuple, kwargs: dict):
         """The compiled forward on inputs with standard strides (a block's input can be a view whose strides follow
         the text length, and a new stride is a recompile). The text's length (`encoder_hidden_states`, the second
-        argument of both block classes) is marked dynamic for bf16 blocks; every other size is static, so a new
-        latent shape compiles a graph of its own. Past RECOMPILE_LIMIT graphs per block class it raises where
-        torch.compile would quietly run the block eagerly: a failure to report, not a speed-up to claim."""
+        argument of both block classes) is marked dynamic; every other size is static, so a new latent shape compiles
+        a graph of its own. Past RECOMPILE_LIMIT graphs per block class it raises where torch.compile would quietly
+        run the block eagerly: a failure to report, not a speed-up to claim."""
         if type(module) not in self._compiled:
             self._compiled[type(module)] = torch.compile(type(module).forward, dynamic=False)
         compiled = self._compiled[type(module)]
         args = tuple(_standard_strides(arg) if isinstance(arg, torch.Tensor) else arg for arg in args)
-        if self.dynamic_text:
-            torch._dynamo.mark_dynamic(args[1], 1)  # explicit: `dynamic=False` keeps every other size static
+        torch._dynamo.mark_dynamic(args[1], 1)  # explicit: `dynamic=False` keeps every other size static
         with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT, fail_on_recompile_limit_hit=True):
             return compiled(module, *args, **kwargs)
 
