@@ -7,19 +7,20 @@
 
 For each backend (`eager`: PyTorch; `compile`: torch.compile of the transformer blocks; `fp8`: FP8 block linears,
 compiled where faster; `tensorrt`: Torch-TensorRT engines for every component, each serving once it matches PyTorch,
-eager blocks wherever the stack falls back; `fastest`: what every TensorRT flag gives by default, each engine
-serving only where it measured faster than PyTorch, the blocks compiled where faster) it times, after a warm-up: text
+eager blocks wherever the stack falls back; `fastest`: what every TensorRT flag gives by default, each engine serving
+only where it measured faster than PyTorch, the blocks compiled where faster) it times, after a warm-up: text
 encoding, image encoding and VAE encoding (medians), one transformer call (median, with its FLOPs counted by PyTorch
-and the TFLOP/s that makes against the chip's bf16 matrix rate measured in the same run), a job's steps (their mean)
-and sections (the VAE decode of a section separately), the time from Start to the first preview, the whole video and
-its peak GPU memory. Eager's transformer output and video are the reference (saved in --out): every other backend
-reports its output's relative error and its video's PSNR against them (the same seeded weights and inputs in every
-process). Where torch.compile runs it also reports the first step after a prompt of another length (a recompile
-where the graphs are static: FP8's) and the graphs it made, with the reasons it recompiled. The eager process also
-times a one-section job with the transformer's attention held to each of PyTorch's kernels (flash, efficient, cuDNN)
-and jobs under the step caches (TeaCache at three thresholds, MagCache); with random weights a step cache's skips
-show its mechanics, not the skips real weights would allow. Prints a table; writes backends.jsonl, backends.md (the
-table) and backends.png (time per step and per section by row) into --out.
+where no engine serves it, and the TFLOP/s that makes against the chip's bf16 matrix rate measured in the same run), a
+job's steps (their mean) and sections (the VAE decode of a section separately), the time from Start to the first
+preview, the whole video and its peak GPU memory. Eager's transformer output and video are the reference (saved in
+--out): every other backend reports its output's relative error and its video's PSNR against them (the same seeded
+weights and inputs in every process). Where torch.compile runs it also reports the first step after a prompt of
+another length (the text's length is a dynamic size: a slow first step there is a recompile) and the graphs it made,
+with the reasons it recompiled. The eager process also times a one-section job with the transformer's attention held
+to each of PyTorch's kernels (flash, efficient, cuDNN) and jobs under the step caches (TeaCache at three thresholds,
+MagCache); with random weights a step cache's skips show its mechanics, not the skips real weights would allow. Prints
+a table; writes backends.jsonl, backends.md (the table) and backends.png (time per step and per section by row) into
+--out.
 """
 
 import argparse
@@ -126,8 +127,8 @@ def _against_eager(config: str, reference: Path, output, video) -> dict:
 
 
 def _new_prompt_length(engine, image, settings) -> dict:
-    """A prompt of another length after the video: torch.compile's first step on the new text shape (a recompile
-    where the graphs are static) against the next step."""
+    """A prompt of another length after the video: torch.compile's first step on the new text shape against the
+    next step (the two are close unless the length recompiled the graphs)."""
     from diffusers_helper.acceleration.measure import synchronize
     from diffusers_helper.media.job_files import JobPaths
     from diffusers_helper.pipeline.events import StepProgress
@@ -243,8 +244,8 @@ def capture_transformer_inputs(engine, image, settings) -> tuple[tuple, dict]:
 
 def _transformer_call(engine, image, settings, runs: int) -> tuple:
     """One transformer call with a job's real inputs (captured from a one-step job), timed, and its FLOPs counted by
-    PyTorch's FlopCounterMode: achieved TFLOP/s against the chip's bf16 matrix rate measured here too. Returns the
-    row and the call's output."""
+    PyTorch's FlopCounterMode unless a TensorRT engine serves it: achieved TFLOP/s against the chip's bf16 matrix
+    rate measured here too. Returns the row and the call's output."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -255,12 +256,15 @@ def _transformer_call(engine, image, settings, runs: int) -> tuple:
     with torch.no_grad():
         output = transformer(*args, **kwargs)
         seconds = median_seconds(lambda: transformer(*args, **kwargs), runs)
-        # Counted with compiled code held eager: torch.compile meeting the counter's dispatch mode would run that
-        # code eagerly for the rest of the process, the jobs included.
-        with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
-            transformer(*args, **kwargs)
-    flops = counter.get_total_flops()
-    row = {"transformer_call_s": seconds, "transformer_tflop": flops / 1e12, "achieved_tflops": flops / seconds / 1e12}
+        row = {"transformer_call_s": seconds}
+        stack = engine.models.runtime.status.get("transformer") if engine.models.runtime is not None else None
+        if stack is None or stack.engine != "tensorrt":  # the counter sees no FLOPs inside a TensorRT engine
+            # Counted with compiled code held eager: torch.compile meeting the counter's dispatch mode would run
+            # that code eagerly for the rest of the process, the jobs included.
+            with torch.compiler.set_stance("force_eager"), FlopCounterMode(display=False) as counter:
+                transformer(*args, **kwargs)
+            flops = counter.get_total_flops()
+            row.update(transformer_tflop=flops / 1e12, achieved_tflops=flops / seconds / 1e12)
     if engine.plan.device.type == "cuda":
         row["chip_bf16_matmul_tflops"] = _matmul_tflops()
     return row, output[0] if isinstance(output, tuple) else output.sample
