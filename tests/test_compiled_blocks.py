@@ -31,11 +31,11 @@ SETTINGS = GenerationSettings(prompt="a cat walks", seconds=1.0, steps=3, resolu
 JOBS = itertools.count()
 
 
-def tiny_engine(tiny_root, backend: str, weights: str = "float32") -> FramePackEngine:
+def tiny_engine(tiny_root, backend: str) -> FramePackEngine:
     plan = plan_memory("cpu")
     models = assemble(load_components("framepack", tiny_root, plan.dtypes()), plan, ModelSettings(preset="tiny"))
     if backend != "eager":
-        models.compiled = CompiledBlocks(backend, weights=weights)
+        models.compiled = CompiledBlocks(backend)
         models.compiled.install(models.components.transformer)
     return FramePackEngine(models, write_video=FrameSink())
 

@@ -4,10 +4,9 @@ Regional compilation, as diffusers' `compile_repeated_blocks` does it (that meth
 repeated blocks, and FramePack's transformer does not): one compiled forward per block class, shared by the 20 dual-
 and 40 single-stream blocks. It runs as each block's innermost hook, so streaming brings a block's weights before the
 compiled code runs, the step caches decide around it, and a LoRA fused into the weights in place reaches it (the
-compiled code takes the weights as inputs; nothing is frozen into it). For bf16 blocks the text's length is a
-dynamic dimension of the graphs, so a prompt of another length runs the code already compiled (at full size on an
-H200, a new length's first step took 1.6 s, against 9.0 s with a static graph per length). FP8 blocks (torchao's
-float8 tensors) compile a graph per text length, 116 s each there: their dynamic graph has not been run on a GPU.
+compiled code takes the weights as inputs; nothing is frozen into it). The text's length is a dynamic dimension of
+the graphs, so a prompt of another length runs the code already compiled (at full size on an H200, a new length's
+first step took 1.6 s in bf16 and 2.0 s with FP8 blocks, against 9.0 s and 116 s with a static graph per length).
 
 The first call of a block class at a new latent shape is checked: the compiled output against eager's (relative L2
 error at most TOLERANCE). Under `auto` both are also timed there, and the faster serves that class and shape; the
