@@ -134,17 +134,22 @@ class App:
         if not self.runner.join(timeout) and self.engine is not None:
             self.engine.record_interruption()
 
-    def job(self, image, settings, paths, stop: threading.Event) -> Iterator:
-        """The job's events: loading first when its variant or memory setting changes what is loaded or where it
-        lives, then the engine's."""
+    def models_for(self, settings, preserve_gb: float):
+        """The model settings a job needs: its variant, and the page's "GPU memory to preserve" (which decides where
+        the weights live); InvalidSettings out of range."""
+        return dataclasses.replace(self.models, variant=settings.variant, gpu_memory_preservation=preserve_gb)
+
+    def job(self, image, settings, models, paths, stop: threading.Event) -> Iterator:
+        """The job's events: loading first when its model settings change what is loaded or where it lives, then the
+        engine's."""
         from diffusers_helper.models.components import ModelsUnavailable
         from diffusers_helper.pipeline.events import LOADING, Failed, StageStarted
 
-        plan = self._plan_for(self.models, settings.gpu_memory_preservation, self.free_gb or None)
+        plan = self._plan_for(models, self.free_gb or None)
         engine = self.engine
         if engine is None or engine.components.variant != settings.variant or engine.plan != plan:
             yield StageStarted(LOADING)
-            self.models = dataclasses.replace(self.models, variant=settings.variant)
+            self.models = models
             self.engine = engine = None
             release_memory()  # the old models go before the new ones load
             try:
@@ -213,9 +218,9 @@ def build_ui(app: App):
                 prompt=prompt, negative_prompt=negative_prompt, seed=int(seed), seconds=float(seconds),
                 steps=int(steps), cfg=float(cfg), distilled_cfg=float(distilled_cfg), cfg_rescale=float(rescale),
                 latent_window=int(window), variant=variant, resolution=int(resolution), step_cache=step_cache,
-                crf=int(crf), gpu_memory_preservation=float(preserve),
-                loras=lora_choices(app.loras, app.lora_files(), lora_names, lora_scales),
+                crf=int(crf), loras=lora_choices(app.loras, app.lora_files(), lora_names, lora_scales),
             )  # fmt: skip
+            models = app.models_for(settings, float(preserve))
         except InvalidSettings as error:
             yield None, None, progress_html(0, f"error: {error}"), app.status(), gr.update(), *idle
             return
@@ -225,7 +230,7 @@ def build_ui(app: App):
         yield video, preview, progress_html(0, progress.text()), app.status(), gr.update(visible=False), *running
         stop = app.stop_event(request.session_hash)
         try:
-            for event in app.runner.run(lambda: app.job(image, settings, paths, stop), stop):
+            for event in app.runner.run(lambda: app.job(image, settings, models, paths, stop), stop):
                 progress.update(event)
                 if isinstance(event, StepProgress):
                     preview = event.preview
@@ -281,9 +286,9 @@ def build_ui(app: App):
                 )  # fmt: skip
                 preserve = gr.Slider(
                     label="GPU memory to preserve (GB) (larger means slower)", minimum=6, maximum=128, step=0.1,
-                    value=defaults.gpu_memory_preservation,
+                    value=app.models.gpu_memory_preservation,
                     info="Set this number to a larger value if you encounter out-of-memory errors. "
-                    "Larger values are slower.",
+                    "Larger values are slower. A new value reloads the models for the next job.",
                 )  # fmt: skip
                 crf = gr.Slider(
                     label="MP4 compression (CRF)", minimum=0, maximum=51, step=1, value=defaults.crf,
@@ -360,9 +365,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ensure_writable_dir(args.outputs)
         app = App(args)
-    except (InvalidSettings, ValueError, ModelsUnavailable) as error:
+    except InvalidSettings as error:
         print(f"error: {error}", file=sys.stderr)
-        return 2 if not isinstance(error, ModelsUnavailable) else 1
+        return 2
+    except ModelsUnavailable as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     ui = build_ui(app)
     ui.queue(default_concurrency_limit=1)
     _interrupt_on_sigterm()

@@ -60,37 +60,52 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cache():
-    from diffusers_helper.acceleration.engine_cache import EngineCache
-    from diffusers_helper.tensorrt_runtime import default_cache_dir
+    from diffusers_helper.acceleration.engine_cache import EngineCache, default_cache_dir
 
     return EngineCache(default_cache_dir())
 
 
+def _speeds(cache):
+    from diffusers_helper.acceleration.speed_records import SPEED_RECORDS_FILE, SpeedRecords
+
+    return SpeedRecords(cache.directory / SPEED_RECORDS_FILE)
+
+
 def list_engines() -> int:
+    """What the cache holds, most recently used first; reading it changes nothing."""
+    from diffusers_helper.acceleration.speed_policy import engine_speedups
+
     cache = _cache()
-    records = cache.describe()
+    records, speeds = cache.describe(), _speeds(cache)
     if not records:
         print(f"{cache.directory}: no engines")
     else:
-        print(f"{cache.directory}: {len(records)} engine(s), {sum(r['bytes'] for r in records) / 1024**3:.2f} GB")
+        print(f"{cache.directory}: {len(records)} engine(s), {_gb(sum(r['bytes'] for r in records))}")
         for record in reversed(records):  # most recently used first
-            print(_engine_line(record))
+            print(_engine_line(record, engine_speedups(speeds, record)))
     for record in cache.rejections():  # engines that gave wrong results or failed to build
         print(f"{record['key']}  {record.get('component', '?'):<15} rejected on {record.get('gpu', '?')}: "
               f"{record['rejected']} (`prune --all` lets it be built again)")  # fmt: skip
+    for key, problem in cache.unreadable():
+        print(f"{key}  {problem}: a later run rebuilds it (`prune --all` removes it now)")
     return EXIT_OK
 
 
-def _engine_line(record: dict) -> str:
+def _gb(count: int) -> str:
+    return f"{count / 1024**3:.2f} GB"
+
+
+def _engine_line(record: dict, speedups: dict[str, float]) -> str:
     used = datetime.datetime.fromtimestamp(record["last_used"]).strftime("%Y-%m-%d %H:%M")
     shapes = " ".join("x".join(str(side) for side in shape) for shape, _ in record.get("inputs", []))
-    speedups = record.get("speedups") or {}
-    speed = ", ".join(f"{m['speedup']:.2f}x PyTorch ({versus})" for versus, m in speedups.items())
-    return (f"{record['key']}  {record.get('component', '?'):<15} {record['bytes'] / 1024**3:7.2f} GB  "
+    speed = ", ".join(f"{speedup:.2f}x PyTorch ({versus})" for versus, speedup in speedups.items())
+    return (f"{record['key']}  {record.get('component', '?'):<15} {_gb(record['bytes']):>10}  "
             f"used {used}  on {record.get('gpu', '?')}  {speed or 'speed not measured'}  inputs {shapes}")  # fmt: skip
 
 
 def prune_engines(args: argparse.Namespace) -> int:
+    """Remove the engines asked for, the lock files they leave and, with no component named, entries whose record
+    cannot be read; `--all` also forgets rejections and the engines' measured speeds."""
     cache = _cache()
     records = [r for r in cache.describe() if args.component in (None, r.get("component"))]
     if args.all:
@@ -110,14 +125,28 @@ def prune_engines(args: argparse.Namespace) -> int:
                 break
             chosen.append(record)
             excess -= record["bytes"]
-    removed = set(cache.prune([r["key"] for r in chosen]))
-    freed = sum(r["bytes"] for r in chosen if r["key"] in removed)
-    busy = len(chosen) - len(removed)
-    print(f"removed {len(removed)} engine(s), {freed / 1024**3:.2f} GB" + (f"; {busy} in use stayed" if busy else ""))
-    if args.all:
-        rejected = [r["key"] for r in cache.rejections() if args.component in (None, r.get("component"))]
-        if rejected:
-            print(f"removed {len(cache.prune(rejected))} rejection record(s): those engines will be built again")
+    try:
+        removed = set(cache.prune([r["key"] for r in chosen]))
+        freed = sum(r["bytes"] for r in chosen if r["key"] in removed)
+        busy = len(chosen) - len(removed)
+        print(f"removed {len(removed)} engine(s), {_gb(freed)}" + (f"; {busy} in use stayed" if busy else ""))
+        if args.component is None:
+            unreadable = cache.prune([key for key, _ in cache.unreadable()])
+            if unreadable:
+                print(f"removed {len(unreadable)} entr{'y' if len(unreadable) == 1 else 'ies'} whose record could "
+                      "not be read")  # fmt: skip
+        if args.all:
+            rejected = [r["key"] for r in cache.rejections() if args.component in (None, r.get("component"))]
+            if rejected:
+                print(f"removed {len(cache.prune(rejected))} rejection record(s): those engines will be built again")
+            which = {"candidate": "tensorrt", **({"component": args.component} if args.component else {})}
+            forgotten = _speeds(cache).forget(which)
+            if forgotten:
+                print(f"forgot {forgotten} measured engine speed(s): engines will be timed again")
+            cache.prune_locks()
+    except OSError as error:
+        print(f"error: cannot prune {cache.directory}: {error.strerror or error}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -136,7 +165,7 @@ def build_engines(args: argparse.Namespace) -> int:
         # One-step jobs that exist to build engines: compiling the blocks as well would only cost time.
         models = ModelSettings(variant=args.variants[0], preset=args.preset, models_dir=args.models,
                                device=args.device, tensorrt=tensorrt, gpu_memory_limit_gb=args.gpu_memory_limit,
-                               backend="eager")  # fmt: skip
+                               gpu_memory_preservation=args.gpu_memory_preservation, backend="eager")  # fmt: skip
         resolution = args.resolution or default_resolution(args.preset)
         buckets = [parse_bucket(text) for text in args.buckets] if args.buckets else None
         items = plan_items(args.variants, buckets, args.windows, resolution)

@@ -96,15 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default: %(default)s)")  # fmt: skip
     job.add_argument("--crf", type=int, default=defaults.crf,
                      help="H.264 quality, 0 (lossless) to 51; 16 for black outputs (default: %(default)s)")  # fmt: skip
-    job.add_argument("--gpu-memory-preservation", type=float, default=defaults.gpu_memory_preservation,
-                     help="GB of GPU memory to keep free; larger is slower, raise it on out-of-memory "
-                          "(default: %(default)s)")  # fmt: skip
     job.add_argument("--lora", action="append", default=[], metavar="PATH[:SCALE]",
                      help="a LoRA for the transformer (diffusers/PEFT or kohya/musubi-tuner safetensors) and its "
                           "scale, in [-10, 10]; repeat to mix several (default: none; scale 1.0)")  # fmt: skip
     output = parser.add_argument_group("output")
     target = output.add_mutually_exclusive_group()
-    target.add_argument("--output", type=Path, help="the MP4 to write; its PNG and JSON go beside it (default: none)")
+    target.add_argument("--output", type=Path, help="the MP4 to write; its PNG and JSON go beside it (default: a new "
+                        "job name in --outputs)")  # fmt: skip
     target.add_argument("--outputs", type=Path, default=OUTPUTS_DIR,
                         help="directory for an auto-named job (default: outputs/ in the checkout)")  # fmt: skip
     output.add_argument("--overwrite", action="store_true",
@@ -125,7 +123,6 @@ def _settings(args: argparse.Namespace):
         latent_window=args.latent_window, variant=args.variant, resolution=resolution, step_cache=args.step_cache,
         teacache_threshold=args.teacache_threshold, magcache_threshold=args.magcache_threshold,
         magcache_max_skips=args.magcache_max_skips, magcache_retention=args.magcache_retention, crf=args.crf,
-        gpu_memory_preservation=args.gpu_memory_preservation,
         loras=tuple(LoraChoice.parse(text) for text in args.lora),
     )  # fmt: skip
 
@@ -230,9 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         paths = JobPaths.for_video(args.output) if args.output else JobPaths.new_job(args.outputs)
         ensure_writable_dir(paths.video.parent)
         paths.check(args.overwrite, input_image=args.image)
-        plan = plan_for(models, settings.gpu_memory_preservation)
+        plan = plan_for(models)
         runtime = runtime_for(models)
-    except (InvalidSettings, ValueError) as error:
+    except InvalidSettings as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 

@@ -24,11 +24,13 @@ sys.path.insert(0, str(REPO))
 
 from diffusers_helper.acceleration.engine_cache import EngineCache
 from diffusers_helper.acceleration.measure import median_seconds, relative_error
+from diffusers_helper.acceleration.speed_policy import engine_speedups
+from diffusers_helper.acceleration.speed_records import SPEED_RECORDS_FILE, SpeedRecords
 from diffusers_helper.media.images import example_image
 from diffusers_helper.media.job_files import JobPaths
 from diffusers_helper.models.assembly import assemble
 from diffusers_helper.models.components import load_components
-from diffusers_helper.models.placement import plan_memory
+from diffusers_helper.models.placement import HostParking, plan_memory
 from diffusers_helper.models.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
 from diffusers_helper.pipeline.engine import FramePackEngine
 from diffusers_helper.settings import GenerationSettings, ModelSettings, TensorRTOptions
@@ -48,7 +50,7 @@ def environment(runtime: TensorRTRuntime) -> dict:
 def mid_size_stack(cache_dir: Path) -> dict:
     transformer = mid_size_transformer()
     runtime = TensorRTRuntime(EngineCache(cache_dir))
-    stack = TensorRTTransformer(transformer, runtime)
+    stack = TensorRTTransformer(transformer, runtime, HostParking("cuda"))
     hidden, text, temb, cos, sin = stack_inputs(transformer)
     with torch.no_grad():  # PyTorch first: once the engine has passed its check, it holds the weights
         pytorch_out = stack.stack(hidden, text, temb, cos, sin)[0]
@@ -154,9 +156,10 @@ def full_size_components(cache_dir: Path) -> dict:
         if result.returncode != 0:
             raise RuntimeError("the full-size job failed (its log is above)")
         runs.append(json.loads(result.stdout.strip().splitlines()[-1]))
+    speeds = SpeedRecords(cache_dir / SPEED_RECORDS_FILE)
     engines = [
-        {key: record.get(key) for key in ("component", "inputs", "build_seconds", "save_seconds", "speedups")}
-        | {"file_gb": round(record["bytes"] / 1024**3, 2)}
+        {key: record.get(key) for key in ("component", "inputs", "build_seconds", "save_seconds")}
+        | {"speedups": engine_speedups(speeds, record), "file_gb": round(record["bytes"] / 1024**3, 2)}
         for record in EngineCache(cache_dir).describe()
     ]
     return {"full_size": "VAE encoder and decoder, LLaMA, CLIP as engines, 544x704", "built": runs[0],

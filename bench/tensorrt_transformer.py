@@ -112,6 +112,7 @@ PROBE_VARIANTS = {  # name: (text padded, extra transformer settings)
 def probe(chosen: list[str]) -> list[dict]:
     from diffusers_helper.acceleration import tensorrt_backend
     from diffusers_helper.acceleration.engine_cache import EngineCache
+    from diffusers_helper.models.placement import HostParking
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer
 
     model, hidden, text, temb, cos, sin = few_blocks()
@@ -129,7 +130,7 @@ def probe(chosen: list[str]) -> list[dict]:
         torch.cuda.empty_cache()
         with tempfile.TemporaryDirectory() as directory:
             runtime = TensorRTRuntime(EngineCache(Path(directory)))
-            wrapper = TensorRTTransformer(model, runtime)
+            wrapper = TensorRTTransformer(model, runtime, HostParking("cuda"))
             stack = wrapper.stack
 
             def through_engine(t):
@@ -154,7 +155,7 @@ def probe(chosen: list[str]) -> list[dict]:
                     row["engine_ms"] = round(median_seconds(lambda: through_engine(text)) * 1000, 2)  # noqa: B023
                     row["speedup"] = round(row["eager_ms"] / row["engine_ms"], 3)
                     if extra.get("enable_weight_streaming"):
-                        engine = next(iter(runtime._engines[stack].values()))
+                        engine = runtime.engines_of(stack)[0]
                         row["weight_streaming"] = _weight_streaming(engine, lambda: through_engine(text))  # noqa: B023
             rows.append(row)
             print(json.dumps(row), flush=True)
@@ -186,14 +187,14 @@ def _pytorch_block_streaming(model, hidden, text, temb, cos, sin) -> dict:
     block weights that stays on the GPU, to set beside the engine's budgets."""
     from diffusers.hooks import HookRegistry
 
-    from diffusers_helper.models.placement import GROUP_OFFLOADING_HOOK, MemoryPlan, Placement, _stream_transformer
+    from diffusers_helper.models.placement import GROUP_OFFLOADING_HOOK, MemoryPlan, Placement, stream_transformer
 
     def size(module):
         return sum(p.numel() * p.element_size() for p in module.parameters())
 
     blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
     resident = size(model) - sum(size(block) for block in blocks[1:])  # all but the blocks after the first
-    _stream_transformer(model, MemoryPlan(torch.device("cuda"), torch.bfloat16, torch.float16, True, resident / GIB, 0.0),
+    stream_transformer(model, MemoryPlan(torch.device("cuda"), torch.bfloat16, torch.float16, True, resident / GIB, 0.0),
                         Placement())  # fmt: skip
 
     def through_blocks():
@@ -271,6 +272,7 @@ def refit() -> list[dict]:
     checked against PyTorch by the runtime and here."""
     from diffusers_helper.acceleration.engine_cache import EngineCache
     from diffusers_helper.models.lora import FusedLoras, read_lora
+    from diffusers_helper.models.placement import HostParking
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer
 
     model, hidden, text, temb, cos, sin = few_blocks()
@@ -279,7 +281,7 @@ def refit() -> list[dict]:
         lora = read_lora(block_lora(model, Path(directory) / "lora.safetensors"))
         loras = FusedLoras(model)
         runtime = TensorRTRuntime(EngineCache(Path(directory) / "engines"))
-        wrapper = TensorRTTransformer(model, runtime)
+        wrapper = TensorRTTransformer(model, runtime, HostParking("cuda"))
         references = {"base": wrapper.stack(hidden, text, temb, cos, sin)[0]}
         loras.apply([(lora, 1.0)])
         references["lora"] = wrapper.stack(hidden, text, temb, cos, sin)[0]
@@ -312,6 +314,7 @@ def save() -> list[dict]:
     import torch_tensorrt
 
     from diffusers_helper.acceleration.engine_cache import EngineCache
+    from diffusers_helper.models.placement import HostParking
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer
 
     model, hidden, text, temb, cos, sin = few_blocks(frames=3)
@@ -331,7 +334,7 @@ def save() -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory() as directory, torch.no_grad():
         runtime = TensorRTRuntime(EngineCache(Path(directory) / "engines"))
-        wrapper = TensorRTTransformer(model, runtime)
+        wrapper = TensorRTTransformer(model, runtime, HostParking("cuda"))
         captured = {}
         original_run = runtime.run
 
@@ -343,7 +346,7 @@ def save() -> list[dict]:
         before = device_used()
         wrapper(hidden, text, temb, None, (cos, sin))
         status = runtime.status["transformer"]
-        engine = next(iter(runtime._engines[wrapper.stack].values()))
+        engine = runtime.engines_of(wrapper.stack)[0]
         args = captured["args"]
         expected = engine(*args)[0]
         held = sum(len(getattr(m, "serialized_engine", None) or b"") for m in engine.modules())

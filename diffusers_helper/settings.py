@@ -42,6 +42,18 @@ def _check_range(name: str, value: float, low: float, high: float, *, low_open: 
         raise InvalidSettings(f"{name} must be in {allowed}, got {value}")
 
 
+def _check_text(name: str, text: str) -> None:
+    """Text that is not UTF-8 (bytes a terminal passed on undecoded) cannot be encoded, recorded or shown."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raw = ord(text[error.start])
+        byte = f"the byte 0x{raw - 0xDC00:02x}" if 0xDC80 <= raw <= 0xDCFF else f"the code point U+{raw:04X}"
+        raise InvalidSettings(
+            f"{name} is not valid UTF-8 text: it holds {byte} at character {error.start + 1}"
+        ) from None
+
+
 LORA_SCALE_LIMIT = 10.0
 
 
@@ -92,7 +104,6 @@ class GenerationSettings:
     magcache_max_skips: int = 2
     magcache_retention: float = 0.25
     crf: int = 16
-    gpu_memory_preservation: float = 6.0
     loras: tuple[LoraChoice, ...] = ()  # fused into the transformer for this job, in this order
 
     def __post_init__(self) -> None:
@@ -108,9 +119,10 @@ class GenerationSettings:
         _check_range("magcache_max_skips", self.magcache_max_skips, 1, 10)
         _check_range("magcache_retention", self.magcache_retention, 0, 1)
         _check_range("crf", self.crf, 0, 51)
-        _check_range("gpu_memory_preservation", self.gpu_memory_preservation, 0, 128)
         if self.variant not in VARIANTS:
             raise InvalidSettings(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        for name in ("prompt", "negative_prompt"):
+            _check_text(name, getattr(self, name))
         if self.step_cache not in STEP_CACHES:
             raise InvalidSettings(f"step_cache must be one of {', '.join(STEP_CACHES)}, got {self.step_cache!r}")
         if not 0 <= self.seed < 2**63:
@@ -166,6 +178,8 @@ class ModelSettings:
     device: str = "auto"
     tensorrt: TensorRTOptions = TensorRTOptions()
     gpu_memory_limit_gb: float | None = None  # checked against the card when memory is planned
+    # GB of GPU memory the plan keeps free for activations and streaming: it decides what stays on the GPU
+    gpu_memory_preservation: float = 6.0
     backend: str = "auto"
     fp8: bool = False  # the blocks' matrix multiplications in FP8 (see acceleration/fp8.py)
 
@@ -189,6 +203,7 @@ class ModelSettings:
         limit = self.gpu_memory_limit_gb
         if limit is not None and not (math.isfinite(limit) and limit > 0):
             raise InvalidSettings(f"--gpu-memory-limit must be a positive number of GB, got {limit}")
+        _check_range("gpu_memory_preservation", self.gpu_memory_preservation, 0, 128)
 
     def describe_source(self) -> str:
         if self.preset:

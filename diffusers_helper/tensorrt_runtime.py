@@ -1,55 +1,60 @@
 """TensorRT for FramePack's models: just-in-time engines per input shape, cached on disk, PyTorch as the fallback.
 
-`TensorRTRuntime` owns the policy: for each call of a wrapped module it finds the engine for that input
-signature (in memory, else on disk, else it compiles one through the backend), checks each new engine's first
-output against PyTorch, and runs it. Once an engine has passed its check it holds the weights on the GPU, and
-the PyTorch copy moves to the CPU (kept there for fallback, for checking new engines and for refits); it comes back
-when the component falls back. Components built with refittable weights (the transformer) are keyed without their
-weights: when the weights change (a LoRA fused in, or any in-place edit, seen through the tensors' version counters)
-or an engine from the cache was built with other weights, the engine is refitted with the current ones instead of
-built again, and checked again. With `only_if_faster`, each engine is also timed against PyTorch once, on the
-inputs of its check, and serves only where it is at least MIN_TENSORRT_SPEEDUP times as fast; the measurement is
-kept in the engine's cache record, so a later process does not even load an engine that lost. Anything that goes
-wrong (no torch_tensorrt, no CUDA, an export or build error, running out of memory while building, an engine that
-will not load, a wrong or failing engine) costs one warning and sends that component back to PyTorch for the rest
-of the process; the other components keep their engines. A build can be cancelled (`cancel_builds_when`, which the
-engine ties to a job's stop): it gives up within TensorRT's next progress step, caches nothing, and that call runs
-in PyTorch; the next call of that shape builds again.
+`TensorRTRuntime` is the policy that ties the parts together. For each call of a wrapped module it finds the engine
+for that input signature (in memory, else on disk, else it builds one), checks each new engine's first output against
+PyTorch, and runs it. Once an engine has passed its check it holds the weights on the GPU, and PyTorch's copy goes
+where the component's `WeightParking` (the memory policy's) keeps it; it comes back when the component runs in
+PyTorch. Components built with refittable weights (the transformer) are keyed without their weights: when the weights
+change (a LoRA fused in, or any in-place edit) or an engine from the cache was built with other weights, the engine is
+refitted with the current ones instead of built again, and checked again. An engine serves only where the speed
+policy allows (with `only_if_faster`: where it measured fast enough against PyTorch, measured once and remembered).
 
-The wrappers (`diffusers_helper.acceleration.tensorrt_wrappers`, re-exported here) are drop-in modules with the
-call signature of what they replace; the compiler is `acceleration.tensorrt_backend`, the on-disk cache
-`acceleration.engine_cache`.
+What goes wrong inside Torch-TensorRT or TensorRT (no torch_tensorrt, no CUDA, an export or build error, running out
+of memory while building, an engine that will not load, a wrong or failing engine) costs one warning and sends that
+component back to PyTorch for the rest of the process; the other components keep their engines. An error in the
+runtime's own code is raised. A build can be cancelled (`cancel_builds_when`, which the engine ties to a job's stop):
+it gives up within TensorRT's next progress step, caches nothing, and that call runs in PyTorch.
+
+The parts, each a module of `acceleration/`: engine_keys (what an engine is keyed by), engine_cache (engines on disk,
+and where that is), tensorrt_backend (Torch-TensorRT, and what counts as its failure), engine_status (what each
+component runs on), speed_policy (where an engine is fast enough to serve), and tensorrt_wrappers (the drop-in
+modules, re-exported here).
 """
 
 import contextlib
-import functools
-import hashlib
-import inspect
-import json
 import logging
-import os
 import tempfile
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import diffusers
 import torch
-import transformers
 
-from .acceleration.engine_cache import ENGINE_SUFFIX, EngineCache, cache_key
-from .acceleration.measure import median_seconds, output_error
+from .acceleration.engine_cache import (
+    CACHE_DIR_VARIABLE,
+    CACHE_LIMIT_VARIABLE,
+    ENGINE_SUFFIX,
+    EngineCache,
+    default_cache_dir,
+    default_cache_limit,
+)
+from .acceleration.engine_keys import EngineKey, EngineKeys, gpu_identity, weight_state
+from .acceleration.engine_status import ComponentStatus, EngineSource, busy
+from .acceleration.measure import output_error
+from .acceleration.speed_policy import EngineSpeedPolicy, SlowerThanPyTorch
+from .acceleration.speed_records import SPEED_RECORDS_FILE, SpeedRecords
 from .acceleration.tensorrt_backend import (
-    BASE_SETTINGS,
-    COMPONENT_SETTINGS,
     TOLERANCES,
     BuildCancelled,
     BuildProgress,
+    TensorRTFailure,
     TensorRTUnavailable,
     TorchTensorRTBackend,
+    compile_settings,
+    refittable,
+    tensorrt_errors,
 )
 from .acceleration.tensorrt_wrappers import (
     TensorRTCLIPTextEncoder,
@@ -57,11 +62,14 @@ from .acceleration.tensorrt_wrappers import (
     TensorRTLatentEncoder,
     TensorRTTextEncoder,
     TensorRTTransformer,
+    WeightParking,
     install_transformer_stack,
 )
-from .settings import CACHE_DIR, MIN_TENSORRT_SPEEDUP, InvalidSettings
+from .errors import describe_error
 
 __all__ = [
+    "CACHE_DIR_VARIABLE",
+    "CACHE_LIMIT_VARIABLE",
     "TensorRTRuntime",
     "TensorRTLatentEncoder",
     "TensorRTLatentDecoder",
@@ -69,150 +77,58 @@ __all__ = [
     "TensorRTCLIPTextEncoder",
     "TensorRTTransformer",
     "TensorRTUnavailable",
+    "default_cache_dir",
+    "default_cache_limit",
     "install_transformer_stack",
 ]
 
 logger = logging.getLogger(__name__)
 
-CACHE_DIR_VARIABLE = "FRAMEPACK_TENSORRT_CACHE_DIR"
-CACHE_LIMIT_VARIABLE = "FRAMEPACK_TENSORRT_CACHE_GB"
-TIMED_RUNS = 3  # calls timed, each way, when an engine is measured against PyTorch
-# How Torch-TensorRT reports an engine TensorRT built but cannot run here (no kernels for this GPU, for one).
-NO_EXECUTION_CONTEXT = "exec_ctx.get() != nullptr"
-
-
-def default_cache_dir() -> Path:
-    """FRAMEPACK_TENSORRT_CACHE_DIR, else Cache/tensorrt_engines; InvalidSettings when the variable names a file."""
-    chosen = os.environ.get(CACHE_DIR_VARIABLE)
-    if not chosen:
-        return CACHE_DIR / "tensorrt_engines"
-    if os.path.exists(chosen) and not os.path.isdir(chosen):
-        raise InvalidSettings(f"{CACHE_DIR_VARIABLE} must name a directory, got {chosen!r}, which is a file")
-    return Path(chosen)
-
-
-def default_cache_limit() -> int | None:
-    """FRAMEPACK_TENSORRT_CACHE_GB in bytes, or None (no cap) when unset or empty; InvalidSettings names a value
-    that is not a positive, finite number of GB."""
-    value = os.environ.get(CACHE_LIMIT_VARIABLE)
-    if not value:
-        return None
-    try:
-        limit = float(value) * 1024**3
-    except ValueError:
-        limit = float("nan")
-    if not 0 < limit < float("inf"):  # false for nan too
-        raise InvalidSettings(f"{CACHE_LIMIT_VARIABLE} must be a positive number of GB, got {value!r}")
-    return int(limit)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Signatures and fingerprints
-
-
-def _signature(args: tuple) -> list:
-    return [[list(a.shape), str(a.dtype).removeprefix("torch.")] for a in args]
-
-
-def weights_fingerprint(module: torch.nn.Module) -> str:
-    """A cheap hash of names, shapes, dtypes and a strided sample of every tensor: other weights, other key."""
-    digest = hashlib.sha256()
-    with torch.no_grad():
-        for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            flat = tensor.detach().reshape(-1)
-            sample = flat[:: max(1, flat.numel() // 1024)][:1024].float()
-            digest.update(f"{name}:{list(tensor.shape)}:{tensor.dtype}".encode())
-            digest.update(sample.cpu().numpy().tobytes())
-    return digest.hexdigest()[:24]
-
-
-def code_fingerprint(module: torch.nn.Module) -> str:
-    """A hash of the source of every class in the module tree (and of their attention processors): an edit of the
-    code that gets exported makes another engine. Library upgrades are caught by their versions in the key."""
-    classes = set()
-    for child in module.modules():
-        classes.add(type(child))
-        if getattr(child, "processor", None) is not None:
-            classes.add(type(child.processor))
-    digest = hashlib.sha256()
-    for cls in sorted(classes, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
-        digest.update(_class_source_digest(cls).encode())
-    return digest.hexdigest()[:24]
-
-
-@functools.cache
-def _class_source_digest(cls: type) -> str:
-    try:
-        source = inspect.getsource(cls)
-    except (OSError, TypeError):  # compiled or generated classes: their name is what is known
-        source = ""
-    return f"{cls.__module__}.{cls.__qualname__}:{hashlib.sha256(source.encode()).hexdigest()}"
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# The runtime
-
-
-@dataclass
-class ComponentStatus:
-    """What one component runs on, for status displays and the benchmarks."""
-
-    engine: str = "pytorch"  # "tensorrt" once an engine served, "pytorch" otherwise
-    reason: str = "not requested"
-    busy: str | None = None  # what a long step under way does (compiling, loading, refitting an engine), since when,
-    busy_since: float | None = None  # and how long it took the last time, where that is known
-    busy_expected_seconds: float | None = None
-    build: BuildProgress | None = None  # the build under way, which says how far it is
-    engines: int = 0
-    compiles: int = 0
-    loads: int = 0
-    refits: int = 0
-    compile_seconds: list[float] = field(default_factory=list)
-    load_seconds: list[float] = field(default_factory=list)
-    refit_seconds: list[float] = field(default_factory=list)
-    relative_errors: list[float] = field(default_factory=list)  # each engine checked, against PyTorch
-    pytorch_weights_on_cpu: bool = False  # the engine holds the weights on the GPU; PyTorch's copy waits on the CPU
-
-    def describe(self) -> str:
-        if self.busy is not None:
-            elapsed = time.perf_counter() - self.busy_since
-            expected = "" if self.busy_expected_seconds is None else f" of about {self.busy_expected_seconds:.0f}s"
-            detail = self.build.describe() if self.build is not None else None
-            return f"{self.busy}... {elapsed:.0f}s{expected}" + (f"; {detail}" if detail else "")
-        parked = "; PyTorch weights on the CPU" if self.pytorch_weights_on_cpu and self.engine == "tensorrt" else ""
-        return f"{'TensorRT' if self.engine == 'tensorrt' else 'PyTorch'} ({self.reason}{parked})"
+Signature = tuple  # (component, input shapes, input dtypes): one engine each
 
 
 class TensorRTRuntime:
     """Engines per (component, input signature); one instance per process, shared by the wrappers."""
 
     def __init__(
-        self, cache: EngineCache | None = None, backend: object | None = None, only_if_faster: bool = False
+        self,
+        cache: EngineCache | None = None,
+        backend: object | None = None,
+        only_if_faster: bool = False,
+        speeds: SpeedRecords | None = None,
     ) -> None:
         self.cache = cache or EngineCache(default_cache_dir(), default_cache_limit())
         self.backend = backend or TorchTensorRTBackend()
-        self.only_if_faster = only_if_faster
+        self.speeds = EngineSpeedPolicy(speeds or SpeedRecords(self.cache.directory / SPEED_RECORDS_FILE),
+                                        only_if_faster)  # fmt: skip
         self.status: dict[str, ComponentStatus] = {}
-        # Held weakly by the module exported: engines and fingerprints go with the models they were made for.
-        self._engines: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Callable]] = weakref.WeakKeyDictionary()
-        self._fingerprints: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
-        # The weights each module's engines were checked with (tensor identity and version), and engines whose
-        # module's weights changed since, waiting to be refitted on their next call.
+        self._keys = EngineKeys()
+        # Held weakly by the module exported: engines go with the models they were made for.
+        self._engines: weakref.WeakKeyDictionary[torch.nn.Module, dict[Signature, Callable]] = (
+            weakref.WeakKeyDictionary()
+        )
+        # The weights each module's engines were checked with, and engines whose module's weights changed since,
+        # waiting to be refitted on their next call.
         self._weight_states: weakref.WeakKeyDictionary[torch.nn.Module, tuple] = weakref.WeakKeyDictionary()
-        self._stale: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple, Callable]] = weakref.WeakKeyDictionary()
+        self._stale: weakref.WeakKeyDictionary[torch.nn.Module, dict[Signature, Callable]] = weakref.WeakKeyDictionary()
         # Signatures whose engine measured no faster than PyTorch: they run in PyTorch.
-        self._slower: weakref.WeakKeyDictionary[torch.nn.Module, set[tuple]] = weakref.WeakKeyDictionary()
-        # Modules whose PyTorch weights were (or may have been, by a build) sent to the CPU, and their device.
-        self._parked: weakref.WeakKeyDictionary[torch.nn.Module, torch.device] = weakref.WeakKeyDictionary()
-        self._kept_on_device: dict[str, tuple[torch.nn.Module, ...]] = {}
+        self._slower: weakref.WeakKeyDictionary[torch.nn.Module, set[Signature]] = weakref.WeakKeyDictionary()
+        self._parking: dict[str, WeightParking] = {}
         self._pytorch: dict[str, str] = {}
-        self.host = torch.device("cpu")
         self._cancelled: Callable[[], bool] = lambda: False  # builds give up once this is true
         self._unavailable: str | None = None
         self._checked = False
         self._lock = threading.Lock()
 
-    # -- availability -------------------------------------------------------------------------------------------
+    @property
+    def only_if_faster(self) -> bool:
+        return self.speeds.only_if_faster
+
+    @only_if_faster.setter
+    def only_if_faster(self, value: bool) -> None:
+        self.speeds.only_if_faster = value
+
+    # -- what runs where ----------------------------------------------------------------------------------------
 
     def availability(self) -> str | None:
         """Why TensorRT cannot serve in this process at all, or None when it can (checked once)."""
@@ -227,15 +143,14 @@ class TensorRTRuntime:
                 self._unavailable = f"engine cache directory {self.cache.directory} is not writable ({error})"
         return self._unavailable
 
-    def register(
-        self, component: str, keep_on_device: tuple[torch.nn.Module, ...] = (), pytorch: str = "eager"
-    ) -> None:
-        """Announce a component; `keep_on_device` are parts of it that other code runs in PyTorch (a step cache
-        reading the first block), which stay on the GPU when the rest of its PyTorch weights move to the CPU;
-        `pytorch` names how it runs in PyTorch (its engines' speed is measured and remembered against that)."""
+    def register(self, component: str, pytorch: str = "eager", parking: WeightParking | None = None) -> None:
+        """Announce a component. `pytorch` names how it runs in PyTorch (its engines' speed is measured and remembered
+        against that); `parking` keeps PyTorch's copy of its weights while an engine holds them (without one, the
+        weights stay where they are)."""
         self.status.setdefault(component, ComponentStatus(reason="waiting for the first call"))
-        self._kept_on_device[component] = keep_on_device
         self._pytorch[component] = pytorch
+        if parking is not None:
+            self._parking[component] = parking
 
     def cannot_serve(self, components: list[str], reason: str) -> None:
         """TensorRT cannot run here at all: these components run in PyTorch, said once."""
@@ -246,14 +161,18 @@ class TensorRTRuntime:
     def fall_back(self, component: str, reason: str) -> None:
         """Send a component back to PyTorch for the rest of the process, with one warning."""
         status = self.status.setdefault(component, ComponentStatus())
-        if status.reason.startswith("fell back"):
+        if status.fell_back:
             return
         status.engine, status.reason, status.busy = "pytorch", f"fell back: {reason}", None
         logger.warning("TensorRT %s: %s; running it in PyTorch", component, reason)
 
     def is_active(self, component: str) -> bool:
         status = self.status.get(component)
-        return status is not None and not status.reason.startswith("fell back")
+        return status is not None and not status.fell_back
+
+    def engines_of(self, module: torch.nn.Module) -> list[Callable]:
+        """The engines serving this module now, one per input signature (for benchmarks that look inside one)."""
+        return list(self._engines.get(module, {}).values())
 
     @contextlib.contextmanager
     def cancel_builds_when(self, cancelled: Callable[[], bool]) -> Iterator[None]:
@@ -265,7 +184,7 @@ class TensorRTRuntime:
         finally:
             self._cancelled = previous
 
-    # -- the core -----------------------------------------------------------------------------------------------
+    # -- a call ----------------------------------------------------------------------------------------------------
 
     def run(self, component: str, module: torch.nn.Module, args: tuple, in_pytorch: Callable | None = None):
         """`module(*args)` through the component's engine for this signature, or in PyTorch when it cannot.
@@ -275,30 +194,136 @@ class TensorRTRuntime:
         cheaper than `module(*args)` (inputs padded for an engine need no padding there); engines are timed
         against it.
         """
-        if not self.is_active(component):
-            return self._in_pytorch(component, module, args, in_pytorch)
-        unavailable = self.availability()
-        if unavailable:
-            self.fall_back(component, unavailable)
+        if not self._may_serve(component):
             return self._in_pytorch(component, module, args, in_pytorch)
         args = tuple(a.contiguous() for a in args)  # engines take dense inputs only
         signature = (component, tuple(tuple(a.shape) for a in args), tuple(a.dtype for a in args))
         if signature in self._slower.get(module, ()):
             return self._in_pytorch(component, module, args, in_pytorch)
         try:
-            if module in self._weight_states and self._weight_states[module] != _weight_state(module):
-                self._weights_changed(component, module)
-            engine = self._engines.get(module, {}).get(signature)
-            if engine is None:
-                engine = self._prepare(component, module, args, signature, in_pytorch)
-            return self._in_pytorch(component, module, args, in_pytorch) if engine is None else engine(*args)
+            engine = self._engine_for(component, module, args, signature, in_pytorch)
+            if engine is not None:
+                return _run_engine(engine, args)
         except BuildCancelled:
             self._build_cancelled(component)
-            return self._in_pytorch(component, module, args, in_pytorch)
-        except Exception as error:  # any TensorRT failure: this component continues in PyTorch
+        except TensorRTFailure as failure:
             logger.debug("TensorRT %s failed", component, exc_info=True)
-            self.fall_back(component, _describe(error))
-            return self._in_pytorch(component, module, args, in_pytorch)
+            self.fall_back(component, str(failure))
+        except OSError as error:  # the engine cache's disk, not TensorRT
+            logger.debug("TensorRT %s: the engine cache failed", component, exc_info=True)
+            self.fall_back(component, f"the engine cache in {self.cache.directory} failed ({describe_error(error)})")
+        return self._in_pytorch(component, module, args, in_pytorch)
+
+    def _may_serve(self, component: str) -> bool:
+        if not self.is_active(component):
+            return False
+        unavailable = self.availability()
+        if unavailable:
+            self.fall_back(component, unavailable)
+            return False
+        return True
+
+    def _engine_for(
+        self, component: str, module: torch.nn.Module, args: tuple, signature: Signature, in_pytorch: Callable | None
+    ) -> Callable | None:
+        """The engine that serves this signature: the one in memory, unless the weights changed since it was checked;
+        else one prepared now (None where PyTorch serves instead)."""
+        if module in self._weight_states and self._weight_states[module] != weight_state(module):
+            self._weights_changed(component, module)
+        engine = self._engines.get(module, {}).get(signature)
+        return engine if engine is not None else self._prepare(component, module, args, signature, in_pytorch)
+
+    def _prepare(
+        self, component: str, module: torch.nn.Module, args: tuple, signature: Signature, in_pytorch: Callable | None
+    ) -> Callable | None:
+        """Find, load, refit or build the engine for this signature, check it against PyTorch and, where the speed
+        policy asks, time it; the engine, or None where PyTorch serves this signature."""
+        key = self._keys.key(component, module, args, compile_settings(component), self.backend.versions(),
+                             refittable(component))  # fmt: skip
+        versus = self._pytorch.get(component, "eager")
+        with self._lock, self.cache.lock(key.key):
+            rejected = self.cache.rejection(key.key)
+            if rejected:
+                self.fall_back(
+                    component, f"this engine was rejected before ({rejected}; `engines.py prune --all` forgets that)"
+                )
+                return None
+            cached = self.cache.metadata(key.key) is not None
+            slower = self.speeds.known_slower(key.ingredients, versus, engine_cached=cached)
+            if slower:
+                self._serve_in_pytorch(component, module, signature, slower)
+                return None
+            self._bring_back(component, module)
+            expected = module(*args)  # before a build, which may move the weights to the CPU
+            timed = self.speeds.needs_timing(key.ingredients, versus)
+            pytorch_seconds = self.speeds.time_pytorch(in_pytorch or (lambda: module(*args))) if timed else None
+            engine, source, error = self._checked_engine(component, key, module, args, signature, expected)
+            self.status[component].relative_errors.append(error)
+            if error > TOLERANCES[component]:
+                self.cache.reject(key.key, f"relative error {error:.3g} against PyTorch", key.ingredients)
+                self.fall_back(component, f"engine output differs from PyTorch (relative error {error:.3g})")
+                return None
+            if pytorch_seconds is not None:
+                slower = self.speeds.judge(component, lambda: _run_engine(engine, args), pytorch_seconds,
+                                           key.ingredients, versus)  # fmt: skip
+                if slower:
+                    self._serve_in_pytorch(component, module, signature, slower)
+                    return None
+        self._serve(component, module, signature, engine, source, error)
+        return engine
+
+    def _checked_engine(
+        self, component: str, key: EngineKey, module: torch.nn.Module, args: tuple, signature: Signature, expected
+    ) -> tuple[Callable, EngineSource, float]:
+        """An engine for this signature, how it came, and its error against PyTorch: a stale engine refitted with the current
+        weights, else the cached one (refitted where it holds other weights), else a new build. A refit that fails or
+        comes out wrong costs a build."""
+        engine, source = self._stale.get(module, {}).pop(signature, None), None
+        if engine is not None:
+            engine, source = self._refit(component, engine, module, args), EngineSource.REFITTED
+        else:
+            found = self._load(component, key)
+            if found is not None:
+                engine, built_with = found
+                source = EngineSource.LOADED
+                if built_with != key.weights:
+                    engine, source = self._refit(component, engine, module, args), EngineSource.REFITTED
+        error = None if engine is None else output_error(_run_engine(engine, args), expected)
+        if error is None or error > TOLERANCES[component]:
+            if source is EngineSource.REFITTED:
+                logger.warning("TensorRT %s: %s; building the engine again", component,
+                               "the refit failed" if error is None else f"the refitted engine is off by {error:.3g}")  # fmt: skip
+            engine, source = self._build(component, key, module, args), EngineSource.BUILT
+            error = output_error(_run_engine(engine, args), expected)
+        return engine, source, error
+
+    def _serve(
+        self,
+        component: str,
+        module: torch.nn.Module,
+        signature: Signature,
+        engine: Callable,
+        source: EngineSource,
+        error: float,
+    ) -> None:
+        """The engine passed: it serves this signature, and PyTorch's copy of the weights is parked."""
+        logger.info("TensorRT %s engine ready (%s, relative error %.2g)", component, source.value, error)
+        self._engines.setdefault(module, {})[signature] = engine
+        status = self.status[component]
+        status.engine, status.reason, status.engines = "tensorrt", "engine in use", status.engines + 1
+        parking = self._parking.get(component)
+        if parking is not None and parking.park(module):
+            status.pytorch_weights_on_cpu = True
+        self._weight_states[module] = weight_state(module)
+
+    def _serve_in_pytorch(
+        self, component: str, module: torch.nn.Module, signature: Signature, slower: SlowerThanPyTorch
+    ) -> None:
+        """This signature runs in PyTorch (its weights back on the GPU on its next call), and the status says why."""
+        self._slower.setdefault(module, set()).add(signature)
+        status = self.status[component]
+        status.engine, status.reason = "pytorch", slower.reason()
+        logger.info("TensorRT %s: %s", component, status.reason)
 
     def _build_cancelled(self, component: str) -> None:
         status = self.status[component]
@@ -309,158 +334,111 @@ class TensorRTRuntime:
         """The weights are not those the engines were checked with: each engine is refitted (or, for a component
         keyed by its weights, found or built anew) on its next call."""
         logger.info("TensorRT %s: the weights changed; its engines will be refitted", component)
-        self._fingerprints.pop(module, None)
+        self._keys.forget(module)
         self._weight_states.pop(module, None)
         engines = self._engines.pop(module, {})
-        if _refittable(component):
+        if refittable(component):
             self._stale.setdefault(module, {}).update(engines)
 
-    # -- where the PyTorch weights are ---------------------------------------------------------------------------
+    # -- PyTorch's copy of the weights ---------------------------------------------------------------------------
 
     def _in_pytorch(self, component: str, module: torch.nn.Module, args: tuple, in_pytorch: Callable | None):
-        """Run the call in PyTorch; if the module's weights were sent to the CPU, its engines go and the weights come
-        back."""
-        if module in self._parked:
+        """Run the call in PyTorch. If the weights had left the GPU for an engine, they come back and that module's
+        engines go: the GPU holds one copy of the weights."""
+        if self._bring_back(component, module):
             self._engines.pop(module, None)
-            self._bring_back(component, module)
         return module(*args) if in_pytorch is None else in_pytorch()
 
-    def _bring_back(self, component: str, module: torch.nn.Module) -> None:
-        device = self._parked.pop(module, None)
-        if device is not None:
-            _move(module, device)
-            self.status[component].pytorch_weights_on_cpu = False
-            if module in self._weight_states:  # moved, not changed
-                self._weight_states[module] = _weight_state(module)
+    def _bring_back(self, component: str, module: torch.nn.Module) -> bool:
+        parking = self._parking.get(component)
+        if parking is None or not parking.bring_back(module):
+            return False
+        self.status[component].pytorch_weights_on_cpu = False
+        if module in self._weight_states:  # moved, not changed
+            self._weight_states[module] = weight_state(module)
+        return True
 
-    def _park(self, component: str, module: torch.nn.Module, device: torch.device) -> None:
-        """The engine passed its check and holds the weights: PyTorch's copy goes to the CPU, except the parts other
-        code still runs on the GPU."""
-        if device == self.host:
-            return
-        self._parked[module] = device
-        _move(module, self.host)
-        for part in self._kept_on_device.get(component, ()):
-            _move(part, device)
-        self.status[component].pytorch_weights_on_cpu = True
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    # -- the engine's life: refit, load, build --------------------------------------------------------------------
 
-    def _key(self, component: str, module: torch.nn.Module, args: tuple) -> tuple[str, dict, str]:
-        """The cache key, what went into it, and the weights' fingerprint (in the key unless the component's engines
-        are refittable: those are refitted to whatever weights the module has)."""
-        if module not in self._fingerprints:
-            self._fingerprints[module] = {"weights": weights_fingerprint(module), "code": code_fingerprint(module)}
-        weights = self._fingerprints[module]["weights"]
-        device = args[0].device
-        gpu = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
-        ingredients = {
-            "component": component,
-            "inputs": _signature(args),
-            "code": self._fingerprints[module]["code"],
-            **({} if _refittable(component) else {"weights": weights}),
-            "settings": {**BASE_SETTINGS, **COMPONENT_SETTINGS[component]},
-            "gpu": gpu.name if gpu else str(device),
-            "compute_capability": f"{gpu.major}.{gpu.minor}" if gpu else None,
-            "versions": {
-                **self.backend.versions(),
-                "diffusers": diffusers.__version__,
-                "transformers": transformers.__version__,
-            },
-        }
-        return cache_key(ingredients), ingredients, weights
-
-    def _prepare(
-        self, component: str, module: torch.nn.Module, args: tuple, signature: tuple, in_pytorch: Callable | None
-    ) -> Callable | None:
-        """Load or build the engine for this signature and check it against PyTorch (whose weights must be on the
-        device for that, and go back to the CPU once the engine has passed)."""
-        key, ingredients, weights = self._key(component, module, args)
+    def _refit(self, component: str, engine: Callable, module: torch.nn.Module, args: tuple) -> Callable | None:
+        """The engine with the module's current weights written into it, or None if the refit fails."""
         status = self.status[component]
-        device = args[0].device
-        with self._lock, self.cache.lock(key):
-            rejected = self.cache.rejection(key)
-            if rejected:
-                self.fall_back(
-                    component, f"this engine was rejected before ({rejected}; `engines.py prune --all` forgets that)"
-                )
-                return None
-            versus = self._pytorch.get(component, "eager")
-            speedup = self._remembered_speedup(key, versus) if self.only_if_faster else None
-            if speedup is not None and speedup < MIN_TENSORRT_SPEEDUP:
-                self._run_slower_in_pytorch(component, module, signature, speedup, versus)
-                return None
-            elsewhere = self._speedup_of_other_shapes(key, ingredients, versus) if self.only_if_faster else None
-            if elsewhere is not None and elsewhere < MIN_TENSORRT_SPEEDUP:
-                self._run_slower_in_pytorch(component, module, signature, elsewhere, versus, other_shape=True)
-                return None
-            self._bring_back(component, module)
-            expected = module(*args)  # before a build, which may move the weights to the CPU
-            timing = self.only_if_faster and speedup is None
-            pytorch_seconds = median_seconds(in_pytorch or (lambda: module(*args)), TIMED_RUNS) if timing else None
-            if device != self.host:
-                self._parked[module] = device
-            engine, how = self._stale.get(module, {}).pop(signature, None), "refitted"
-            if engine is None:
-                engine, how = self._load(component, key, weights), "loaded"
-            if engine is not None and (how == "refitted" or engine.built_with != weights):
-                engine, how = self._refit(component, engine, module, args), "refitted"
-            error = None if engine is None else output_error(engine(*args), expected)
-            if error is None or error > TOLERANCES[component]:
-                if how == "refitted":
-                    logger.warning("TensorRT %s: %s; building the engine again", component,
-                                   "the refit failed" if error is None else f"the refitted engine is off by {error:.3g}")  # fmt: skip
-                engine, how = self._build(component, key, module, args, {**ingredients, "weights": weights}), "built"
-                error = output_error(engine(*args), expected)
-            if error <= TOLERANCES[component] and pytorch_seconds is not None:
-                speedup = self._measure(component, key, engine, args, pytorch_seconds, versus)
-        status.relative_errors.append(error)
-        if error > TOLERANCES[component]:
-            self.cache.reject(key, f"relative error {error:.3g} against PyTorch", ingredients)
-            self.fall_back(component, f"engine output differs from PyTorch (relative error {error:.3g})")
+        started = time.perf_counter()
+        try:
+            with busy(component, status, "refitting engine (new weights)"), tensorrt_errors():
+                refitted = self.backend.refit(engine, module, args)
+        except TensorRTFailure as failure:  # a failed refit costs a build, not the component
+            logger.debug("TensorRT %s refit failed", component, exc_info=True)
+            logger.info("TensorRT %s refit failed: %s", component, failure)
             return None
-        if speedup is not None and speedup < MIN_TENSORRT_SPEEDUP:
-            self._run_slower_in_pytorch(component, module, signature, speedup, versus)
+        status.refits += 1
+        status.refit_seconds.append(time.perf_counter() - started)
+        logger.info("TensorRT %s engine refitted in %.1fs", component, status.refit_seconds[-1])
+        return refitted
+
+    def _load(self, component: str, key: EngineKey) -> tuple[Callable, str] | None:
+        """The cached engine and the fingerprint of the weights it was built with, or None (an engine that will not
+        load is removed, to be built again)."""
+        path = self.cache.lookup(key.key)
+        if path is None:
             return None
-        logger.info("TensorRT %s engine ready (%s, relative error %.2g)", component, how, error)
-        self._engines.setdefault(module, {})[signature] = engine
-        status.engine, status.reason, status.engines = "tensorrt", "engine in use", status.engines + 1
-        self._park(component, module, device)
-        self._weight_states[module] = _weight_state(module)
-        return engine
-
-    def _remembered_speedup(self, key: str, versus: str) -> float | None:
-        measured = ((self.cache.metadata(key) or {}).get("speedups") or {}).get(versus)
-        return None if measured is None else measured["speedup"]
-
-    def _speedup_of_other_shapes(self, key: str, ingredients: dict, versus: str) -> float | None:
-        """For a shape with no engine in the cache: the most recent speed-up measured for an engine of this component
-        built for another shape with the same code, settings, GPU and versions. A full-size build takes minutes,
-        which an engine known to lose to PyTorch on this GPU would not repay."""
-        if self.cache.metadata(key) is not None:
+        metadata = self.cache.metadata(key.key) or {}
+        status = self.status[component]
+        started = time.perf_counter()
+        try:
+            with busy(component, status, "loading engine from the cache", metadata.get("load_seconds")), \
+                    tensorrt_errors():  # fmt: skip
+                engine = self.backend.load(path)
+        except TensorRTFailure as failure:
+            logger.debug("TensorRT %s engine %s will not load", component, path, exc_info=True)
+            self.cache.remove(key.key, f"it will not load ({failure}); rebuilding")
             return None
-        same = ("component", "code", "settings", "gpu", "compute_capability", "versions")
-        wanted = json.loads(json.dumps({k: ingredients[k] for k in same}))  # as the cache's records hold them
-        measured = [record["speedups"][versus]["speedup"] for record in self.cache.describe()
-                    if versus in (record.get("speedups") or {}) and {k: record.get(k) for k in same} == wanted]  # fmt: skip
-        return measured[-1] if measured else None
+        elapsed = time.perf_counter() - started
+        status.loads += 1
+        status.load_seconds.append(elapsed)
+        logger.info("TensorRT %s engine loaded from %s in %.1fs", component, path, elapsed)
+        # at full size a load takes minutes: the next one's status says how long to expect
+        self._annotate(component, key.key, {"load_seconds": round(elapsed, 1)}, "the load time",
+                       "the next load has no estimate")  # fmt: skip
+        return engine, metadata.get("weights", key.weights)
 
-    def _measure(
-        self, component: str, key: str, engine: Callable, args: tuple, pytorch_seconds: float, versus: str
-    ) -> float:
-        """The engine's speed-up over PyTorch (`versus`: how PyTorch ran) on the same inputs, kept in its cache
-        record beside those measured against other ways of running PyTorch."""
-        engine_seconds = median_seconds(lambda: engine(*args), TIMED_RUNS)
-        speedup = pytorch_seconds / engine_seconds
-        logger.info("TensorRT %s engine: %.3fs a call against PyTorch's %.3fs (%s): %.2fx", component, engine_seconds,
-                    pytorch_seconds, versus, speedup)  # fmt: skip
-        speedups = (self.cache.metadata(key) or {}).get("speedups") or {}
-        speedups[versus] = {"speedup": round(speedup, 3), "engine_seconds": engine_seconds,
-                            "pytorch_seconds": pytorch_seconds}  # fmt: skip
-        self._annotate(
-            component, key, {"speedups": speedups}, "the engine's speed", "the next process measures it again"
-        )
-        return speedup
+    def _build(self, component: str, key: EngineKey, module: torch.nn.Module, args: tuple) -> Callable:
+        """Compile, save and store an engine. A build that fails for a reason other than memory fails again with the
+        same code, shapes, settings, GPU and versions (all in the key): it is remembered, so later processes skip it
+        instead of paying for it again (at full size, minutes). A build that ran out of memory may fit another time."""
+        status = self.status[component]
+        started = time.perf_counter()
+        logger.info("compiling TensorRT engine for %s, inputs %s (first run of this shape; this can take minutes)",
+                    component, key.ingredients["inputs"])  # fmt: skip
+        progress = status.build = BuildProgress(self._cancelled)
+        last_build = self._last_build_seconds(component, key.ingredients["gpu"])
+        with busy(component, status, "compiling engine (first run of this shape)", last_build):
+            try:
+                with tensorrt_errors():
+                    compiled = self.backend.compile(module, args, compile_settings(component), progress)
+            except TensorRTFailure as failure:
+                if not failure.out_of_memory:
+                    self.cache.reject(key.key, f"its build failed: {failure}", key.ingredients)
+                raise
+            compiled_at = time.perf_counter()
+            with tempfile.TemporaryDirectory(
+                dir=self.cache.directory, prefix=self.cache.staging_prefix(key.key)
+            ) as staging:
+                built = Path(staging) / f"engine{ENGINE_SUFFIX}"
+                with tensorrt_errors():
+                    self.backend.save(compiled, args, built, progress)
+                saved_at = time.perf_counter()
+                timing = {
+                    "build_seconds": round(saved_at - started, 1),
+                    "save_seconds": round(saved_at - compiled_at, 1),
+                }
+                self.cache.store(key.key, built, {**key.ingredients, "weights": key.weights, **timing})
+        elapsed = time.perf_counter() - started
+        status.compiles += 1
+        status.compile_seconds.append(elapsed)
+        logger.info("TensorRT %s engine compiled and saved in %.1fs (saving %.1fs)", component, elapsed,
+                    timing["save_seconds"])  # fmt: skip
+        return compiled
 
     def _annotate(self, component: str, key: str, fields: dict, what: str, otherwise: str) -> None:
         """Add a measurement to the engine's cache record; a cache that cannot take it costs a warning, not the
@@ -470,134 +448,13 @@ class TensorRTRuntime:
         except OSError as error:
             logger.warning("TensorRT %s: could not keep %s in the cache (%s); %s", component, what, error, otherwise)
 
-    def _run_slower_in_pytorch(
-        self,
-        component: str,
-        module: torch.nn.Module,
-        signature: tuple,
-        speedup: float,
-        versus: str,
-        other_shape: bool = False,
-    ) -> None:
-        """An engine no faster than PyTorch (this one, or for `other_shape`, one built for another input shape): this
-        signature runs in PyTorch (weights back on the GPU, if a build or an earlier engine sent them away), and the
-        status says why."""
-        self._slower.setdefault(module, set()).add(signature)
-        status = self.status[component]
-        status.engine = "pytorch"
-        which = "an engine of it for another input shape" if other_shape else "its engine"
-        kept = "so none is built for this one" if other_shape else "measured once, kept in the engine cache"
-        status.reason = (f"{which} measured {speedup:.2f}x the speed of PyTorch ({versus}) on this GPU, under the "
-                         f"{MIN_TENSORRT_SPEEDUP:.2f}x it must reach; {kept}")  # fmt: skip
-        logger.info("TensorRT %s: %s", component, status.reason)
-
-    def _refit(self, component: str, engine: Callable, module: torch.nn.Module, args: tuple) -> Callable | None:
-        """The engine with the module's current weights written into it, or None if the refit fails."""
-        started = time.perf_counter()
-        try:
-            with self._busy(component, "refitting engine (new weights)"):
-                refitted = self.backend.refit(engine, module, args)
-        except Exception as error:  # a failed refit costs a build, not the component
-            logger.debug("TensorRT %s refit failed", component, exc_info=True)
-            logger.info("TensorRT %s refit failed: %s", component, _describe(error))
-            return None
-        status = self.status[component]
-        status.refits += 1
-        status.refit_seconds.append(time.perf_counter() - started)
-        logger.info("TensorRT %s engine refitted in %.1fs", component, status.refit_seconds[-1])
-        return refitted
-
-    def _load(self, component: str, key: str, weights: str) -> Callable | None:
-        """The cached engine, marked with the weights it was built with (`built_with`), or None."""
-        path = self.cache.lookup(key)
-        if path is None:
-            return None
-        metadata = self.cache.metadata(key) or {}
-        built_with = metadata.get("weights", weights)
-        started = time.perf_counter()
-        try:
-            with self._busy(component, "loading engine from the cache", metadata.get("load_seconds")):
-                engine = self.backend.load(path)
-        except Exception as error:  # whatever the reason, an engine that will not load is rebuilt
-            logger.debug("TensorRT %s engine %s will not load", component, path, exc_info=True)
-            self.cache.remove(key, f"it will not load ({_describe(error)}); rebuilding")
-            return None
-        elapsed = time.perf_counter() - started
-        status = self.status[component]
-        status.loads += 1
-        status.load_seconds.append(elapsed)
-        logger.info("TensorRT %s engine loaded from %s in %.1fs", component, path, elapsed)
-        # at full size a load takes minutes: the next one's status says how long to expect
-        self._annotate(
-            component, key, {"load_seconds": round(elapsed, 1)}, "the load time", "the next load has no estimate"
-        )
-        engine.built_with = built_with
-        return engine
-
-    def _build(self, component: str, key: str, module, args: tuple, ingredients: dict) -> Callable:
-        status = self.status[component]
-        started = time.perf_counter()
-        logger.info(
-            "compiling TensorRT engine for %s, inputs %s (first run of this shape; this can take minutes)",
-            component,
-            ingredients["inputs"],
-        )
-        settings = {**BASE_SETTINGS, **COMPONENT_SETTINGS[component]}
-        progress = status.build = BuildProgress(self._cancelled)
-        last_build = self._last_build_seconds(component, ingredients["gpu"])
-        with self._busy(component, "compiling engine (first run of this shape)", last_build):
-            try:
-                compiled = self.backend.compile(module, args, settings, progress)
-            except BuildCancelled:
-                raise
-            except Exception as error:
-                self._remember_failed_build(key, ingredients, error)
-                raise
-            compiled_at = time.perf_counter()
-            with tempfile.TemporaryDirectory(
-                dir=self.cache.directory, prefix=self.cache.staging_prefix(key)
-            ) as staging:
-                built = Path(staging) / f"engine{ENGINE_SUFFIX}"
-                self.backend.save(compiled, args, built, progress)
-                saved_at = time.perf_counter()
-                timing = {
-                    "build_seconds": round(saved_at - started, 1),
-                    "save_seconds": round(saved_at - compiled_at, 1),
-                }
-                self.cache.store(key, built, {**ingredients, **timing})
-        elapsed = time.perf_counter() - started
-        status.compiles += 1
-        status.compile_seconds.append(elapsed)
-        logger.info("TensorRT %s engine compiled and saved in %.1fs (saving %.1fs)", component, elapsed,
-                    timing["save_seconds"])  # fmt: skip
-        return compiled
-
-    def _remember_failed_build(self, key: str, ingredients: dict, error: Exception) -> None:
-        """A build that failed for a reason other than memory fails again with the same code, shapes, settings, GPU
-        and versions (all in the key): later processes skip it instead of paying for it again (at full size, minutes).
-        A build that ran out of memory may fit another time."""
-        if not _out_of_memory(error):
-            self.cache.reject(key, f"its build failed: {_describe(error)}", ingredients)
-
-    @contextlib.contextmanager
-    def _busy(self, component: str, activity: str, expected_seconds: float | None = None) -> Iterator[None]:
-        """A step that can take minutes at full size: the status says what and for how long, the log repeats it every
-        30 s, so neither the app nor a terminal looks frozen."""
-        status = self.status[component]
-        status.busy, status.busy_since, status.busy_expected_seconds = activity, time.perf_counter(), expected_seconds
-        try:
-            with _Heartbeat(lambda: f"TensorRT {component}: still {status.describe()}"):
-                yield
-        finally:
-            status.busy = status.busy_since = status.busy_expected_seconds = status.build = None
-
     def _last_build_seconds(self, component: str, gpu: str) -> float | None:
         """The most recent build of this component on this GPU, for an estimate while the next one runs."""
         builds = [r["build_seconds"] for r in self.cache.describe()
                   if r.get("component") == component and r.get("gpu") == gpu and "build_seconds" in r]  # fmt: skip
         return builds[-1] if builds else None
 
-    # -- reports ------------------------------------------------------------------------------------------------
+    # -- reports --------------------------------------------------------------------------------------------------
 
     def report(self) -> list[str]:
         """One line per component, what it runs on and why; first, why TensorRT cannot run here, if it cannot."""
@@ -609,8 +466,7 @@ class TensorRTRuntime:
         info = {"torch": torch.__version__, "cuda": torch.version.cuda, "cache_dir": str(self.cache.directory)}
         info["cache_bytes"] = self.cache.size_bytes()
         if torch.cuda.is_available():
-            properties = torch.cuda.get_device_properties(torch.cuda.current_device())
-            info.update(gpu=properties.name, compute_capability=f"{properties.major}.{properties.minor}")
+            info.update(gpu_identity(torch.device("cuda", torch.cuda.current_device())))
         else:
             info["gpu"] = None
         try:
@@ -621,57 +477,6 @@ class TensorRTRuntime:
         return info
 
 
-def _refittable(component: str) -> bool:
-    return COMPONENT_SETTINGS[component].get("immutable_weights") is False
-
-
-def _weight_state(module: torch.nn.Module) -> tuple:
-    """Which tensors hold the weights, how often each was changed in place, and a strided sum of each: an edit made
-    through `.data` (as LoRA fusing does) bumps no version counter, so the values are looked at too. Cheap where the
-    engine holds the weights: PyTorch's copy is then in host memory."""
-    with torch.no_grad():
-        return tuple(
-            (t.data_ptr(), t._version, float(t.reshape(-1)[:: max(1, t.numel() // 64)].float().sum()))
-            for t in [*module.parameters(), *module.buffers()]
-        )
-
-
-def _move(module: torch.nn.Module, device: torch.device) -> None:
-    module.to(device)
-
-
-def _out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
-
-
-def _describe(error: BaseException) -> str:
-    if _out_of_memory(error):
-        return f"out of GPU memory while building or running the engine ({type(error).__name__})"
-    if NO_EXECUTION_CONTEXT in str(error):  # Torch-TensorRT's check; TensorRT logged its own error just before
-        return (
-            "TensorRT built the engine but could not create its execution context on this GPU"
-            " (TensorRT's own error is in the log above)"
-        )
-    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
-    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
-
-
-class _Heartbeat:
-    """Logs `message()` every 30 s until the block ends."""
-
-    def __init__(self, message: Callable[[], str], every: float = 30.0) -> None:
-        self.message, self.every = message, every
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._beat, daemon=True)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(self.every):
-            logger.info("%s", self.message())
-
-    def __enter__(self) -> "_Heartbeat":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._stop.set()
-        self._thread.join()
+def _run_engine(engine: Callable, args: tuple):
+    with tensorrt_errors():
+        return engine(*args)

@@ -1,7 +1,6 @@
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 from PIL import Image
 
@@ -22,20 +21,6 @@ def image_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("images") / "start.png"
     Image.fromarray(example_image(320, 240)).save(path)
     return path
-
-
-class FrameSink:
-    """A video writer that keeps frames in memory (and records every call)."""
-
-    def __init__(self):
-        self.calls = []
-
-    def __call__(self, frames: np.ndarray, path: Path, fps: int, crf: int) -> None:
-        self.calls.append(frames.copy())
-
-    @property
-    def last(self) -> np.ndarray:
-        return self.calls[-1]
 
 
 @pytest.fixture(scope="session")

@@ -13,8 +13,8 @@ from PIL import Image
 
 from demo_gradio import STEP_CACHE_CHOICES, lora_choices
 from diffusers_helper.settings import STEP_CACHES, InvalidSettings, LoraChoice
-from tests.app_server import running_app
-from tests.lora_files import TINY_LAYERS, random_layers, write_kohya, write_peft
+from tests.support.app_server import running_app
+from tests.support.lora_files import TINY_LAYERS, random_layers, write_kohya, write_peft
 
 # image, prompt, negative prompt, seed, seconds, steps, distilled CFG, window, CFG, rescale, preserve, step cache,
 # CRF, variant, resolution

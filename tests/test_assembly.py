@@ -1,13 +1,18 @@
-"""Assembly: the output head runs in float32 on a bf16 transformer, as FramePack runs it."""
+"""Assembly: the output head runs in float32 on a bf16 transformer, as FramePack runs it; the hooks nest in their
+order; the TensorRT wrappers go where the setup allows them."""
+
+import logging
 
 import pytest
 import torch
 
-from diffusers_helper.models.assembly import assemble
+from diffusers_helper.models.assembly import accelerate, assemble
 from diffusers_helper.models.components import load_components
 from diffusers_helper.models.placement import MemoryPlan
+from diffusers_helper.models.transformer_blocks import transformer_blocks
 from diffusers_helper.pipeline.sections import InvertedAntiDrifting
-from diffusers_helper.settings import ModelSettings
+from diffusers_helper.settings import ModelSettings, TensorRTOptions
+from tests.support.runtimes import make_runtime
 
 
 def test_the_output_head_runs_in_float32_on_a_bf16_transformer(tiny_root):
@@ -64,7 +69,7 @@ def test_a_step_the_step_cache_skips_reaches_no_streamed_block(tiny_root, tmp_pa
 
     def stream_all_but_the_first_block(components, plan):
         transformer = components.transformer
-        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks][1:]:
+        for block in transformer_blocks(transformer)[1:]:
             HookRegistry.check_if_exists_or_initialize(block).register_hook(CountingStream(), GROUP_OFFLOADING_HOOK)
         return Placement()
 
@@ -78,3 +83,18 @@ def test_a_step_the_step_cache_skips_reaches_no_streamed_block(tiny_root, tmp_pa
     cache = getattr(engine, step_cache)
     assert cache.skipped > 0 and cache.computed + cache.skipped == 20
     assert len(loads) == cache.computed * streamed_blocks
+
+
+@pytest.mark.parametrize("setup", ["offload", "bitsandbytes"])
+def test_incompatible_setups_keep_the_transformer_in_pytorch(tmp_path, caplog, tiny_root, setup):
+    runtime, _ = make_runtime(tmp_path)
+    components = load_components("framepack", tiny_root, {})
+    if setup == "bitsandbytes":
+        components.transformer.hf_quantizer = object()
+    plan = MemoryPlan(torch.device("cpu"), torch.float32, torch.float32, setup == "offload", 0.0, 6.0)
+    with caplog.at_level(logging.WARNING):
+        accelerate(components, TensorRTOptions(vae=True, transformer=True), runtime, plan)
+    assert ("CPU offload" if setup == "offload" else "BitsAndBytes") in caplog.text
+    assert not hasattr(components.transformer.transformer_blocks[0], "_diffusers_hook")
+    assert runtime.status["transformer"].engine == "pytorch"
+    assert type(components.vae.decoder).__name__ == "TensorRTLatentDecoder"  # the VAE is still accelerated

@@ -246,7 +246,9 @@ def test_the_readme_commands_run_as_written(tmp_path):
         line.strip() for line in readme.splitlines() if "generate.py --preset tiny --image example.png" in line
     )
     steps = command.split(" && ")[1:]  # after `pip install ...`
-    script = " && ".join(step.replace("generate.py", str(REPO / "generate.py")) for step in steps)
+    python = f'"{sys.executable}" '  # the test's own interpreter: the one the set-up command installed into
+    script = " && ".join(python + step.removeprefix("python ").replace("generate.py", str(REPO / "generate.py"))
+                         for step in steps)  # fmt: skip
     result = subprocess.run(script, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
@@ -288,7 +290,7 @@ def test_a_bad_lora_is_refused_before_the_models_load(capsys, image_file, tmp_pa
 
 
 def test_a_lora_for_another_model_is_bad_input_and_writes_nothing(capsys, image_file, tmp_path):
-    from tests.lora_files import random_layers, write_peft
+    from tests.support.lora_files import random_layers, write_peft
 
     wan = write_peft(tmp_path / "wan.safetensors", random_layers({"blocks.0.self_attn.q": (32, 32)}, 4, 0))
     outputs = tmp_path / "out"
@@ -302,7 +304,7 @@ def test_a_lora_for_another_model_is_bad_input_and_writes_nothing(capsys, image_
 def test_the_sidecar_records_each_loras_name_scale_and_hash(capsys, image_file, tmp_path):
     import hashlib
 
-    from tests.lora_files import TINY_LAYERS, random_layers, write_kohya, write_peft
+    from tests.support.lora_files import TINY_LAYERS, random_layers, write_kohya, write_peft
 
     first = write_peft(tmp_path / "first.safetensors", random_layers(TINY_LAYERS, 4, 1))
     second = write_kohya(tmp_path / "second.safetensors", random_layers(TINY_LAYERS, 2, 2), alpha=1.0)

@@ -11,21 +11,18 @@ import pytest
 import torch
 
 from diffusers_helper.acceleration import compiled_blocks
-from diffusers_helper.acceleration.compiled_blocks import (
-    COMPILE_HOOK,
-    BackendChoices,
-    CompiledBlocks,
-    Measurement,
-)
+from diffusers_helper.acceleration.compiled_blocks import COMPILE_HOOK, CompiledBlocks
+from diffusers_helper.acceleration.speed_records import SPEED_RECORDS_FILE, SpeedRecords
 from diffusers_helper.media.images import example_image
 from diffusers_helper.media.job_files import JobPaths
 from diffusers_helper.models.assembly import assemble
 from diffusers_helper.models.components import load_components
 from diffusers_helper.models.placement import plan_memory
+from diffusers_helper.models.transformer_blocks import transformer_blocks
 from diffusers_helper.pipeline.engine import FramePackEngine
 from diffusers_helper.pipeline.events import Finished
 from diffusers_helper.settings import GenerationSettings, InvalidSettings, ModelSettings, TensorRTOptions
-from tests.conftest import FrameSink
+from tests.support.frame_sink import FrameSink
 
 SETTINGS = GenerationSettings(prompt="a cat walks", seconds=1.0, steps=3, resolution=128, step_cache="off")
 JOBS = itertools.count()
@@ -48,8 +45,7 @@ def frames(engine: FramePackEngine, tmp_path, settings: GenerationSettings = SET
 
 
 def blocks(engine: FramePackEngine) -> list[torch.nn.Module]:
-    transformer = engine.models.components.transformer
-    return [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    return transformer_blocks(engine.models.components.transformer)
 
 
 def test_a_compiled_job_makes_the_eager_video_and_says_so(tiny_root, tmp_path):
@@ -58,7 +54,6 @@ def test_a_compiled_job_makes_the_eager_video_and_says_so(tiny_root, tmp_path):
     compiled = frames(engine, tmp_path)
     assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 2  # float32 reassociation, nothing more
     assert engine.models.backends()["transformer"] == "torch.compile"
-    assert set(engine.models.compiled._decisions.values()) == {"compile"}
     assert all(COMPILE_HOOK in block._diffusers_hook.hooks for block in blocks(engine))
 
 
@@ -102,27 +97,27 @@ def test_the_compiled_blocks_read_the_weights_as_they_are_now(tiny_root, tmp_pat
 def test_auto_measures_once_remembers_and_a_later_process_that_found_eager_faster_does_not_compile(
     tiny_root, tmp_path, monkeypatch
 ):
-    choices = BackendChoices(tmp_path / "engines" / compiled_blocks.CHOICES_FILE)
+    speeds = SpeedRecords(tmp_path / "engines" / SPEED_RECORDS_FILE)
     engine = tiny_engine(tiny_root, "eager")
-    engine.models.compiled = CompiledBlocks("auto", choices)
+    engine.models.compiled = CompiledBlocks("auto", speeds)
     engine.models.compiled.install(engine.models.components.transformer)
     frames(engine, tmp_path)
-    records = [json.loads(line) for line in choices.path.read_text().splitlines()]
+    records = [json.loads(line) for line in speeds.path.read_text().splitlines()]
     shapes = {(r["key"]["block"].rsplit(".", 1)[1], tuple(r["key"]["shape"])) for r in records}
     assert {block for block, _ in shapes} == {"HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"}
     assert len(records) == len(shapes)  # measured once per block class and shape, not once per block or step
-    assert all(r["chosen"] in ("compile", "eager") and r["relative_error"] < 0.02 for r in records)
+    assert all(r["key"]["candidate"] == "torch.compile" and r["relative_error"] < 0.02 for r in records)
     assert "torch.compile measured" in engine.models.backends()["transformer"]
 
-    slower = [{**r, "compiled_s": r["eager_s"] * 2, "chosen": "eager"} for r in records]
-    choices.path.write_text("".join(json.dumps(r) + "\n" for r in [*records, *slower]))
+    slower = [{**r, "candidate_s": r["baseline_s"] * 2} for r in records]
+    speeds.path.write_text("".join(json.dumps(r) + "\n" for r in [*records, *slower]))
     monkeypatch.setattr(compiled_blocks.torch, "compile", lambda *a, **k: pytest.fail("compiled though eager won"))
     later = tiny_engine(tiny_root, "eager")
-    later.models.compiled = CompiledBlocks("auto", choices)
+    later.models.compiled = CompiledBlocks("auto", speeds)
     later.models.compiled.install(later.models.components.transformer)
     frames(later, tmp_path)
     assert later.models.backends()["transformer"].startswith("PyTorch (torch.compile measured 0.50x")
-    assert choices.path.read_text().count("\n") == 2 * len(records)  # nothing measured again
+    assert speeds.path.read_text().count("\n") == 2 * len(records)  # nothing measured again
 
 
 def test_a_compile_that_is_wrong_or_fails_leaves_the_eager_video_with_one_warning(
@@ -174,19 +169,6 @@ def test_a_prompt_of_another_length_runs_the_compiled_graph_and_a_new_latent_sha
     assert described.startswith("PyTorch (torch.compile failed: FailOnRecompileLimitHit"), described
 
 
-def test_remembered_choices_take_the_last_line_for_a_key_and_skip_broken_lines(tmp_path):
-    choices = BackendChoices(tmp_path / "choices.jsonl")
-    key, other = {"block": "a", "shape": [1, 2]}, {"block": "b", "shape": [1, 2]}
-    assert choices.lookup(key) is None
-    choices.remember(key, Measurement(1.0, 0.5, 0.001))
-    choices.remember(other, Measurement(1.0, 2.0, 0.001))
-    choices.remember(key, Measurement(1.0, 1.25, 0.002))
-    with open(choices.path, "a") as file:
-        file.write('{"key": {"block": "a", "shape": [1, 2]}, "eager_s": 1.0, "comp')  # a write cut short
-    assert choices.lookup(key) == Measurement(1.0, 1.25, 0.002) and choices.lookup(key).chosen == "eager"
-    assert choices.lookup(other).chosen == "eager" and Measurement(1.0, 0.5, 0.0).chosen == "compile"
-
-
 def test_auto_compiles_nothing_on_the_cpu(tiny_root):
     plan = plan_memory("cpu")
     for backend in ("auto", "eager"):
@@ -205,10 +187,10 @@ def test_under_the_tensorrt_stack_the_blocks_compile_wherever_the_stack_runs_in_
 ):
     """`--tensorrt-transformer --backend compile`: the stack's engine is timed against the compiled blocks; where it
     loses (timed so here), the compiled blocks run the job, and the report says both."""
-    import diffusers_helper.tensorrt_runtime as runtime_module
+    from diffusers_helper.acceleration import speed_policy
     from diffusers_helper.acceleration.engine_cache import EngineCache
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime
-    from tests.tensorrt_double import FakeBackend
+    from tests.support.tensorrt_double import FakeBackend
 
     seconds = iter([1.0, 2.0])  # the blocks in PyTorch (compiled), then the engine: 0.5x
 
@@ -216,7 +198,7 @@ def test_under_the_tensorrt_stack_the_blocks_compile_wherever_the_stack_runs_in_
         function()
         return next(seconds)
 
-    monkeypatch.setattr(runtime_module, "median_seconds", timed)
+    monkeypatch.setattr(speed_policy, "median_seconds", timed)
     runtime = TensorRTRuntime(EngineCache(tmp_path / "engines"), FakeBackend(), only_if_faster=True)
     plan = plan_memory("cpu")
     settings = ModelSettings(preset="tiny", backend="compile", tensorrt=TensorRTOptions(transformer=True))
@@ -226,7 +208,6 @@ def test_under_the_tensorrt_stack_the_blocks_compile_wherever_the_stack_runs_in_
     compiled = frames(engine, tmp_path)
     eager = frames(tiny_engine(tiny_root, "eager"), tmp_path)
     assert np.abs(compiled.astype(int) - eager.astype(int)).max() <= 2
-    assert set(models.compiled._decisions.values()) == {"compile"}
     report = models.backends()["transformer"]
     assert report.startswith("PyTorch (its engine measured 0.50x the speed of PyTorch (torch.compile)")
     assert report.endswith("; blocks: torch.compile")

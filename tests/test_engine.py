@@ -26,8 +26,7 @@ from diffusers_helper.pipeline.events import (
     StepProgress,
 )
 from diffusers_helper.settings import GenerationSettings
-
-from .conftest import FrameSink
+from tests.support.frame_sink import FrameSink
 
 
 def tiny_settings(**overrides) -> GenerationSettings:

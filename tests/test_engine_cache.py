@@ -11,18 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffusers_helper.acceleration.engine_cache import EngineCache, cache_key
-from diffusers_helper.settings import InvalidSettings
-from diffusers_helper.tensorrt_runtime import (
+from diffusers_helper.acceleration.engine_cache import (
     CACHE_DIR_VARIABLE,
     CACHE_LIMIT_VARIABLE,
-    TensorRTRuntime,
+    EngineCache,
     default_cache_dir,
     default_cache_limit,
 )
-from tests.engine_cache_worker import ENTRY_BYTES, engine_bytes
-from tests.tensorrt_double import FakeBackend
-from tests.tensorrt_worker import seeded_mlp
+from diffusers_helper.acceleration.engine_keys import cache_key
+from diffusers_helper.settings import InvalidSettings
+from diffusers_helper.tensorrt_runtime import TensorRTRuntime
+from tests.support.engine_cache_worker import ENTRY_BYTES, engine_bytes
+from tests.support.tensorrt_double import FakeBackend
+from tests.support.tensorrt_worker import seeded_mlp
 
 REPO = Path(__file__).resolve().parent.parent
 POSIX_ONLY = ("fcntl", "termios", "pwd", "grp", "resource")
@@ -156,7 +157,7 @@ def test_processes_storing_looking_up_and_evicting_at_once_leave_a_consistent_ca
     directory, barrier = tmp_path / "engines", tmp_path / "barrier"
     barrier.mkdir()
     workers, operations, max_bytes = 4, 500, 4 * ENTRY_BYTES
-    command = [sys.executable, "-m", "tests.engine_cache_worker", str(directory), str(max_bytes)]
+    command = [sys.executable, "-m", "tests.support.engine_cache_worker", str(directory), str(max_bytes)]
     processes = [
         subprocess.Popen(
             [*command, str(seed), str(operations), str(barrier), str(workers)],

@@ -13,8 +13,7 @@ from diffusers_helper.models.components import load_components
 from diffusers_helper.models.lora import FusedLoras, read_lora
 from diffusers_helper.models.placement import GIB, MemoryPlan, plan_memory, tensor_bytes
 from diffusers_helper.settings import InvalidSettings, ModelSettings, TensorRTOptions
-
-from .lora_files import TINY_LAYERS, random_layers, write_peft
+from tests.support.lora_files import TINY_LAYERS, random_layers, write_peft
 
 
 @pytest.fixture
@@ -48,7 +47,7 @@ def test_without_an_fp8_gpu_the_blocks_stay_bf16_with_one_warning_and_the_report
 def test_fp8_serves_a_streaming_plan_only_where_the_whole_fp8_transformer_stays_resident(transformer, monkeypatch):
     monkeypatch.setattr(assembly, "fp8_unavailable", lambda device: None)
     quantized = []
-    monkeypatch.setattr(assembly, "quantize_blocks_fp8", lambda model, device: quantized.append(device))
+    monkeypatch.setattr(assembly, "convert_blocks_on_device", lambda model, device, convert: quantized.append(device))
     needed = fp8.fp8_bytes(transformer)
     bf16 = sum(p.numel() * p.element_size() for p in transformer.parameters())
     assert needed < bf16  # one byte a quantized weight instead of four (float32 here), plus a scale a row

@@ -19,9 +19,8 @@ from diffusers_helper.models.tiny_preset import TINY_RESOLUTION
 from diffusers_helper.pipeline.events import APPLYING_LORAS, Failed, Finished, StageStarted
 from diffusers_helper.pipeline.sections import InvertedAntiDrifting
 from diffusers_helper.settings import GenerationSettings, InvalidSettings, LoraChoice
-
-from .conftest import FrameSink
-from .lora_files import TINY_LAYERS, delta, random_layers, write_kohya, write_peft
+from tests.support.frame_sink import FrameSink
+from tests.support.lora_files import TINY_LAYERS, delta, random_layers, write_kohya, write_peft
 
 
 @pytest.fixture
@@ -328,7 +327,7 @@ def test_a_lora_switch_refits_the_transformer_engine_and_never_builds_it_again(e
     from diffusers_helper.pipeline.engine import FramePackEngine
     from diffusers_helper.settings import ModelSettings, TensorRTOptions
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime
-    from tests.tensorrt_double import FakeBackend
+    from tests.support.tensorrt_double import FakeBackend
 
     plan = plan_memory("cpu")
     backend = FakeBackend()

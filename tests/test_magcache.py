@@ -20,6 +20,7 @@ from diffusers_helper.caching.magcache import (
     retained_steps,
 )
 from diffusers_helper.models.components import TRANSFORMER_REPOS
+from diffusers_helper.models.transformer_blocks import transformer_blocks
 from diffusers_helper.pipeline.sections import InvertedAntiDrifting
 
 FLAT = (1.0,) * 25  # residuals of constant magnitude: no error ever accumulates, so only K and retention limit skips
@@ -201,7 +202,7 @@ def test_a_skipped_pass_calls_no_block(transformer):
     cache = apply_magcache(transformer, FLAT)
     cache.reset(0.1, 2, 0.25)
     calls = []
-    for index, block in enumerate([*transformer.transformer_blocks, *transformer.single_transformer_blocks]):
+    for index, block in enumerate(transformer_blocks(transformer)):
         inner = block.norm1 if hasattr(block, "norm1") else block.norm
         inner.register_forward_pre_hook(lambda module, args, index=index: calls.append(index))
     denoise(transformer, 12, cache=cache)

@@ -6,6 +6,7 @@ from accelerate import init_empty_weights
 
 from diffusers_helper.models.full_size_preset import FULL_SIZE
 from diffusers_helper.models.placement import MemoryPlan, Placement, needs_offload, plan_memory, transformer_layout
+from diffusers_helper.models.transformer_blocks import transformer_blocks
 from diffusers_helper.settings import InvalidSettings
 
 GIB = 1024**3
@@ -78,7 +79,7 @@ def test_transformer_blocks_resident_for_each_limit(full_size_transformer, limit
     kept, streamed = transformer_layout(full_size_transformer, plan)
     assert (len(kept), len(streamed)) == (resident, 60 - resident)
     assert kept[0] is full_size_transformer.transformer_blocks[0]  # the step cache reads the first block
-    blocks = [*full_size_transformer.transformer_blocks, *full_size_transformer.single_transformer_blocks]
+    blocks = transformer_blocks(full_size_transformer)
     assert kept + streamed == blocks  # resident from the front, in the order they run
 
 

@@ -6,16 +6,18 @@ import time
 import pytest
 
 import engines
-from diffusers_helper.acceleration import tensorrt_wrappers
-from diffusers_helper.acceleration.engine_cache import EngineCache
+from diffusers_helper.acceleration import speed_policy, tensorrt_wrappers
+from diffusers_helper.acceleration.engine_cache import CACHE_DIR_VARIABLE, EngineCache
+from diffusers_helper.acceleration.speed_policy import speed_key
+from diffusers_helper.acceleration.speed_records import SPEED_RECORDS_FILE, SpeedRecord, SpeedRecords
 from diffusers_helper.frontend.prebuild import parse_bucket, plan_items, prebuild
 from diffusers_helper.models.assembly import assemble
 from diffusers_helper.models.components import load_components
 from diffusers_helper.models.placement import plan_memory
 from diffusers_helper.pipeline.engine import FramePackEngine
 from diffusers_helper.settings import InvalidSettings, ModelSettings, TensorRTOptions
-from diffusers_helper.tensorrt_runtime import CACHE_DIR_VARIABLE, TensorRTRuntime
-from tests.tensorrt_double import FakeBackend
+from diffusers_helper.tensorrt_runtime import TensorRTRuntime
+from tests.support.tensorrt_double import FakeBackend
 
 BUCKETS = [(128, 128), (112, 144)]
 
@@ -48,11 +50,9 @@ def test_prebuild_builds_each_shape_once_and_a_second_run_only_loads(tmp_path, t
 def test_where_the_engine_loses_to_pytorch_the_next_shapes_are_not_built_and_each_item_says_why(
     tmp_path, tiny_root, monkeypatch
 ):
-    import diffusers_helper.tensorrt_runtime as runtime_module
-
     monkeypatch.setattr(tensorrt_wrappers, "STACK_LATENT_BUCKET", 1)  # one shape per bucket
     timings = iter([0.5, 1.0])  # PyTorch, then the engine: 0.5x
-    monkeypatch.setattr(runtime_module, "median_seconds", lambda function, runs: (function(), next(timings))[1])
+    monkeypatch.setattr(speed_policy, "median_seconds", lambda function, runs: (function(), next(timings))[1])
     lines = []
     records, _ = run_prebuild(tiny_root, tmp_path / "engines", lines, only_if_faster=True)
     assert [r["compiled"] for r in records] == [{"transformer": 1}, {}]
@@ -87,8 +87,10 @@ def test_list_shows_component_shapes_size_and_last_use(filled_cache, capsys):
     # the text padded to one length
     assert "2 engine(s)" in out and out.count("transformer") == 2 and "1x1024x32" in out
     assert out.count("speed not measured") == 2
-    key = filled_cache.describe()[0]["key"]
-    filled_cache.annotate(key, {"speedups": {"eager": {"speedup": 1.5}, "torch.compile": {"speedup": 0.8}}})
+    record = filled_cache.describe()[0]
+    speeds = SpeedRecords(filled_cache.directory / SPEED_RECORDS_FILE)
+    for versus, seconds in (("eager", 1 / 1.5), ("torch.compile", 1 / 0.8)):
+        speeds.remember(speed_key(record, versus), SpeedRecord(1.0, seconds))
     engines.main(["list"])
     out = capsys.readouterr().out
     assert "1.50x PyTorch (eager), 0.80x PyTorch (torch.compile)" in out and out.count("speed not measured") == 1

@@ -10,7 +10,7 @@ from diffusers_helper.pipeline.conditioning import Conditions, TextConditions
 from diffusers_helper.pipeline.sampling import Guidance, make_scheduler, sample_section
 from diffusers_helper.pipeline.schedule import framepack_schedule
 from diffusers_helper.pipeline.sections import InvertedAntiDrifting
-from tests.framepack_unipc import framepack_unipc
+from tests.support.framepack_unipc import framepack_unipc
 
 SHAPE = (1, 16, 9, 8, 8)
 

@@ -11,7 +11,9 @@ from diffusers_helper.pipeline.schedule import framepack_schedule, latent_tokens
 
 def formula_sigmas(steps: int, tokens: int) -> list[float]:
     mu = min(0.5 + (tokens - 256) * (1.15 - 0.5) / (4096 - 256), math.log(7))
-    return [math.exp(mu) / (math.exp(mu) + (1 / t - 1)) if t > 0 else 0.0 for t in torch.linspace(1, 0, steps + 1)]
+    return [
+        math.exp(mu) / (math.exp(mu) + (1 / t - 1)) if t > 0 else 0.0 for t in torch.linspace(1, 0, steps + 1).tolist()
+    ]
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 import pytest
 
-from diffusers_helper.settings import GenerationSettings, InvalidSettings
+from diffusers_helper.settings import GenerationSettings, InvalidSettings, ModelSettings, TensorRTOptions
 
 
 @pytest.mark.parametrize(
@@ -22,12 +22,8 @@ def test_defaults_are_framepacks():
         1.0,
         10.0,
     )
-    assert (settings.latent_window, settings.crf, settings.gpu_memory_preservation, settings.step_cache) == (
-        9,
-        16,
-        6.0,
-        "teacache",
-    )
+    assert (settings.latent_window, settings.crf, settings.step_cache) == (9, 16, "teacache")
+    assert ModelSettings().gpu_memory_preservation == 6.0  # it plans the process's memory: a model setting
 
 
 def test_magcache_defaults_are_framepack_studios():
@@ -66,3 +62,18 @@ def test_invalid_settings_name_parameter_value_and_range(field, value, message):
         .replace("*", r"\*"),
     ):
         GenerationSettings(prompt="", **{field: value})
+
+
+def test_flags_that_need_enable_tensorrt():
+    with pytest.raises(InvalidSettings, match="--tensorrt-transformer needs --enable-tensorrt"):
+        TensorRTOptions.from_flags(False, False, True)
+    with pytest.raises(
+        InvalidSettings, match="--tensorrt-text-encoders and --tensorrt-transformer need --enable-tensorrt"
+    ):
+        TensorRTOptions.from_flags(False, True, True)
+    assert TensorRTOptions.from_flags(True, True, True) == TensorRTOptions(
+        vae=True, text_encoders=True, transformer=True
+    )
+    assert TensorRTOptions(transformer=True).enabled  # the components themselves are independent
+    with pytest.raises(InvalidSettings, match="--tensorrt-always needs --enable-tensorrt"):
+        TensorRTOptions.from_flags(False, False, False, always=True)

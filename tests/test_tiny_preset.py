@@ -45,9 +45,9 @@ def test_random_weights_are_seeded_shaped_and_placed_like_the_real_model():
         return LlamaModel(LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0))  # fmt: skip
 
-    first = random_weights(build, torch.bfloat16, torch.device("cpu"), seed=3)
-    again = random_weights(build, torch.bfloat16, torch.device("cpu"), seed=3)
-    other = random_weights(build, torch.bfloat16, torch.device("cpu"), seed=4)
+    first = random_weights(build, torch.bfloat16, lambda tensor: tensor, seed=3)
+    again = random_weights(build, torch.bfloat16, lambda tensor: tensor, seed=3)
+    other = random_weights(build, torch.bfloat16, lambda tensor: tensor, seed=4)
     weight = first.layers[0].mlp.up_proj.weight
     assert weight.dtype == torch.bfloat16 and weight.device.type == "cpu" and not weight.requires_grad
     assert torch.equal(weight, again.layers[0].mlp.up_proj.weight)
@@ -86,7 +86,7 @@ def test_the_full_size_preset_makes_a_video_through_the_product_path(tmp_path):
     from diffusers_helper.media.job_files import JobPaths
     from diffusers_helper.models.assembly import assemble
     from diffusers_helper.models.full_size_preset import full_size_components
-    from diffusers_helper.models.placement import plan_memory
+    from diffusers_helper.models.placement import plan_memory, weight_store
     from diffusers_helper.pipeline.engine import FramePackEngine
     from diffusers_helper.pipeline.events import Finished
     from diffusers_helper.settings import GenerationSettings, ModelSettings
@@ -109,7 +109,7 @@ def test_the_full_size_preset_makes_a_video_through_the_product_path(tmp_path):
             image_proj_dim=48, has_clean_x_embedder=True),
     }  # fmt: skip
     plan = plan_memory("cpu")
-    components = full_size_components("framepack", plan.dtypes(), plan.home, builders=shrunk)
+    components = full_size_components("framepack", plan.dtypes(), weight_store(plan), builders=shrunk)
     assert components.feature_extractor.size == {"height": 384, "width": 384}
     engine = FramePackEngine(
         assemble(components, plan, ModelSettings(preset="full-random")), write_video=lambda *a: None

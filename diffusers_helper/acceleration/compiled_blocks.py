@@ -10,30 +10,29 @@ first step took 1.6 s in bf16 and 2.0 s with FP8 blocks, against 9.0 s and 116 s
 
 The first call of a block class at a new latent shape is checked: the compiled output against eager's (relative L2
 error at most TOLERANCE). Under `auto` both are also timed there, and the faster serves that class and shape; the
-measurement is remembered (`BackendChoices`) per GPU, torch version, block class and shape, so a later process that
+measurement is remembered (speed_records) per GPU, torch version, block class and shape, so a later process that
 found eager faster does not compile at all. A compile that fails (no Triton, an Inductor error, too many recompiles)
 or is wrong costs one warning and leaves every block eager for the rest of the process.
 """
 
 import importlib.util
-import json
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
-from filelock import FileLock
 
+from ..errors import describe_error
+from ..models.transformer_blocks import transformer_blocks
+from .engine_keys import gpu_identity
 from .measure import median_seconds, output_error
+from .speed_records import SpeedRecord, SpeedRecords
 
 logger = logging.getLogger(__name__)
 
 TOLERANCE = 0.02  # bf16 blocks differ from eager by well under 1% when compiled right
 COMPILE_HOOK = "compiled_block"
-CHOICES_FILE = "backend_choices.jsonl"  # in the engine cache directory (not `.json`: that suffix is an engine entry's)
 TIMED_RUNS = 3
 RECOMPILE_LIMIT = 64  # graphs per block class: one per latent shape (and, for FP8, text length) a process meets
 
@@ -45,65 +44,16 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class Measurement:
-    """One block class at one shape, eager against compiled, on this GPU."""
-
-    eager_seconds: float
-    compiled_seconds: float
-    relative_error: float
-
-    @property
-    def speedup(self) -> float:
-        return self.eager_seconds / self.compiled_seconds
-
-    @property
-    def chosen(self) -> str:
-        return "compile" if self.compiled_seconds < self.eager_seconds else "eager"
-
-
-class BackendChoices:
-    """Measurements remembered in a JSON-lines file: one line per measurement, the last line for a key wins. Lines
-    are appended under a file lock, so processes sharing the cache directory never interleave them; a line that does
-    not parse (a write cut short) is skipped."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-
-    def lookup(self, key: dict) -> Measurement | None:
-        found = None
-        try:
-            lines = self.path.read_text().splitlines()
-        except FileNotFoundError:
-            return None
-        for line in lines:
-            try:
-                record = json.loads(line)
-                if record["key"] == key:
-                    found = Measurement(record["eager_s"], record["compiled_s"], record["relative_error"])
-            except (ValueError, KeyError, TypeError):
-                continue
-        return found
-
-    def remember(self, key: dict, measurement: Measurement) -> None:
-        record = {"key": key, "eager_s": measurement.eager_seconds, "compiled_s": measurement.compiled_seconds,
-                  "relative_error": measurement.relative_error, "chosen": measurement.chosen,
-                  "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}  # fmt: skip
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(self.path.with_name(self.path.name + ".lock")), open(self.path, "a") as file:
-            file.write(json.dumps(record, sort_keys=True) + "\n")
-
-
 class CompiledBlocks:
     """The compiled forwards of the transformer's block classes, and which of them serve: always once checked
     (`compile`), or where measured faster (`auto`)."""
 
-    def __init__(self, mode: str, choices: BackendChoices | None = None, weights: str = "bfloat16") -> None:
+    def __init__(self, mode: str, speeds: SpeedRecords | None = None, weights: str = "bfloat16") -> None:
         self.mode = mode
-        self.choices = choices
+        self.speeds = speeds  # None: what is measured is kept for this process only
         self.weights = weights  # part of what a measurement is remembered by: FP8 blocks time differently
         self.failure: str | None = None
-        self.measurements: list[Measurement] = []
+        self.measurements: list[SpeedRecord] = []  # eager as the baseline, torch.compile as the candidate
         self.compiling_since: float | None = None  # while a call with inputs new to its block class compiles
         self._seen: set[tuple] = set()  # graph keys already compiled
         self._compiled: dict[type, Callable] = {}
@@ -111,7 +61,7 @@ class CompiledBlocks:
 
     def install(self, transformer: torch.nn.Module) -> None:
         """Each block's innermost hook: install before streaming and the step caches."""
-        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        for block in transformer_blocks(transformer):
             HookRegistry.check_if_exists_or_initialize(block).register_hook(_CompiledBlockHook(self), COMPILE_HOOK)
 
     def forward(self, module: torch.nn.Module, eager: Callable, args: tuple, kwargs: dict):
@@ -156,8 +106,8 @@ class CompiledBlocks:
 
     def _decide(self, shape: tuple, module: torch.nn.Module, eager: Callable, args: tuple, kwargs: dict) -> str:
         key = self._key(shape, args[0].device)
-        remembered = self.choices.lookup(key) if self.mode == "auto" and self.choices is not None else None
-        if remembered is not None and remembered.chosen == "eager":
+        remembered = self.speeds.lookup(key) if self.mode == "auto" and self.speeds is not None else None
+        if remembered is not None and _chosen(remembered) == "eager":
             self.measurements.append(remembered)
             return self._decisions.setdefault(shape, "eager")
 
@@ -183,34 +133,34 @@ class CompiledBlocks:
         if self.mode == "compile":
             return self._decisions.setdefault(shape, "compile")
         if remembered is None:
-            remembered = Measurement(median_seconds(run_eager, TIMED_RUNS), median_seconds(run_compiled, TIMED_RUNS),
+            remembered = SpeedRecord(median_seconds(run_eager, TIMED_RUNS), median_seconds(run_compiled, TIMED_RUNS),
                                      error)  # fmt: skip
             self._remember(key, remembered)
         self.measurements.append(remembered)
         logger.info("%s at %s: torch.compile %.2fx PyTorch, so %s serves it", shape[0].__name__,
-                    "x".join(map(str, shape[1])), remembered.speedup, remembered.chosen)  # fmt: skip
-        return self._decisions.setdefault(shape, remembered.chosen)
+                    "x".join(map(str, shape[1])), remembered.speedup, _chosen(remembered))  # fmt: skip
+        return self._decisions.setdefault(shape, _chosen(remembered))
 
     def _key(self, shape: tuple, device: torch.device) -> dict:
+        """What a measurement is remembered by: the candidate and its baseline, the GPU, torch, the block class, its
+        latent shape and dtype, and the weights' kind."""
         block, size, dtype = shape
-        gpu = torch.cuda.get_device_properties(device) if device.type == "cuda" else None
-        return {"device": gpu.name if gpu else "cpu", "compute_capability": f"{gpu.major}.{gpu.minor}" if gpu else None,
-                "torch": torch.__version__, "block": f"{block.__module__}.{block.__qualname__}", "shape": list(size),
+        return {"candidate": "torch.compile", "versus": "eager", **gpu_identity(device), "torch": torch.__version__,
+                "block": f"{block.__module__}.{block.__qualname__}", "shape": list(size),
                 "dtype": str(dtype).removeprefix("torch."), "weights": self.weights}  # fmt: skip
 
-    def _remember(self, key: dict, measurement: Measurement) -> None:
-        if self.choices is None:  # measured for this process only
+    def _remember(self, key: dict, measurement: SpeedRecord) -> None:
+        if self.speeds is None:
             return
         try:
-            self.choices.remember(key, measurement)
+            self.speeds.remember(key, measurement)
         except OSError as error:
             logger.warning("could not remember the torch.compile measurement in %s (%s); the next process measures "
-                           "again", self.choices.path, error)  # fmt: skip
+                           "again", self.speeds.path, error)  # fmt: skip
 
-    def _fail(self, reason) -> None:
+    def _fail(self, reason: str | BaseException) -> None:
         if isinstance(reason, BaseException):
-            first_line = (str(reason).strip().splitlines() or [""])[0][:300]
-            reason = f"{type(reason).__name__}: {first_line}"
+            reason = describe_error(reason)
         self.failure = reason
         logger.warning("torch.compile cannot serve the transformer blocks (%s); they run in PyTorch", reason)
 
@@ -236,6 +186,10 @@ class CompiledBlocks:
         if chosen == {"eager"}:
             return f"PyTorch{measured}"
         return f"torch.compile for some block shapes, PyTorch for others{measured}"
+
+
+def _chosen(measurement: SpeedRecord) -> str:
+    return "compile" if measurement.candidate_seconds < measurement.baseline_seconds else "eager"
 
 
 def _standard_strides(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,16 @@
-"""A directory of compiled engines keyed by canonical JSON, safe across processes and platforms.
+"""A directory of compiled engines by key, safe across processes and platforms; where it is and how large it may grow.
 
 Each entry is `<key>.engine` (the engine file the compiler wrote) and `<key>.json` (what built it, its
 size, when it was last used). The JSON is written last and removed first, so an entry without it does not exist.
 Writes go through a temporary file and a rename. Each key has a lock (a `filelock.FileLock`, so Windows works too):
-callers hold it around `lookup`, `store` and `remove`, while eviction and the clean-up in `prepare` take it only if
-nobody holds it, so they never pull an entry from under a process that is building or loading it. A truncated or
-unreadable entry is removed and counts as a miss; an optional size cap, counted over every file in the directory,
-evicts the least recently used entries.
+callers hold it around `lookup`, `store` and `remove`, while eviction, pruning and the clean-up in `prepare` take it
+only if nobody holds it, so they never pull an entry from under a process that is building or loading it. A truncated
+or unreadable entry counts as a miss, and the runtime's lookup removes it; reading the cache for a listing changes
+nothing. An optional size cap, counted over every file in the directory, evicts the least recently used entries.
+The directory is FRAMEPACK_TENSORRT_CACHE_DIR (default Cache/tensorrt_engines), the cap FRAMEPACK_TENSORRT_CACHE_GB.
 """
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -21,9 +21,14 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from ..errors import first_line
 from ..media.atomic_files import write_bytes
+from ..settings import CACHE_DIR, InvalidSettings
 
 logger = logging.getLogger(__name__)
+
+CACHE_DIR_VARIABLE = "FRAMEPACK_TENSORRT_CACHE_DIR"
+CACHE_LIMIT_VARIABLE = "FRAMEPACK_TENSORRT_CACHE_GB"
 
 ENGINE_SUFFIX = ".engine"
 EARLIER_SUFFIXES = (".pt2",)  # engine files of an earlier format, which no key reaches any more
@@ -31,10 +36,48 @@ STAGING_PREFIX = ".build-"  # a build stages its files in `.build-<key>-<random>
 ABANDONED_AFTER_SECONDS = 3600  # staging that names no key: untouched for an hour, its writer was killed
 
 
-def cache_key(ingredients: dict) -> str:
-    """A stable name for everything that makes an engine what it is (sorted, compact JSON, hashed)."""
-    canonical = json.dumps(ingredients, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+# The fields of an entry's record that readers rely on, and the types they must have.
+RECORD_FIELDS = {"component": str, "bytes": int, "inputs": list, "gpu": str, "rejected": str, "weights": str,
+                 "build_seconds": (int, float), "load_seconds": (int, float)}  # fmt: skip
+
+
+def default_cache_dir() -> Path:
+    """FRAMEPACK_TENSORRT_CACHE_DIR, else Cache/tensorrt_engines; InvalidSettings when the variable names a file."""
+    chosen = os.environ.get(CACHE_DIR_VARIABLE)
+    if not chosen:
+        return CACHE_DIR / "tensorrt_engines"
+    if os.path.exists(chosen) and not os.path.isdir(chosen):
+        raise InvalidSettings(f"{CACHE_DIR_VARIABLE} must name a directory, got {chosen!r}, which is a file")
+    return Path(chosen)
+
+
+def default_cache_limit() -> int | None:
+    """FRAMEPACK_TENSORRT_CACHE_GB in bytes, or None (no cap) when unset or empty; InvalidSettings names a value
+    that is not a positive, finite number of GB."""
+    value = os.environ.get(CACHE_LIMIT_VARIABLE)
+    if not value:
+        return None
+    try:
+        limit = float(value) * 1024**3
+    except ValueError:
+        limit = float("nan")
+    if not 0 < limit < float("inf"):  # false for nan too
+        raise InvalidSettings(f"{CACHE_LIMIT_VARIABLE} must be a positive number of GB, got {value!r}")
+    return int(limit)
+
+
+def _record_problem(record: object) -> str | None:
+    """What makes a record unusable, if anything: not a JSON object, or a field of the wrong type."""
+    if not isinstance(record, dict):
+        return f"unreadable metadata (not a JSON object: {record!r:.40})"
+    for name, kind in RECORD_FIELDS.items():
+        value = record.get(name)
+        if name in record and (not isinstance(value, kind) or isinstance(value, bool)):
+            return f"unreadable metadata (its {name!r} is {value!r:.40})"
+    inputs = record.get("inputs", [])
+    if not all(isinstance(i, list) and len(i) == 2 and isinstance(i[0], list) for i in inputs):
+        return f"unreadable metadata (its 'inputs' are {inputs!r:.40})"
+    return None
 
 
 def _last_modified(path: Path) -> float:
@@ -70,7 +113,7 @@ class EngineCache:
         for path in list(self.directory.iterdir()):
             if path.name.startswith(STAGING_PREFIX) or (path.name.startswith(".") and path.suffix == ".tmp"):
                 self._remove_if_abandoned(path)
-            elif not path.name.startswith(".") and path.suffix in (ENGINE_SUFFIX, ".json"):
+            elif not path.name.startswith(".") and path.suffix in (ENGINE_SUFFIX, ".json") and path.is_file():
                 self._remove_if_incomplete(path.stem)
 
     def staging_prefix(self, key: str) -> str:
@@ -137,18 +180,22 @@ class EngineCache:
         finally:
             lock.release()
 
-    def metadata(self, key: str) -> dict | None:
-        """The entry's record, or None; unreadable metadata (anything but a JSON object) is removed."""
+    def _read(self, key: str) -> tuple[dict | None, str | None]:
+        """The entry's record, or what is wrong with it; (None, None) when there is none. Changes nothing."""
         try:
             record = json.loads(self._metadata(key).read_text())
         except FileNotFoundError:
-            return None
+            return None, None
         except (OSError, ValueError) as error:
-            self.remove(key, f"unreadable metadata ({error})")
-            return None
-        if not isinstance(record, dict):
-            self.remove(key, f"unreadable metadata (not a JSON object: {record!r:.40})")
-            return None
+            return None, f"unreadable metadata ({first_line(error)})"
+        problem = _record_problem(record)
+        return (None, problem) if problem else (record, None)
+
+    def metadata(self, key: str) -> dict | None:
+        """The entry's record, or None; an unreadable one is removed (hold the key's lock)."""
+        record, problem = self._read(key)
+        if problem:
+            self.remove(key, problem)
         return record
 
     def lookup(self, key: str) -> Path | None:
@@ -204,14 +251,22 @@ class EngineCache:
     def rejection(self, key: str) -> str | None:
         return (self.metadata(key) or {}).get("rejected")
 
+    def _records(self) -> Iterator[Path]:
+        """The metadata files of the directory (a directory with such a name is not one of ours)."""
+        return (path for path in sorted(self.directory.glob("*.json")) if path.is_file())
+
     def rejections(self) -> list[dict]:
-        """Every rejection record, with its `key`."""
+        """Every rejection record, with its `key`. Changes nothing."""
         found = []
-        for path in sorted(self.directory.glob("*.json")):
-            record = self.metadata(path.stem)
+        for path in self._records():
+            record, _ = self._read(path.stem)
             if record is not None and record.get("rejected"):
                 found.append({**record, "key": path.stem})
         return found
+
+    def unreadable(self) -> list[tuple[str, str]]:
+        """(key, what is wrong) of every entry whose record cannot be used. Changes nothing."""
+        return [(path.stem, problem) for path in self._records() if (problem := self._read(path.stem)[1])]
 
     def remove(self, key: str, reason: str, level: int = logging.WARNING) -> None:
         """Remove an entry, metadata first: an interrupted removal leaves an orphan engine, which `prepare` clears."""
@@ -222,32 +277,55 @@ class EngineCache:
     def entries(self) -> list[tuple[str, int, float]]:
         """(key, bytes, last used) of every complete entry, least recently used first."""
         found = []
-        for metadata_file in self.directory.glob("*.json"):
+        for metadata_file in self._records():
             with contextlib.suppress(FileNotFoundError):  # a rejection record, or an entry removed meanwhile
                 engine_bytes = metadata_file.with_suffix(ENGINE_SUFFIX).stat().st_size
                 found.append((metadata_file.stem, engine_bytes, metadata_file.stat().st_mtime))
         return sorted(found, key=lambda entry: entry[2])
 
     def describe(self) -> list[dict]:
-        """Every complete entry as a record (its metadata, plus `key`, `bytes` and `last_used`), least recently
-        used first: what `engines.py list` shows and `prune` chooses from."""
+        """Every complete entry with a usable record (its metadata, plus `key`, `bytes` and `last_used`), least
+        recently used first: what `engines.py list` shows and `prune` chooses from. Changes nothing."""
         records = []
         for key, size, last_used in self.entries():
-            metadata = self.metadata(key)
+            metadata, _ = self._read(key)
             if metadata is not None:
                 records.append({**metadata, "key": key, "bytes": size, "last_used": last_used})
         return records
 
     def prune(self, keys: list[str]) -> list[str]:
-        """Remove these entries, each under its lock; an entry in use by another process (its lock held) stays.
-        Returns the keys removed."""
+        """Remove these entries and their locks, each under its lock; an entry in use by another process (its lock
+        held) stays. Returns the keys removed; OSError when the directory does not let them go."""
         removed = []
         for key in keys:
             with self._lock_if_free(key) as held:
-                if held and self._metadata(key).exists():
+                if held and (self._metadata(key).exists() or self._engine(key).exists()):
                     self.remove(key, "pruned", logging.INFO)
                     removed.append(key)
+            if key in removed:
+                self._remove_lock(key)
         return removed
+
+    def prune_locks(self) -> int:
+        """Remove the lock files of keys that have no entry (and that nobody holds); returns how many went."""
+        removed = 0
+        for path in sorted(self.directory.glob("*.lock")):
+            key = path.stem
+            if self._metadata(key).exists() or self._engine(key).exists():
+                continue
+            with self._lock_if_free(key) as held:
+                if not held:
+                    continue
+            removed += self._remove_lock(key)
+        return removed
+
+    def _remove_lock(self, key: str) -> bool:
+        """A lock file nobody holds; on Windows one that another process has open stays."""
+        try:
+            (self.directory / f"{key}.lock").unlink()
+        except (FileNotFoundError, PermissionError):
+            return False
+        return True
 
     def size_bytes(self) -> int:
         """Every file under the directory, staging and leftovers included: what the cache takes on disk."""

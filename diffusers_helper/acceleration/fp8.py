@@ -15,6 +15,7 @@ import importlib.util
 
 import torch
 
+from ..models.transformer_blocks import BLOCK_LISTS
 from .compiled_blocks import compile_unavailable
 
 MIN_COMPUTE_CAPABILITY = (8, 9)
@@ -35,13 +36,22 @@ def fp8_unavailable(device: torch.device) -> str | None:
     return compile_unavailable(device)
 
 
-def fp8_linear_names(transformer: torch.nn.Module) -> list[str]:
-    """The linears that FP8 quantizes: every linear inside a block except the modulation."""
+def block_fp8_linears(block: torch.nn.Module) -> list[str]:
+    """The linears of one block that FP8 quantizes: every one but the modulation's, by their names in the block."""
     return [
-        f"{prefix}.{name}"
-        for prefix in ("transformer_blocks", "single_transformer_blocks")
-        for name, module in getattr(transformer, prefix).named_modules()
-        if isinstance(module, torch.nn.Linear) and name.split(".")[1] not in MODULATION
+        name
+        for name, module in block.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.split(".")[0] not in MODULATION
+    ]
+
+
+def fp8_linear_names(transformer: torch.nn.Module) -> list[str]:
+    """The linears that FP8 quantizes, by their names in the transformer."""
+    return [
+        f"{blocks}.{index}.{name}"
+        for blocks in BLOCK_LISTS
+        for index, block in enumerate(getattr(transformer, blocks))
+        for name in block_fp8_linears(block)
     ]
 
 
@@ -54,10 +64,11 @@ def fp8_bytes(transformer: torch.nn.Module) -> int:
     )
 
 
-def quantize_blocks_fp8(transformer: torch.nn.Module, device: torch.device) -> None:
-    """Replace the chosen block linears' weights by float8 ones on `device`."""
+def quantize_block_fp8(block: torch.nn.Module) -> None:
+    """Replace one block's chosen linears' weights by float8 ones, where the block is (the memory policy brings each
+    block to the GPU for it: models/placement.py)."""
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    chosen = set(fp8_linear_names(transformer))
+    chosen = set(block_fp8_linears(block))
     config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
-    quantize_(transformer, config, filter_fn=lambda module, name: name in chosen, device=device)
+    quantize_(block, config, filter_fn=lambda module, name: name in chosen)

@@ -1,7 +1,10 @@
-"""The Torch-TensorRT compiler behind the runtime: availability, versions, compile settings, build, save, load.
+"""The Torch-TensorRT compiler behind the runtime: availability, versions, compile settings, build, save, load, and
+what counts as TensorRT failing.
 
 Settings are data; options the installed Torch-TensorRT does not know are dropped (2.13 removed
-`enabled_precisions` and `use_explicit_typing`; `attn_bias_is_causal` appeared in 2.11).
+`enabled_precisions` and `use_explicit_typing`; `attn_bias_is_causal` appeared in 2.11). Whatever goes wrong inside
+the compiler or an engine (`tensorrt_errors`) is a `TensorRTFailure`, the one kind of error the runtime answers by
+running the component in PyTorch; an error anywhere else is a bug, and is raised.
 """
 
 import base64
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import describe_error
 from .kept_keys_attention import OP_NAME, route_masked_attention
 
 logger = logging.getLogger(__name__)
@@ -31,6 +35,46 @@ class TensorRTUnavailable(RuntimeError):
 
 class BuildCancelled(RuntimeError):
     """A build gave up because it was asked to (its job was stopped): nothing was cached, nothing is wrong."""
+
+
+class TensorRTFailure(RuntimeError):
+    """Torch-TensorRT or TensorRT failed: an export, a build, a save, a load, a refit or an engine's run. The message
+    says what happened in one line; the original error is the cause."""
+
+    @property
+    def out_of_memory(self) -> bool:
+        return _out_of_memory(self.__cause__) if self.__cause__ is not None else False
+
+
+# How Torch-TensorRT reports an engine TensorRT built but cannot run here (no kernels for this GPU, for one).
+NO_EXECUTION_CONTEXT = "exec_ctx.get() != nullptr"
+
+
+@contextlib.contextmanager
+def tensorrt_errors() -> Iterator[None]:
+    """Inside the block, any error (but a cancel) is TensorRT's: raised again as a TensorRTFailure."""
+    try:
+        yield
+    except (BuildCancelled, TensorRTFailure):
+        raise
+    except Exception as error:
+        raise TensorRTFailure(describe_failure(error)) from error
+
+
+def describe_failure(error: BaseException) -> str:
+    """One line for a failure of TensorRT's, in the words a user can act on."""
+    if _out_of_memory(error):
+        return f"out of GPU memory while building or running the engine ({type(error).__name__})"
+    if NO_EXECUTION_CONTEXT in str(error):  # Torch-TensorRT's check; TensorRT logged its own error just before
+        return (
+            "TensorRT built the engine but could not create its execution context on this GPU"
+            " (TensorRT's own error is in the log above)"
+        )
+    return describe_error(error)
+
+
+def _out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error).lower()
 
 
 @dataclass
@@ -100,6 +144,16 @@ TOLERANCES = {
     "text_encoder_2": 0.05,
     "transformer": 0.05,
 }
+
+
+def compile_settings(component: str) -> dict:
+    """What a component's engines are built with (part of their cache key)."""
+    return {**BASE_SETTINGS, **COMPONENT_SETTINGS[component]}
+
+
+def refittable(component: str) -> bool:
+    """Whether the component's engines take new weights by a refit (so their key leaves the weights out)."""
+    return COMPONENT_SETTINGS[component].get("immutable_weights") is False
 
 
 class TorchTensorRTBackend:

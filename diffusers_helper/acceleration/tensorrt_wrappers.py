@@ -9,19 +9,24 @@ fused kernels, on the kept keys: `kept_keys_attention`), so every prompt, real C
 of a resolution run on few engines. Where the stack runs in PyTorch instead (the engine was no faster, or TensorRT
 fell back), latents and prompt go in unpadded and each block can go through torch.compile's compiled forward
 (`CompiledBlocks`).
+
+The wrappers know the runtime only as an `EngineRunner` (register a component, run a call), and where PyTorch's copy of
+a model's weights waits while an engine holds them only as a `WeightParking` the memory policy hands them
+(models/placement.py): neither the wrappers nor the runtime move weights themselves.
 """
 
 import functools
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling
 
+from ..models.transformer_blocks import transformer_blocks
 from .kept_keys_attention import kept_keys_declared
 
 if TYPE_CHECKING:
-    from ..tensorrt_runtime import TensorRTRuntime
     from .compiled_blocks import CompiledBlocks
 
 TEXT_LENGTH_BUCKET = 64  # LLaMA token counts are padded up to a multiple of this: one engine serves many prompts
@@ -37,16 +42,38 @@ STACK_HOOK = "tensorrt_block_stack"
 SKIP_HOOK = "tensorrt_block_skip"
 
 
+class WeightParking(Protocol):
+    """Where PyTorch's copy of a module's weights goes while an engine holds them on the GPU (the memory policy's)."""
+
+    def park(self, module: torch.nn.Module) -> bool:
+        """The engine holds the weights: PyTorch's copy may leave the GPU; True when it did."""
+
+    def bring_back(self, module: torch.nn.Module) -> bool:
+        """PyTorch runs the module: its weights back where it runs; True when any had to move."""
+
+
+class EngineRunner(Protocol):
+    """What a wrapper needs of the TensorRT runtime."""
+
+    def register(self, component: str, pytorch: str = "eager", parking: WeightParking | None = None) -> None:
+        """Announce a component, how it runs in PyTorch, and where its PyTorch weights wait while engines serve."""
+
+    def run(
+        self, component: str, module: torch.nn.Module, args: tuple, in_pytorch: Callable[[], object] | None = None
+    ) -> object:
+        """`module(*args)` through the component's engine for these inputs, or in PyTorch where none can serve."""
+
+
 class TensorRTLatentEncoder(torch.nn.Module):
     """Drop-in for the VAE's `encoder`: pixels (B, 3, T, H, W) -> latent moments; one engine per input shape."""
 
     component = "vae_encoder"
 
-    def __init__(self, encoder: torch.nn.Module, runtime: "TensorRTRuntime") -> None:
+    def __init__(self, encoder: torch.nn.Module, runtime: EngineRunner, parking: WeightParking | None = None) -> None:
         super().__init__()
         self.module = encoder
         self.runtime = runtime
-        runtime.register(self.component)
+        runtime.register(self.component, parking=parking)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.runtime.run(self.component, self.module, (hidden_states,))
@@ -80,11 +107,11 @@ class TensorRTTextEncoder(torch.nn.Module):
 
     component = "text_encoder"
 
-    def __init__(self, model: torch.nn.Module, runtime: "TensorRTRuntime") -> None:
+    def __init__(self, model: torch.nn.Module, runtime: EngineRunner, parking: WeightParking | None = None) -> None:
         super().__init__()
         self.hidden_states = _HiddenStates(model)  # the one registered copy of the model
         self.runtime = runtime
-        runtime.register(self.component)
+        runtime.register(self.component, parking=parking)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -120,11 +147,11 @@ class TensorRTCLIPTextEncoder(torch.nn.Module):
 
     component = "text_encoder_2"
 
-    def __init__(self, model: torch.nn.Module, runtime: "TensorRTRuntime") -> None:
+    def __init__(self, model: torch.nn.Module, runtime: EngineRunner, parking: WeightParking | None = None) -> None:
         super().__init__()
         self.pooled = _Pooled(model)  # the one registered copy of the model
         self.runtime = runtime
-        runtime.register(self.component)
+        runtime.register(self.component, parking=parking)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -138,14 +165,13 @@ class TensorRTCLIPTextEncoder(torch.nn.Module):
 class _BlockStack(torch.nn.Module):
     """FramePack's 20 dual- and 40 single-stream blocks as one module (batch 1: no attention mask)."""
 
-    def __init__(self, dual: torch.nn.ModuleList, single: torch.nn.ModuleList) -> None:
+    def __init__(self, transformer: torch.nn.Module) -> None:
         super().__init__()
-        self.dual = dual
-        self.single = single
+        self.blocks = torch.nn.ModuleList(transformer_blocks(transformer))
 
     def forward(self, hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin, attention_mask=None):
         rope = (rope_cos, rope_sin)
-        for block in [*self.dual, *self.single]:
+        for block in self.blocks:
             # the class's forward, not the instance's: the blocks carry the hooks that route into this stack
             hidden_states, encoder_hidden_states = type(block).forward(
                 block, hidden_states, encoder_hidden_states, temb, attention_mask, rope
@@ -158,25 +184,24 @@ class TensorRTTransformer(torch.nn.Module):
     latent token count, whatever the prompt: the latent tokens are padded to a multiple of STACK_LATENT_BUCKET, the
     text to a multiple of STACK_TEXT_BUCKET, and an additive key mask keeps both paddings out of every token's
     attention (every other operation of the blocks is token by token, so padding changes nothing else).
-    `keep_on_device` are blocks' parts that other code runs in PyTorch, which stay on the GPU when the engine takes
-    over the weights; `compiled` runs the blocks wherever the stack runs in PyTorch (else their eager forwards),
-    and so is what the engine is timed against."""
+    `parking` takes PyTorch's copy of the blocks' weights while an engine holds them; `compiled` runs the blocks
+    wherever the stack runs in PyTorch (else their eager forwards), and so is what the engine is timed against."""
 
     component = "transformer"
 
     def __init__(
         self,
         transformer: torch.nn.Module,
-        runtime: "TensorRTRuntime",
-        keep_on_device: tuple = (),
+        runtime: EngineRunner,
+        parking: WeightParking | None = None,
         compiled: "CompiledBlocks | None" = None,
     ) -> None:
         super().__init__()
-        self.stack = _BlockStack(transformer.transformer_blocks, transformer.single_transformer_blocks)
+        self.stack = _BlockStack(transformer)
         self.runtime = runtime
         self.compiled = compiled
         pytorch = "eager" if compiled is None else compiled.describe_mode()
-        runtime.register(self.component, keep_on_device, pytorch)
+        runtime.register(self.component, pytorch, parking)
 
     def forward(self, hidden_states, encoder_hidden_states, temb, attention_mask=None, image_rotary_emb=None):
         if attention_mask is not None:  # only batches > 1 carry a mask; FramePack runs batch 1, engines too
@@ -205,7 +230,7 @@ class TensorRTTransformer(torch.nn.Module):
     def _in_pytorch(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb):
         if self.compiled is None:
             return self.stack(hidden_states, encoder_hidden_states, temb, *image_rotary_emb)
-        for block in [*self.stack.dual, *self.stack.single]:
+        for block in self.stack.blocks:
             eager = functools.partial(type(block).forward, block)
             hidden_states, encoder_hidden_states = self.compiled.forward(
                 block, eager, (hidden_states, encoder_hidden_states, temb, None, image_rotary_emb), {}
@@ -231,14 +256,14 @@ class _SkipBlockHook(ModelHook):
 
 def install_transformer_stack(
     transformer: torch.nn.Module,
-    runtime: "TensorRTRuntime",
-    keep_on_device: tuple = (),
+    runtime: EngineRunner,
+    parking: WeightParking | None = None,
     compiled: "CompiledBlocks | None" = None,
 ) -> TensorRTTransformer:
     """Route the transformer's block loop through one TensorRTTransformer: the first block runs the whole stack,
     the others pass their inputs through. Install before cache hooks (TeaCache) so those wrap the stack."""
-    stack = TensorRTTransformer(transformer, runtime, keep_on_device, compiled)
-    first, *rest = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    stack = TensorRTTransformer(transformer, runtime, parking, compiled)
+    first, *rest = transformer_blocks(transformer)
     HookRegistry.check_if_exists_or_initialize(first).register_hook(_RunStackHook(stack), STACK_HOOK)
     for block in rest:
         HookRegistry.check_if_exists_or_initialize(block).register_hook(_SkipBlockHook(), SKIP_HOOK)

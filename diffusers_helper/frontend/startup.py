@@ -95,6 +95,14 @@ def add_model_source_arguments(models: argparse._ArgumentGroup) -> None:
         metavar="GB",
         help="never use more GPU memory than this, and plan for it (6 GB up to the card's size; default: no limit)",
     )
+    models.add_argument(
+        "--gpu-memory-preservation",
+        type=float,
+        metavar="GB",
+        default=ModelSettings().gpu_memory_preservation,
+        help="GPU memory to keep free for activations, 0-128: more keeps fewer weights on the GPU (slower); raise it "
+        "on out-of-memory errors (default: %(default)s)",
+    )
 
 
 def quiet_libraries() -> None:
@@ -125,14 +133,21 @@ def print_tensorrt_info() -> int:
 
 
 def model_settings(args: argparse.Namespace) -> ModelSettings:
-    """The flags as validated settings; InvalidSettings names the flag that is wrong."""
+    """The flags as validated settings; InvalidSettings names the flag (or the engine cache variable) that is
+    wrong."""
+    from ..acceleration.engine_cache import default_cache_dir
+
     tensorrt = TensorRTOptions.from_flags(
         args.enable_tensorrt, args.tensorrt_text_encoders, args.tensorrt_transformer, args.tensorrt_always
     )
-    return ModelSettings(
+    settings = ModelSettings(
         variant=args.variant, preset=args.preset, models_dir=args.models, device=args.device, tensorrt=tensorrt,
-        gpu_memory_limit_gb=args.gpu_memory_limit, backend=args.backend, fp8=args.fp8,
+        gpu_memory_limit_gb=args.gpu_memory_limit, gpu_memory_preservation=args.gpu_memory_preservation,
+        backend=args.backend, fp8=args.fp8,
     )  # fmt: skip
+    if tensorrt.enabled or settings.backend != "eager":  # engines and measured speeds live in the cache directory
+        default_cache_dir()
+    return settings
 
 
 def runtime_for(settings: ModelSettings) -> "TensorRTRuntime | None":
@@ -145,7 +160,7 @@ def runtime_for(settings: ModelSettings) -> "TensorRTRuntime | None":
     return TensorRTRuntime(only_if_faster=not settings.tensorrt.always)
 
 
-def plan_for(settings: ModelSettings, preserve_gb: float = 6.0, free_gb: float | None = None) -> "MemoryPlan":
+def plan_for(settings: ModelSettings, free_gb: float | None = None) -> "MemoryPlan":
     """The memory plan for these models; InvalidSettings when it cannot work (a bad limit, the full-size preset
     without a GPU, whose float32 weights would need about 90 GB of RAM)."""
     from ..models.placement import plan_memory
@@ -153,7 +168,7 @@ def plan_for(settings: ModelSettings, preserve_gb: float = 6.0, free_gb: float |
     # Growing segments instead of fixed blocks: activations of many sizes then leave no unusable gaps, which
     # matters most under a memory limit. Read when CUDA first allocates, so it must be set before that.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    plan = plan_memory(settings.device, preserve_gb, settings.gpu_memory_limit_gb, free_gb)
+    plan = plan_memory(settings.device, settings.gpu_memory_preservation, settings.gpu_memory_limit_gb, free_gb)
     if settings.preset == "full-random" and plan.device.type == "cpu":
         raise InvalidSettings("the full-random preset needs a CUDA GPU; on the CPU use --preset tiny")
     return plan
@@ -174,14 +189,14 @@ def load_engine(
     from ..models.assembly import assemble
     from ..models.components import load_components
     from ..models.full_size_preset import full_size_components
-    from ..models.placement import apply_limit, return_freed_host_memory
+    from ..models.placement import apply_limit, return_freed_host_memory, weight_store
     from ..models.tiny_preset import ensure_tiny_models
     from ..pipeline.engine import FramePackEngine
 
     apply_limit(plan)
     return_freed_host_memory()
     if settings.preset == "full-random":
-        components = full_size_components(settings.variant, plan.dtypes(), plan.home)
+        components = full_size_components(settings.variant, plan.dtypes(), weight_store(plan))
     else:
         source = ensure_tiny_models() if settings.preset == "tiny" else settings.models_dir
         components = load_components(settings.variant, source, plan.dtypes())

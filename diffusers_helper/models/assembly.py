@@ -21,8 +21,10 @@ from dataclasses import dataclass
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ..acceleration.compiled_blocks import CHOICES_FILE, BackendChoices, CompiledBlocks, compile_unavailable
-from ..acceleration.fp8 import fp8_bytes, fp8_unavailable, quantize_blocks_fp8
+from ..acceleration.compiled_blocks import CompiledBlocks, compile_unavailable
+from ..acceleration.engine_cache import default_cache_dir
+from ..acceleration.fp8 import fp8_bytes, fp8_unavailable, quantize_block_fp8
+from ..acceleration.speed_records import SPEED_RECORDS_FILE, SpeedRecords
 from ..caching.magcache import MAG_RATIOS, MagCache, apply_magcache
 from ..caching.teacache import TeaCache, apply_teacache, modules_read
 from ..settings import ModelSettings, TensorRTOptions
@@ -33,12 +35,11 @@ from ..tensorrt_runtime import (
     TensorRTRuntime,
     TensorRTTextEncoder,
     TensorRTTransformer,
-    default_cache_dir,
     install_transformer_stack,
 )
 from .components import Components
 from .lora import FusedLoras
-from .placement import GIB, MemoryPlan, Placement, place_components
+from .placement import GIB, HostParking, MemoryPlan, Placement, convert_blocks_on_device, place_components
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def assemble(
         if unavailable:
             runtime.cannot_serve(requested_components(settings.tensorrt), unavailable)
         else:
-            stack = accelerate(components, settings.tensorrt, runtime, plan.offload, compiled)
+            stack = accelerate(components, settings.tensorrt, runtime, plan, compiled)
     if compiled is not None and stack is None:
         compiled.install(components.transformer)
     keep_output_head_float32(components.transformer)
@@ -140,7 +141,7 @@ def quantize_fp8(transformer: torch.nn.Module, settings: ModelSettings, plan: Me
         weights = str(transformer.dtype).removeprefix("torch.")
         logger.warning("%s; the transformer blocks stay %s", unavailable, weights)
         return f"{weights} (FP8 not available: {unavailable})"
-    quantize_blocks_fp8(transformer, plan.device)
+    convert_blocks_on_device(transformer, plan.device, quantize_block_fp8)
     return FP8_APPLIED
 
 
@@ -158,7 +159,7 @@ def compiled_blocks(
             logger.warning("%s; the transformer blocks run in PyTorch", unavailable)
         return None
     weights = "float8" if fp8 else str(transformer.dtype).removeprefix("torch.")
-    return CompiledBlocks(settings.backend, BackendChoices(default_cache_dir() / CHOICES_FILE), weights)
+    return CompiledBlocks(settings.backend, SpeedRecords(default_cache_dir() / SPEED_RECORDS_FILE), weights)
 
 
 def requested_components(options: TensorRTOptions) -> list[str]:
@@ -183,25 +184,26 @@ def accelerate(
     components: Components,
     options: TensorRTOptions,
     runtime: TensorRTRuntime,
-    offloading: bool,
+    plan: MemoryPlan,
     compiled: CompiledBlocks | None = None,
 ) -> TensorRTTransformer | None:
-    """Swap in the TensorRT wrappers the options ask for; the transformer's stack, if it was installed (its blocks
-    run through `compiled` wherever it runs in PyTorch)."""
+    """Swap in the TensorRT wrappers the options ask for, each with the memory policy's parking for PyTorch's copy of
+    its weights; the transformer's stack, if it was installed (its blocks run through `compiled` wherever it runs in
+    PyTorch; the step cache's own reads of the first block stay on the GPU)."""
+    parking = HostParking(plan.device)
     if options.vae:
-        components.vae.encoder = TensorRTLatentEncoder(components.vae.encoder, runtime)
-        components.vae.decoder = TensorRTLatentDecoder(components.vae.decoder, runtime)
+        components.vae.encoder = TensorRTLatentEncoder(components.vae.encoder, runtime, parking)
+        components.vae.decoder = TensorRTLatentDecoder(components.vae.decoder, runtime, parking)
     if options.text_encoders:
-        components.text_encoder = TensorRTTextEncoder(components.text_encoder, runtime)
-        components.text_encoder_2 = TensorRTCLIPTextEncoder(components.text_encoder_2, runtime)
+        components.text_encoder = TensorRTTextEncoder(components.text_encoder, runtime, parking)
+        components.text_encoder_2 = TensorRTCLIPTextEncoder(components.text_encoder_2, runtime, parking)
     if options.transformer:
-        reason = _transformer_engine_obstacle(components.transformer, offloading)
+        reason = _transformer_engine_obstacle(components.transformer, plan.offload)
         if reason:
             runtime.fall_back("transformer", f"not compatible with this setup: {reason}")
         else:
-            return install_transformer_stack(
-                components.transformer, runtime, modules_read(components.transformer), compiled
-            )
+            keep = HostParking(plan.device, modules_read(components.transformer))
+            return install_transformer_stack(components.transformer, runtime, keep, compiled)
     return None
 
 

@@ -14,6 +14,8 @@ from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransforme
 from safetensors import SafetensorError
 from transformers import AutoImageProcessor, AutoTokenizer, CLIPTextModel, LlamaModel, SiglipVisionModel
 
+from ..errors import first_line
+
 logger = logging.getLogger(__name__)
 
 HUNYUAN_VIDEO = "hunyuanvideo-community/HunyuanVideo"
@@ -139,7 +141,7 @@ def load_component(spec: ComponentSpec, models_dir: Path | None, dtype: torch.dt
         try:
             return spec.loader.from_pretrained(location, **kwargs)
         except (OSError, ValueError, SafetensorError) as error:
-            problem = str(error).strip().splitlines()[0].rstrip(".") if str(error).strip() else type(error).__name__
+            problem = first_line(error).rstrip(".")
     raise ModelsUnavailable(
         f"cannot load {spec.name} from {where}: {problem}; {hint}; for an offline run use --preset tiny"
     )

@@ -2,7 +2,8 @@
 memory tests. Its videos are noise; its speed and memory are the real models'.
 
 Nothing is written to disk: each model is built on the meta device, then every parameter is drawn on the GPU (when
-there is one, so the weights are the same wherever they end up) in its dtype and stored where it will live. The
+there is one, so the weights are the same wherever they end up) in its dtype and handed to `store`, the memory
+policy's say of where it lives (models/placement.py: `weight_store`). The
 tokenizers are the tiny preset's (their ids are valid for the real vocabularies); the image processor is SigLIP's.
 """
 
@@ -63,11 +64,14 @@ def generator_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
+Store = Callable[[torch.Tensor], torch.Tensor]
+
+
 def random_weights(
-    build: Callable[[], torch.nn.Module], dtype: torch.dtype, device: torch.device, seed: int
+    build: Callable[[], torch.nn.Module], dtype: torch.dtype, store: Store, seed: int
 ) -> torch.nn.Module:
     """The model `build` makes, its parameters drawn at random (uniform within 1/sqrt(fan-in); norm scales one,
-    biases zero) in `dtype` straight onto `device`, one parameter at a time; buffers computed as usual."""
+    biases zero) in `dtype`, each handed to `store` as soon as it is drawn; buffers computed as usual."""
     with init_empty_weights(include_buffers=False):
         model = build()
     source = generator_device()
@@ -83,28 +87,29 @@ def random_weights(
             value.fill_(1.0)
         owner_name, _, attribute = name.rpartition(".")
         owner = model.get_submodule(owner_name)
-        owner._parameters[attribute] = torch.nn.Parameter(value.to(device), requires_grad=False)
+        owner._parameters[attribute] = torch.nn.Parameter(store(value), requires_grad=False)
     for owner in model.modules():
         for attribute, buffer in owner._buffers.items():
             if buffer is not None:
-                owner._buffers[attribute] = buffer.to(device)
+                owner._buffers[attribute] = store(buffer)
     return model.eval()
 
 
 def full_size_components(
     variant: str,
     dtypes: dict[str, torch.dtype],
-    device: torch.device,
+    store: Store,
     builders: dict[str, Callable[[], torch.nn.Module]] = FULL_SIZE,
 ) -> Components:
-    """FramePack's components at full size with random weights on `device` (where the memory plan keeps them)."""
+    """FramePack's components at full size with random weights, kept where `store` puts them."""
     tiny = ensure_tiny_models()
     models = {}
     for index, (name, build) in enumerate(builders.items()):
         seed = SEED + index * 1000 + (7 if name == "transformer" and variant == "f1" else 0)
-        models[name] = random_weights(build, dtypes.get(name, torch.float32), device, seed)
+        models[name] = random_weights(build, dtypes.get(name, torch.float32), store, seed)
         count = sum(p.numel() for p in models[name].parameters())
-        logger.info("built %s with random weights: %.2fB parameters on %s", name, count / 1e9, device)
+        where = next(models[name].parameters()).device
+        logger.info("built %s with random weights: %.2fB parameters on %s", name, count / 1e9, where)
     return Components(
         tokenizer=AutoTokenizer.from_pretrained(tiny / HUNYUAN_VIDEO, subfolder="tokenizer"),
         tokenizer_2=AutoTokenizer.from_pretrained(tiny / HUNYUAN_VIDEO, subfolder="tokenizer_2"),

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import first_line
 from ..settings import InvalidSettings
 
 logger = logging.getLogger(__name__)
@@ -73,8 +74,7 @@ def read_lora(path: Path | str) -> LoraFile:
         sha256 = _sha256(path)
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InvalidSettings(f"LoRA {path} is not a readable safetensors file ({reason})") from error
+        raise InvalidSettings(f"LoRA {path} is not a readable safetensors file ({first_line(error)})") from error
     return LoraFile(path, sha256, _layers(path, tensors))
 
 

@@ -16,12 +16,19 @@ FramePack's low-VRAM mode, every large model goes through the GPU in pieces:
   prefetched while the one before it runs. A step the step cache skips calls no streamed block, so it moves no
   weights (models/assembly.py puts the step cache outside the streaming).
 Streamed weights are pinned where they are, so the host holds one copy of them. FP8 blocks (`--fp8`) are never
-streamed: FP8 is used only where the whole FP8 transformer fits what the plan keeps for resident weights.
+streamed: FP8 is used only where the whole FP8 transformer fits what the plan keeps for resident weights, and each
+block is quantized on the GPU as it arrives there. The VAE decodes in tiles on every device, so a large bucket does
+not need its whole video's activations at once.
+
+Two more moves are the memory policy's too: the weights a process makes itself (the full-size preset's) are stored
+where the plan keeps them, and while a TensorRT engine holds a model's weights on the GPU, PyTorch's copy waits in
+host memory (`HostParking`, which the runtime is handed).
 """
 
 import ctypes
 import ctypes.util
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -37,6 +44,7 @@ from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from ..settings import DEVICES, InvalidSettings
 from .components import Components
+from .transformer_blocks import BLOCK_LISTS, transformer_blocks
 
 RESIDENT_WEIGHTS_GB = 54.0  # all FramePack weights (bf16 transformer, fp16 encoders) with some headroom
 MIN_GPU_MEMORY_GB = 6.0  # FramePack's smallest card
@@ -158,9 +166,27 @@ class Placement:
         )
 
 
+def weight_store(plan: MemoryPlan) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Where a weight this process makes (the full-size preset draws its weights on the GPU) is kept: where the plan
+    keeps weights between uses."""
+    return lambda tensor: tensor.to(plan.home)
+
+
+def convert_blocks_on_device(
+    transformer: torch.nn.Module, device: torch.device, convert: Callable[[torch.nn.Module], None]
+) -> None:
+    """Bring each transformer block to the device and convert it there (FP8's quantization runs on the GPU), one block
+    at a time, so the GPU never holds the whole transformer in both forms; the rest waits for `place_components`."""
+    for block in transformer_blocks(transformer):
+        block.to(device)
+        convert(block)
+
+
 def place_components(components: Components, plan: MemoryPlan) -> Placement:
     """Put every model where the plan says; the only place in the app that moves models between devices."""
     encoders = [components.text_encoder, components.text_encoder_2, components.image_encoder, components.vae]
+    components.vae.enable_slicing()
+    components.vae.enable_tiling()
     if not plan.offload:
         for module in [*encoders, components.transformer]:
             module.to(plan.device)
@@ -175,9 +201,7 @@ def place_components(components: Components, plan: MemoryPlan) -> Placement:
     for module in (components.text_encoder_2, components.image_encoder, components.vae):
         _, hook = cpu_offload_with_hook(module, plan.device, prev_module_hook=hook)
         placement.taking_turns.append(hook)
-    components.vae.enable_slicing()
-    components.vae.enable_tiling()
-    _stream_transformer(components.transformer, plan, placement)
+    stream_transformer(components.transformer, plan, placement)
     return placement
 
 
@@ -234,18 +258,18 @@ def resident_block_count(room: int, block_bytes: list[int]) -> int:
 def transformer_layout(transformer: torch.nn.Module, plan: MemoryPlan) -> tuple[list, list]:
     """(resident blocks, streamed blocks): resident first everything but the blocks, then blocks in order while
     the plan's room lasts."""
-    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    blocks = transformer_blocks(transformer)
     rest = _bytes(transformer) - sum(_bytes(block) for block in blocks)
     count = resident_block_count(plan.resident_bytes() - rest, [_bytes(block) for block in blocks])
     return blocks[:count], blocks[count:]
 
 
-def _stream_transformer(transformer: torch.nn.Module, plan: MemoryPlan, placement: Placement) -> None:
+def stream_transformer(transformer: torch.nn.Module, plan: MemoryPlan, placement: Placement) -> None:
     """The resident part goes to the GPU; each streamed block becomes one group of diffusers' group offloading,
     prefetched on a side stream by the block before it."""
     resident, streamed = transformer_layout(transformer, plan)
     for name, child in transformer.named_children():
-        if name not in ("transformer_blocks", "single_transformer_blocks"):
+        if name not in BLOCK_LISTS:
             child.to(plan.device)
     for block in resident:
         block.to(plan.device)
@@ -278,3 +302,35 @@ def _stream_transformer(transformer: torch.nn.Module, plan: MemoryPlan, placemen
         hook = GroupOffloadingHook(group, config=config)
         hook.next_group = groups[index + 1] if index + 1 < len(groups) else None
         HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, GROUP_OFFLOADING_HOOK)
+
+
+class HostParking:
+    """Where PyTorch's copy of a model waits while a TensorRT engine holds its weights on the GPU: host memory, except
+    `keep_on_device`, parts other code still runs on the GPU itself (the step cache reads the first block's
+    modulation). The TensorRT runtime is handed one per component (its `WeightParking`) and moves nothing itself."""
+
+    def __init__(self, device: torch.device, keep_on_device: tuple[torch.nn.Module, ...] = ()) -> None:
+        device = torch.device(device)
+        if device.type == "cuda" and device.index is None:  # tensors name their GPU: so must the home they are given
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
+        self.keep_on_device = keep_on_device
+
+    def park(self, module: torch.nn.Module) -> bool:
+        """PyTorch's copy to host memory, but the parts kept on the device; True when anything left the device."""
+        if self.device.type == "cpu":  # the host is where the weights already are
+            return False
+        module.to("cpu")
+        for part in self.keep_on_device:
+            part.to(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return True
+
+    def bring_back(self, module: torch.nn.Module) -> bool:
+        """The weights back on the device where PyTorch runs them (parked, or moved away by an engine build); True
+        when any had to move."""
+        if all(tensor.device == self.device for tensor in [*module.parameters(), *module.buffers()]):
+            return False
+        module.to(self.device)
+        return True

@@ -9,6 +9,7 @@ import torch
 from diffusers import HunyuanVideoFramepackTransformer3DModel
 
 from diffusers_helper.acceleration.engine_cache import EngineCache
+from diffusers_helper.models.placement import HostParking
 from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer
 
 FRAMES, HEIGHT, WIDTH, TEXT_TOKENS = 11, 40, 40, 750  # 11 * 20 * 20 = 4400 latent tokens after 2x2 patches
@@ -38,7 +39,7 @@ def main() -> None:
     """`python -m tests.gpu.midsize CACHE_DIR`: run the stack once through a fresh runtime, print what it took."""
     transformer = mid_size_transformer()
     runtime = TensorRTRuntime(EngineCache(Path(sys.argv[1])))
-    stack = TensorRTTransformer(transformer, runtime)
+    stack = TensorRTTransformer(transformer, runtime, HostParking("cuda"))
     hidden, text, temb, cos, sin = stack_inputs(transformer)
     output = stack(hidden, text, temb, None, (cos, sin))[0]
     status = runtime.status["transformer"]

@@ -8,8 +8,10 @@ import torch
 
 from diffusers_helper.acceleration import compiled_blocks
 from diffusers_helper.acceleration.compiled_blocks import CompiledBlocks
-from diffusers_helper.acceleration.fp8 import fp8_linear_names, fp8_unavailable, quantize_blocks_fp8
+from diffusers_helper.acceleration.fp8 import fp8_linear_names, fp8_unavailable, quantize_block_fp8
 from diffusers_helper.acceleration.measure import relative_error
+from diffusers_helper.models.placement import convert_blocks_on_device
+from diffusers_helper.models.transformer_blocks import transformer_blocks
 
 from .midsize import mid_size_transformer, stack_inputs
 
@@ -24,7 +26,7 @@ pytestmark = pytest.mark.skipif(
 def run_blocks(transformer, inputs) -> torch.Tensor:
     hidden, text, temb, cos, sin = inputs
     with torch.no_grad():
-        for block in [*transformer.transformer_blocks, *transformer.single_transformer_blocks]:
+        for block in transformer_blocks(transformer):
             hidden, text = block(hidden, text, temb, None, (cos, sin))
     return hidden
 
@@ -37,7 +39,7 @@ def test_fp8_blocks_compiled_stay_close_to_bf16_and_modulation_stays_bf16(monkey
     reference, shorter_reference = run_blocks(transformer, inputs), run_blocks(transformer, shorter)
     names = fp8_linear_names(transformer)
     block_bytes = sum(p.numel() * p.element_size() for p in transformer.transformer_blocks.parameters())
-    quantize_blocks_fp8(transformer, torch.device("cuda"))
+    convert_blocks_on_device(transformer, torch.device("cuda"), quantize_block_fp8)
     modules = dict(transformer.named_modules())
     assert all(type(modules[name].weight).__name__ != "Parameter" for name in names)
     assert type(transformer.transformer_blocks[0].norm1.linear.weight) is torch.nn.Parameter

@@ -16,7 +16,7 @@ from diffusers_helper.media.images import example_image
 from diffusers_helper.media.job_files import JobPaths
 from diffusers_helper.models.assembly import assemble
 from diffusers_helper.models.components import load_components
-from diffusers_helper.models.placement import plan_memory
+from diffusers_helper.models.placement import HostParking, plan_memory
 from diffusers_helper.models.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
 from diffusers_helper.pipeline.engine import FramePackEngine
 from diffusers_helper.pipeline.events import Finished
@@ -47,7 +47,7 @@ def transformer(shared_transformer):
 
 def test_mid_size_block_stack_matches_pytorch_and_attention_stays_non_causal(cache_dir, transformer):
     runtime = TensorRTRuntime(EngineCache(cache_dir))
-    stack = TensorRTTransformer(transformer, runtime)
+    stack = TensorRTTransformer(transformer, runtime, HostParking("cuda"))
     hidden, text, temb, cos, sin = stack_inputs(transformer)
     other_text = torch.randn_like(text)
     reference = stack.stack(hidden, text, temb, cos, sin)[0]  # PyTorch first: the engine takes over the weights
@@ -90,7 +90,7 @@ def test_a_second_process_loads_the_engine_without_compiling(cache_dir, transfor
 def _block_lora(transformer, directory: Path):
     """A rank-16 PEFT LoRA on every linear layer of the blocks, read back as the app reads one."""
     from diffusers_helper.models.lora import read_lora
-    from tests.lora_files import random_layers, write_peft
+    from tests.support.lora_files import random_layers, write_peft
 
     layers = {name: (module.out_features, module.in_features) for name, module in transformer.named_modules()
               if isinstance(module, torch.nn.Linear) and name.startswith(("transformer_blocks.", "single_transformer_blocks."))}  # fmt: skip
@@ -107,7 +107,7 @@ def test_an_engine_loaded_from_the_cache_is_refitted_for_a_lora_not_rebuilt(cach
 
     loras = FusedLoras(transformer)
     runtime = TensorRTRuntime(EngineCache(cache_dir))
-    stack = TensorRTTransformer(transformer, runtime)
+    stack = TensorRTTransformer(transformer, runtime, HostParking("cuda"))
     hidden, text, temb, cos, sin = stack_inputs(transformer)
     try:
         with torch.no_grad():
@@ -125,7 +125,7 @@ def test_an_engine_loaded_from_the_cache_is_refitted_for_a_lora_not_rebuilt(cach
 def test_a_deleted_cache_recompiles(cache_dir, transformer):
     shutil.rmtree(cache_dir)
     runtime = TensorRTRuntime(EngineCache(cache_dir))
-    stack = TensorRTTransformer(transformer, runtime)
+    stack = TensorRTTransformer(transformer, runtime, HostParking("cuda"))
     stack(*stack_inputs(transformer)[:3], None, stack_inputs(transformer)[3:])
     assert runtime.status["transformer"].compiles == 1 and runtime.status["transformer"].loads == 0
 
@@ -177,7 +177,7 @@ def test_the_full_size_vae_decoder_serves_as_an_engine_or_falls_back_and_is_not_
 
     from diffusers_helper.models.full_size_preset import random_weights
 
-    decoder = random_weights(AutoencoderKLHunyuanVideo, torch.float16, torch.device("cuda"), seed=0).decoder
+    decoder = random_weights(AutoencoderKLHunyuanVideo, torch.float16, lambda tensor: tensor.to("cuda"), seed=0).decoder
     latents = torch.randn(1, 16, 2, 16, 16, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         expected = decoder(latents)  # first: an engine that serves takes PyTorch's weights to the CPU
@@ -256,7 +256,7 @@ def test_two_prompt_lengths_share_one_engine_and_the_gpu_holds_one_copy_of_the_w
     the CPU. (Device memory is printed, not asserted: an engine's context allocates its activation memory up front,
     several times the weights of a few blocks.)"""
     runtime = TensorRTRuntime(EngineCache(tmp_path))
-    stack = TensorRTTransformer(transformer, runtime)
+    stack = TensorRTTransformer(transformer, runtime, HostParking("cuda"))
     hidden, text, temb, cos, sin = stack_inputs(transformer)
     cases = [(hidden, text, cos, sin), (hidden, text[:, :300].clone(), cos, sin),
              (hidden[:, :4200].clone(), text[:, :300].clone(), cos[:4200].clone(), sin[:4200].clone())]  # fmt: skip
@@ -287,7 +287,7 @@ def test_a_lora_switch_refits_the_full_width_engine_and_matches_pytorch(tmp_path
     lora = _block_lora(transformer, tmp_path)
     loras = FusedLoras(transformer)
     runtime = TensorRTRuntime(EngineCache(tmp_path / "engines"))
-    stack = TensorRTTransformer(transformer, runtime)
+    stack = TensorRTTransformer(transformer, runtime, HostParking("cuda"))
     hidden, text, temb, cos, sin = stack_inputs(transformer)
     with torch.no_grad():
         base = stack.stack(hidden, text, temb, cos, sin)[0]
@@ -309,7 +309,7 @@ def test_a_lora_switch_refits_the_full_width_engine_and_matches_pytorch(tmp_path
 @pytest.mark.parametrize("blocks", ["eager", "compile"])
 def test_an_engine_is_timed_against_the_blocks_in_pytorch_and_serves_only_where_faster(tmp_path, transformer, blocks):
     """The engine is timed against the stack in PyTorch as it would otherwise run (the prompt unpadded; the blocks
-    eager, or compiled by torch.compile as `--backend compile` runs them); the speed-up goes into the cache record,
+    eager, or compiled by torch.compile as `--backend compile` runs them); the speed-up is remembered beside the cache,
     and the engine serves only at MIN_TENSORRT_SPEEDUP or more. Which way it goes depends on the GPU and the
     TensorRT build: the test holds the runtime to what it measured."""
     from diffusers_helper.acceleration.compiled_blocks import CompiledBlocks
@@ -317,18 +317,19 @@ def test_an_engine_is_timed_against_the_blocks_in_pytorch_and_serves_only_where_
     compiled = CompiledBlocks("compile") if blocks == "compile" else None
     cache = EngineCache(tmp_path)
     runtime = TensorRTRuntime(cache, only_if_faster=True)
-    stack = TensorRTTransformer(transformer, runtime, compiled=compiled)
+    stack = TensorRTTransformer(transformer, runtime, HostParking("cuda"), compiled)
     hidden, text, temb, cos, sin = stack_inputs(transformer)
     with torch.no_grad():
         expected = stack.stack(hidden, text, temb, cos, sin)[0]
         output = stack(hidden, text, temb, None, (cos, sin))[0]
-    [record] = cache.describe()
-    measured = record["speedups"]["eager" if compiled is None else "torch.compile"]
+    assert len(cache.describe()) == 1
+    versus = "eager" if compiled is None else "torch.compile"
+    [(_, measured)] = runtime.speeds.records.matching({"candidate": "tensorrt", "versus": versus})
     status = runtime.status["transformer"]
-    print(f"engine {measured['engine_seconds']:.4f} s, PyTorch ({blocks}) {measured['pytorch_seconds']:.4f} s: "
-          f"{measured['speedup']}x; {status.describe()}")  # fmt: skip
+    print(f"engine {measured.candidate_seconds:.4f} s, PyTorch ({blocks}) {measured.baseline_seconds:.4f} s: "
+          f"{measured.speedup:.3f}x; {status.describe()}")  # fmt: skip
     if compiled is not None:
-        assert compiled.failure is None and set(compiled._decisions.values()) == {"compile"}
+        assert compiled.failure is None and compiled.describe() == "torch.compile"
     assert relative_error(output, expected) < 0.05
-    faster = measured["speedup"] >= MIN_TENSORRT_SPEEDUP
+    faster = measured.speedup >= MIN_TENSORRT_SPEEDUP
     assert (status.engine, status.pytorch_weights_on_cpu) == (("tensorrt", True) if faster else ("pytorch", False))

@@ -1,6 +1,6 @@
 """Run one TensorRT-runtime call in a separate process (for the disk-cache and concurrency tests).
 
-    python -m tests.tensorrt_worker CACHE_DIR [COMPILE_DELAY]
+    python -m tests.support.tensorrt_worker CACHE_DIR [COMPILE_DELAY]
 Prints JSON: compiles, loads and the output sum.
 """
 
@@ -12,7 +12,7 @@ import torch
 
 from diffusers_helper.acceleration.engine_cache import EngineCache
 from diffusers_helper.tensorrt_runtime import TensorRTRuntime
-from tests.tensorrt_double import FakeBackend
+from tests.support.tensorrt_double import FakeBackend
 
 
 def seeded_mlp() -> torch.nn.Module:

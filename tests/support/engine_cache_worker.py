@@ -1,6 +1,6 @@
 """Hammer one engine cache from a separate process, as the runtime does (for the concurrency test).
 
-    python -m tests.engine_cache_worker CACHE_DIR MAX_BYTES SEED OPERATIONS BARRIER_DIR WORKERS
+    python -m tests.support.engine_cache_worker CACHE_DIR MAX_BYTES SEED OPERATIONS BARRIER_DIR WORKERS
 
 Each operation takes a random key's lock, looks it up, checks a hit's bytes and stores the entry on a miss (staged
 in a `.build-*` directory like the runtime's builds); between them it reads the listing and the size unlocked, as
