@@ -12,6 +12,7 @@ import gc
 import html
 import logging
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Iterator
@@ -60,10 +61,10 @@ def lora_choices(folder: Path, available: list[str], names: list[str] | None, sc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffusers_helper.frontend.startup import add_model_arguments
+    from diffusers_helper.frontend.startup import OneLineParser, add_model_arguments
     from diffusers_helper.settings import OUTPUTS_DIR
 
-    parser = argparse.ArgumentParser(description="The FramePack app.")
+    parser = OneLineParser(description="The FramePack app.")
     parser.add_argument("--server", default="127.0.0.1", help="address to listen on (default: loopback only)")
     parser.add_argument("--port", type=int, help="port (default: Gradio's, 7860 or the next free one)")
     parser.add_argument("--share", action="store_true", help="also publish a public Gradio link (off by default)")
@@ -126,10 +127,14 @@ class App:
         if stop is not None:
             stop.set()
 
-    def shutdown(self, timeout: float = 60.0) -> None:
-        """Stop every job, wait for the running one to end at a step, and if it cannot, record it as stopped."""
+    def stop_all(self) -> None:
+        """Every job, running or waiting, stops at its next step."""
         for stop in list(self._stops.values()):
             stop.set()
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stop every job, wait for the running one to end at a step, and if it cannot, record it as stopped."""
+        self.stop_all()
         logger.info("waiting up to %.0f s for the running job to stop", timeout)
         if not self.runner.join(timeout) and self.engine is not None:
             self.engine.record_interruption()
@@ -198,6 +203,9 @@ def build_ui(app: App):
         app.stop_event(request.session_hash)  # End pressed while the job waits in the queue reaches it
         return gr.update(interactive=False), gr.update(interactive=True)
 
+    def idle() -> tuple:
+        return gr.update(interactive=True), gr.update(interactive=False)
+
     def end(request: gr.Request) -> dict:
         app.stop_event(request.session_hash).set()
         return gr.update(interactive=False)
@@ -208,8 +216,6 @@ def build_ui(app: App):
     def generate(image_path, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale,
                  preserve, step_cache, crf, variant, resolution, lora_names=None, lora_scales="",
                  request: gr.Request = None):  # fmt: skip
-        idle = gr.update(interactive=True), gr.update(interactive=False)  # start, end
-        running = gr.update(interactive=False), gr.update(interactive=True)
         try:
             if not image_path:
                 raise InvalidSettings("upload a start image first")
@@ -222,12 +228,12 @@ def build_ui(app: App):
             )  # fmt: skip
             models = app.models_for(settings, float(preserve))
         except InvalidSettings as error:
-            yield None, None, progress_html(0, f"error: {error}"), app.status(), gr.update(), *idle
+            yield None, None, progress_html(0, f"error: {error}"), app.status(), gr.update()
             return
         paths = JobPaths.new_job(app.outputs)
         progress = ProgressText(settings.sections, settings.steps)
         video = preview = None
-        yield video, preview, progress_html(0, progress.text()), app.status(), gr.update(visible=False), *running
+        yield video, preview, progress_html(0, progress.text()), app.status(), gr.update(visible=False)
         stop = app.stop_event(request.session_hash)
         try:
             for event in app.runner.run(lambda: app.job(image, settings, models, paths, stop), stop):
@@ -242,10 +248,10 @@ def build_ui(app: App):
                     download = gr.update(value=video, visible=video is not None)
                     fraction = 1 if isinstance(event, Finished) and not event.stopped else progress.fraction
                     done = progress_html(fraction, progress.final(event), progress.notices)
-                    yield video, preview, done, app.status(), download, *idle
+                    yield video, preview, done, app.status(), download
                     return
                 page = progress_html(progress.fraction, progress.text(), progress.notices)
-                yield video, preview, page, app.status(), gr.update(), *running
+                yield video, preview, page, app.status(), gr.update()
         finally:
             app.release(request.session_hash, stop)
 
@@ -320,9 +326,9 @@ def build_ui(app: App):
                 preview = gr.Image(label="Next latents", height=320, interactive=False)
                 video = gr.Video(label="Finished frames", autoplay=True, loop=True, height=512, interactive=False)
                 order_note = gr.Markdown(INVERTED_ORDER_NOTE, visible=app.models.variant == "framepack")
-                progress = gr.HTML(elem_id="progress-text")
+                progress = gr.HTML(label="Progress", elem_id="progress-text")
                 download = gr.DownloadButton("Download video", visible=False)
-                status = gr.Markdown(app.status(), elem_id="acceleration-status")
+                status = gr.Markdown(app.status(), label="Status", elem_id="acceleration-status")
         variant.change(
             lambda chosen: gr.update(visible=chosen == "framepack"), inputs=variant, outputs=order_note, api_name=False
         )
@@ -330,22 +336,68 @@ def build_ui(app: App):
             event(lambda: gr.update(choices=app.lora_files()), outputs=lora_names, queue=False, api_name=False)
         inputs = [image, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale, preserve,
                   step_cache, crf, variant, resolution, lora_names, lora_scales]  # fmt: skip
-        outputs = [video, preview, progress, status, download, start_button, end_button]
-        start_button.click(start, outputs=[start_button, end_button], queue=False, api_name=False).then(
+        outputs = [video, preview, progress, status, download]  # the API's, named by their labels
+        buttons = [start_button, end_button]
+        start_button.click(start, outputs=buttons, queue=False, api_name=False).then(
             generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_id="gpu"
-        )
+        ).then(idle, outputs=buttons, queue=False, api_name=False)
         end_button.click(end, outputs=[end_button], queue=False, api_name="end")
         ui.unload(forget)
     return ui
 
 
-def _interrupt_on_sigterm() -> None:
-    """SIGTERM ends the app as Ctrl-C does: the server closes, then the running job is stopped and recorded."""
+class Shutdown:
+    """Ctrl-C and SIGTERM. The first stops every job at its next step at once (the server's close takes seconds, a
+    whole section of a tiny job) and then closes the server; the app exits when the running job has stopped. A second
+    stops at once: the running job is recorded as stopped, keeping the video so far, and the app exits with 128 + the
+    signal, as the CLI does."""
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+    def __init__(self, app: App) -> None:
+        self.app = app
+        self.received: list[int] = []
 
-    signal.signal(signal.SIGTERM, handler)
+    def install(self) -> None:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, self.handle)
+
+    @property
+    def at_once(self) -> bool:
+        return len(self.received) > 1
+
+    def handle(self, signum: int, frame) -> None:
+        self.received.append(signum)
+        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+        if not self.at_once:
+            print(f"{name}: stopping the running job, then the app (again to stop at once)", file=sys.stderr)
+            self.app.stop_all()
+            raise KeyboardInterrupt  # Gradio closes its server on it
+        print(f"{name} again: stopping at once; the video so far is kept", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    def finish(self) -> None:
+        """The server is closed: wait for the running job to stop at a step, unless told to stop at once."""
+        if self.at_once:
+            if self.app.engine is not None:
+                self.app.engine.record_interruption()
+        else:
+            self.app.shutdown()
+
+
+def port_problem(server: str, port: int | None) -> str | None:
+    """Why the app could not listen on `server`:`port`, found before the models load (None: it can, or Gradio
+    picks a free port itself)."""
+    if port is None:
+        return None
+    if not 1 <= port <= 65535:
+        return f"--port must be in 1-65535, got {port}"
+    family = socket.AF_INET6 if ":" in server else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will: a closed port is free
+        try:
+            probe.bind((server, port))
+        except OSError as error:
+            return f"cannot listen on {server}:{port} ({error.strerror or error}); choose another --port or --server"
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -363,6 +415,9 @@ def main(argv: list[str] | None = None) -> int:
         return print_tensorrt_info()
     quiet_libraries()
     try:
+        problem = port_problem(args.server, args.port)
+        if problem:
+            raise InvalidSettings(problem)
         ensure_writable_dir(args.outputs)
         app = App(args)
     except InvalidSettings as error:
@@ -373,21 +428,21 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     ui = build_ui(app)
     ui.queue(default_concurrency_limit=1)
-    _interrupt_on_sigterm()
+    shutdown = Shutdown(app)
+    shutdown.install()
     try:
-        ui.launch(
-            server_name=args.server,
-            server_port=args.port,
-            share=args.share,
-            inbrowser=args.inbrowser,
-            allowed_paths=[str(Path(args.outputs).resolve())],
-            max_file_size="50mb",
-            show_error=True,
-        )
+        ui.launch(server_name=args.server, server_port=args.port, share=args.share, inbrowser=args.inbrowser,
+                  allowed_paths=[str(Path(args.outputs).resolve())], max_file_size="50mb", show_error=True,
+                  quiet=True, prevent_thread_lock=True)  # fmt: skip
+        public = f"; public link {ui.share_url}" if ui.share_url else " (--share adds a public link)"
+        print(f"FramePack is running at {ui.local_url}{public}", flush=True)
+        ui.block_thread()
     finally:
-        app.shutdown()
+        shutdown.finish()
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from diffusers_helper.frontend.startup import run_script
+
+    run_script(main)

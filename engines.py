@@ -25,19 +25,13 @@ examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from diffusers_helper.frontend.startup import add_model_source_arguments
+    from diffusers_helper.frontend.startup import OneLineParser, add_model_source_arguments
     from diffusers_helper.settings import VARIANTS
 
-    parser = _Parser(description=__doc__.splitlines()[0], epilog=EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    parser = OneLineParser(description=__doc__.splitlines()[0], epilog=EPILOG,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     build = commands.add_parser("build", help="build engines for variants x buckets x windows (resumable)")
     build.add_argument("--variants", nargs="+", choices=VARIANTS, default=["framepack"],
                        help="model variants (default: %(default)s)")  # fmt: skip
@@ -216,4 +210,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from diffusers_helper.frontend.startup import run_script
+
+    run_script(main)

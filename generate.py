@@ -31,12 +31,6 @@ examples:
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:
-        print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_BAD_INPUT)
-
-
 class _TeaCacheFlag(argparse.Action):
     """--teacache / --no-teacache, from before there was a choice of step caches: --step-cache teacache / off."""
 
@@ -48,11 +42,11 @@ class _TeaCacheFlag(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffusers_helper.frontend.startup import add_model_arguments
+    from diffusers_helper.frontend.startup import OneLineParser, add_model_arguments
     from diffusers_helper.settings import OUTPUTS_DIR, STEP_CACHES, GenerationSettings
 
     defaults = GenerationSettings(prompt="")
-    parser = _Parser(
+    parser = OneLineParser(
         description="Generate a FramePack video from one image and a prompt.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -261,7 +255,6 @@ def _load_and_run(args, models, settings, image, paths, plan, runtime, stop: thr
 
 
 if __name__ == "__main__":
-    code = main()
-    for signum in EXIT_STOPPED:  # the job is over: a late signal must not change how the process ends
-        signal.signal(signum, signal.SIG_IGN)
-    sys.exit(code)
+    from diffusers_helper.frontend.startup import run_script
+
+    run_script(main)

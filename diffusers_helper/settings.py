@@ -55,6 +55,7 @@ def _check_text(name: str, text: str) -> None:
 
 
 LORA_SCALE_LIMIT = 10.0
+LORA_SUFFIX = ".safetensors"
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,16 @@ class LoraChoice:
     @classmethod
     def parse(cls, text: str) -> "LoraChoice":
         """`PATH[:SCALE]`: the scale is split off the last colon only when what follows is a number, so Windows
-        paths (`C:\\loras\\x.safetensors`) and paths with colons stay whole."""
+        paths (`C:\\loras\\x.safetensors`) and paths with colons stay whole; what follows a LoRA file's name
+        (`x.safetensors:abc`) must be a number."""
         head, colon, tail = text.rpartition(":")
         try:
             path, scale = (head, float(tail)) if colon else (text, 1.0)
         except ValueError:
+            if head.lower().endswith(LORA_SUFFIX) and not Path(text).exists():
+                raise InvalidSettings(
+                    f"--lora {text}: the scale {tail!r} after the last colon is not a number"
+                ) from None
             path, scale = text, 1.0
         if not path.strip():
             raise InvalidSettings(f"--lora needs a file path, got {text!r}")
@@ -199,7 +205,10 @@ class ModelSettings:
         if self.preset and self.models_dir:
             raise InvalidSettings("choose a preset or a models directory, not both")
         if self.models_dir is not None and not Path(self.models_dir).is_dir():
-            raise InvalidSettings(f"models directory not found: {self.models_dir}")
+            found = Path(self.models_dir).exists()
+            raise InvalidSettings(
+                f"models directory {'is not a directory' if found else 'not found'}: {self.models_dir}"
+            )
         limit = self.gpu_memory_limit_gb
         if limit is not None and not (math.isfinite(limit) and limit > 0):
             raise InvalidSettings(f"--gpu-memory-limit must be a positive number of GB, got {limit}")

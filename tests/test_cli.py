@@ -97,11 +97,15 @@ def test_bad_images(capsys, tmp_path):
     from PIL import Image
 
     Image.new("RGB", (20, 20)).save(tiny)
+    (tmp_path / "photos").mkdir()
     cases = [
         (tmp_path / "missing.png", "error: image not found:"),
+        (tmp_path / "photos", f"error: image is a directory, not a file: {tmp_path / 'photos'}"),
         (text, "error: not a readable image file:"),
         (tiny, "is 20x20; each side must be at least 64 pixels"),
     ]
+    if Path("/dev/null").exists():  # a device: not a file to read an image from
+        cases.append((Path("/dev/null"), "error: image is not a regular file: /dev/null"))
     for image, expected in cases:
         code, err = run_main(capsys, "--preset", "tiny", "--image", image, "--output", tmp_path / "out" / "x.mp4")
         assert code == 2, err
@@ -131,6 +135,8 @@ def test_missing_local_models_name_the_component_and_the_tiny_preset(capsys, ima
         capsys, "--models", tmp_path / "nowhere", "--image", image_file, "--output", tmp_path / "x.mp4"
     )
     assert code == 2 and "models directory not found" in err
+    code, err = run_main(capsys, "--models", image_file, "--image", image_file, "--output", tmp_path / "x.mp4")
+    assert code == 2 and err == f"error: models directory is not a directory: {image_file}\n"
 
 
 def test_unreachable_hub_is_one_clear_error(image_file, tmp_path):
@@ -275,13 +281,15 @@ def test_gpu_only_settings_on_a_machine_without_one(capsys, image_file, tmp_path
         ("missing.safetensors:0.5", "error: LoRA file not found: {tmp}/missing.safetensors"),
         (r"C:\loras\x.safetensors:0.5", r"error: LoRA file not found: C:\loras\x.safetensors"),
         ("x.safetensors:20", "error: LoRA scale must be in [-10, 10], got 20.0 for x.safetensors"),
+        ("x.safetensors:abc", "error: --lora x.safetensors:abc: the scale 'abc' after the last colon is not a number"),
+        ("{tmp}", "error: LoRA {tmp} is a directory, not a file"),
     ],
 )
 def test_a_bad_lora_is_refused_before_the_models_load(capsys, image_file, tmp_path, monkeypatch, lora, message):
     from diffusers_helper.frontend import startup
 
     monkeypatch.setattr(startup, "load_engine", lambda *args: pytest.fail("the models were loaded"))
-    lora = lora.replace("missing", str(tmp_path / "missing"))
+    lora = lora.replace("missing", str(tmp_path / "missing")).format(tmp=tmp_path)
     code, err = run_main(
         capsys, "--preset", "tiny", "--image", image_file, "--output", tmp_path / "x.mp4", "--lora", lora
     )
@@ -317,3 +325,31 @@ def test_the_sidecar_records_each_loras_name_scale_and_hash(capsys, image_file, 
         {"name": path.name, "path": str(path), "scale": scale, "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
         for path, scale in ((first, 0.5), (second, 1.0))
     ]
+
+
+def test_a_lora_with_nan_weights_is_bad_input_and_writes_nothing(capsys, image_file, tmp_path):
+    from tests.support.lora_files import TINY_LAYERS, random_layers, write_peft
+
+    weights = random_layers(TINY_LAYERS, 4, 0)
+    weights["proj_out"][1][0, 0] = float("nan")
+    lora = write_peft(tmp_path / "nan.safetensors", weights)
+    outputs = tmp_path / "out"
+    code, err = run_main(
+        capsys, "--preset", "tiny", "--image", image_file, "--output", outputs / "x.mp4", "--lora", lora
+    )
+    assert (
+        code == 2
+        and err.count("\n") == 1
+        and err.startswith(f"error: LoRA {lora}: layer transformer.proj_out holds NaN")
+    )
+    assert not outputs.exists() or list(outputs.iterdir()) == []
+
+
+@pytest.mark.parametrize("flag", ["--prompt", "--negative-prompt"])
+def test_a_prompt_that_is_not_utf8_is_bad_input_before_anything_is_written(capsys, image_file, tmp_path, flag):
+    """A terminal that passes on bytes Python cannot decode gives the text "surrogate escapes" (here: byte 0xff)."""
+    code, err = run_main(capsys, "--preset", "tiny", "--image", image_file, "--output", tmp_path / "x.mp4",
+                         flag, "a caf\udcff walks")  # fmt: skip
+    name = flag.removeprefix("--").replace("-", "_")
+    assert code == 2 and err == f"error: {name} is not valid UTF-8 text: it holds the byte 0xff at character 6\n"
+    assert list(tmp_path.iterdir()) == []

@@ -34,10 +34,10 @@ def tiny_settings(**overrides) -> GenerationSettings:
     return GenerationSettings(**{**values, **overrides})
 
 
-def run(engine, settings, paths, stop=None, sink=None, on_event=None):
+def run(engine, settings, paths, stop=None, sink=None, on_event=None, overwrite=False):
     engine.write_video = sink or engine.write_video
     events = []
-    for event in engine.generate(example_image(256, 256), settings, paths, stop):
+    for event in engine.generate(example_image(256, 256), settings, paths, stop, overwrite):
         events.append(event)
         if on_event:
             on_event(event)
@@ -293,6 +293,24 @@ def test_a_failure_becomes_a_failed_event_and_is_recorded(with_sink, tmp_path, m
     assert json.loads(paths.sidecar.read_text())["status"] == "failed"
 
 
+@pytest.mark.parametrize("where", ["latents", "pixels"])
+def test_a_section_that_comes_out_nan_fails_the_job_instead_of_writing_a_black_video(with_sink, tmp_path, where):
+    """Non-finite weights (a damaged LoRA or checkpoint) make NaN latents, which the VAE turns into black frames."""
+    engine = with_sink["framepack"]
+    module = engine.components.transformer.proj_out if where == "latents" else engine.components.vae.decoder
+    hook = module.register_forward_hook(lambda module, args, output: output * float("nan"))
+    paths, sink = JobPaths.for_video(tmp_path / "nan.mp4"), FrameSink()
+    try:
+        events = run(engine, tiny_settings(steps=2), paths, sink=sink)
+    finally:
+        hook.remove()
+    assert isinstance(events[-1], Failed) and not events[-1].bad_input
+    assert "NaN or infinite" in events[-1].message and "section 1 of 2" in events[-1].message
+    assert sink.calls == [] and not paths.video.exists()  # no black video
+    record = json.loads(paths.sidecar.read_text())
+    assert record["status"] == "failed" and record["error"] == events[-1].message
+
+
 def test_wrong_variant_for_the_loaded_transformer(engines, tmp_path):
     events = run(engines["f1"], tiny_settings(variant="framepack"), JobPaths.for_video(tmp_path / "v.mp4"))
     assert isinstance(events[0], Failed) and "loaded transformer is 'f1'" in events[0].message
@@ -320,11 +338,14 @@ def test_a_job_abandoned_by_its_consumer_says_stopped_and_frees_the_engine(with_
     assert isinstance(run(engine, tiny_settings(steps=1), JobPaths.for_video(tmp_path / "next.mp4"))[-1], Finished)
 
 
-def test_an_earlier_job_is_replaced_as_a_whole_and_only_when_asked(with_sink, tmp_path):
+def test_an_earlier_job_is_replaced_as_a_whole_only_when_asked_and_only_by_a_video(with_sink, tmp_path, monkeypatch):
+    """`--overwrite` replaces an earlier job's three files only once the new job has written its first video: a job
+    that is stopped or fails before that leaves the earlier job as it was, and nothing of its own."""
     engine = with_sink["framepack"]
     paths = JobPaths.for_video(tmp_path / "job.mp4")
     engine.write_video = lambda frames, path, fps, crf: path.write_bytes(b"old video")
     run(engine, tiny_settings(seconds=1.0, steps=1), paths)
+    earlier = contents(tmp_path)
     refused = list(engine.generate(example_image(256, 256), tiny_settings(steps=1), paths))
     assert isinstance(refused[-1], Failed) and "already exists; pass --overwrite" in refused[-1].message
     assert paths.video.read_bytes() == b"old video"
@@ -335,5 +356,20 @@ def test_an_earlier_job_is_replaced_as_a_whole_and_only_when_asked(with_sink, tm
         if isinstance(event, StepProgress):
             stop.set()  # stopped before its first section: no video of its own
     assert events[-1].stopped and events[-1].video is None
-    assert not paths.video.exists()  # the earlier job's video does not sit beside this job's files
-    assert paths.image.exists() and json.loads(paths.sidecar.read_text())["status"] == "stopped"
+    assert contents(tmp_path) == earlier  # no video of its own: the earlier job stays whole, nothing staged is left
+    monkeypatch.setattr(engine.components.transformer, "forward", exploding)
+    failed = list(engine.generate(example_image(256, 256), tiny_settings(), paths, overwrite=True))
+    assert isinstance(failed[-1], Failed) and contents(tmp_path) == earlier
+    monkeypatch.undo()
+    engine.write_video = lambda frames, path, fps, crf: path.write_bytes(b"new video")
+    run(engine, tiny_settings(seconds=1.0, steps=1, seed=7), paths, overwrite=True)
+    assert paths.video.read_bytes() == b"new video" and sorted(contents(tmp_path)) == sorted(earlier)
+    assert json.loads(paths.sidecar.read_text())["settings"]["seed"] == 7  # replaced as a whole
+
+
+def contents(directory) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(directory.iterdir())}
+
+
+def exploding(**kwargs):
+    raise RuntimeError("kernel exploded")

@@ -144,3 +144,13 @@ def test_exit_codes_are_documented_in_the_help():
     text = cli("--help").stdout
     for code in (0, 1, 2, 130, 143):
         assert re.search(rf"^ +{code} +[a-z]", text, re.MULTILINE), code
+
+
+def test_an_output_name_too_long_for_the_file_system_is_refused_in_one_line(capsys, image_file, tmp_path):
+    import generate
+
+    output = tmp_path / ("x" * 250 + ".mp4")  # the name fits most file systems; the names written first do not
+    code = generate.main(["--preset", "tiny", "--image", str(image_file), "--output", str(output)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: output {output} cannot be written (")
+    assert err.count("\n") == 1 and list(tmp_path.iterdir()) == []

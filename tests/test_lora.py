@@ -227,6 +227,15 @@ def _bad_files(directory, transformer_layers):
     case("conv.safetensors", "only linear layers are supported", tensors=conv)
     norm = _peft_tensors(random_layers({"clean_x_embedder.proj": (32, 16)}, 4, 8))
     case("embedder.safetensors", "is a Conv3d here; only linear layers take LoRAs", tensors=norm)
+    for value, name in ((float("nan"), "nan"), (float("inf"), "inf")):
+        broken = _peft_tensors(random_layers({"transformer_blocks.0.attn.to_q": (32, 32)}, 4, 9))
+        broken["transformer.transformer_blocks.0.attn.to_q.lora_B.weight"][3, 1] = value
+        case(f"{name}.safetensors", "holds NaN or infinite values", tensors=broken)
+    alpha = {
+        **_peft_tensors(random_layers({"proj_out": (64, 32)}, 4, 10)),
+        "transformer.proj_out.alpha": torch.tensor(float("nan")),
+    }
+    case("alpha.safetensors", "holds NaN or infinite values", tensors=alpha)
     return cases
 
 

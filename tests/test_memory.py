@@ -97,3 +97,54 @@ def test_more_memory_to_preserve_keeps_fewer_blocks(full_size_transformer):
 def test_the_placement_says_blocks_stream_only_when_some_do(resident, says):
     described = Placement(resident_blocks=resident, blocks=60, pinned_bytes=2 * 1024**3).describe()
     assert says in described and "2.0 GB pinned" in described
+
+
+# -- what a job needs of the host, planned before it starts ----------------------------------------------------------
+
+
+def test_the_vae_decodes_in_tiles_on_every_device(tiny_root, monkeypatch):
+    """Untiled, the tiny preset's decode of a 1200x800 bucket took over 24 GB on the CPU and the job was killed."""
+    from diffusers_helper.models.assembly import assemble
+    from diffusers_helper.models.components import load_components
+    from diffusers_helper.settings import ModelSettings
+
+    plan = plan_memory("cpu")
+    models = assemble(load_components("framepack", tiny_root, plan.dtypes()), plan, ModelSettings(preset="tiny"))
+    vae = models.components.vae
+    tiled = []
+    monkeypatch.setattr(vae, "tiled_decode", lambda z, return_dict=True: tiled.append(z.shape) or original(z))
+    original = type(vae).tiled_decode.__get__(vae)
+    with torch.no_grad():
+        pixels = vae.decode(torch.zeros(1, 16, 1, 40, 48)).sample  # 320 x 384 pixels: over one 256-pixel tile
+    assert tiled == [(1, 16, 1, 40, 48)] and pixels.shape == (1, 3, 1, 320, 384)
+
+
+def test_a_job_needs_memory_for_its_frames_and_one_decode(tiny_root):
+    from diffusers_helper.models.components import load_components
+    from diffusers_helper.models.placement import job_host_bytes
+
+    vae = load_components("framepack", tiny_root, {}).vae
+    plan = plan_memory("cpu")
+    short, long = (job_host_bytes(plan, vae, 800, 1200, frames, 9) for frames in (37, 3601))
+    assert 1.5 * 2**30 < short < 3 * 2**30  # measured: 1.8 GB over the models (docs/benchmarks.md)
+    assert long > 2 * 3601 * 800 * 1200 * 3  # every frame of the video, twice while a section is joined
+    assert job_host_bytes(plan, vae, 400, 600, 37, 9) < short / 2
+
+
+def test_a_job_that_cannot_fit_the_free_memory_is_refused_before_anything_is_written(engines, tmp_path, monkeypatch):
+
+    from diffusers_helper.media.images import example_image
+    from diffusers_helper.media.job_files import JobPaths
+    from diffusers_helper.models import placement
+    from diffusers_helper.pipeline.events import Failed
+    from diffusers_helper.settings import GenerationSettings
+
+    monkeypatch.setattr(placement.psutil, "virtual_memory", lambda: type("Memory", (), {"available": 2**30})())
+    settings = GenerationSettings(prompt="a cat", seconds=60, resolution=1000)
+    events = list(
+        engines["framepack"].generate(example_image(960, 640), settings, JobPaths.for_video(tmp_path / "x.mp4"))
+    )
+    assert len(events) == 1 and isinstance(events[0], Failed) and events[0].bad_input
+    assert events[0].message.startswith("a 1200x800 video of 1801 frames needs about ")
+    assert events[0].message.endswith("GB of memory and 1.0 GB is free; lower the resolution or the length")
+    assert list(tmp_path.iterdir()) == []  # nothing written

@@ -1,15 +1,10 @@
 """Engines ahead of time (engines.py, frontend/prebuild.py) with the Torch-TensorRT test double on the CPU."""
 
-import os
-import time
-
 import pytest
 
 import engines
 from diffusers_helper.acceleration import speed_policy, tensorrt_wrappers
 from diffusers_helper.acceleration.engine_cache import CACHE_DIR_VARIABLE, EngineCache
-from diffusers_helper.acceleration.speed_policy import speed_key
-from diffusers_helper.acceleration.speed_records import SPEED_RECORDS_FILE, SpeedRecord, SpeedRecords
 from diffusers_helper.frontend.prebuild import parse_bucket, plan_items, prebuild
 from diffusers_helper.models.assembly import assemble
 from diffusers_helper.models.components import load_components
@@ -69,65 +64,6 @@ def test_bucket_and_plan_errors_are_one_line():
     with pytest.raises(InvalidSettings, match="latent_window"):
         plan_items(["framepack"], None, [40], 640)
     assert len(plan_items(["framepack", "f1"], None, [9], 640)) == 28  # FramePack's 14 buckets, twice
-
-
-@pytest.fixture
-def filled_cache(tmp_path, tiny_root, monkeypatch):
-    """Two transformer engines, one per bucket: latent tokens unpadded here (the tiny buckets would share one)."""
-    monkeypatch.setattr(tensorrt_wrappers, "STACK_LATENT_BUCKET", 1)
-    directory = tmp_path / "engines"
-    run_prebuild(tiny_root, directory, [])
-    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(directory))
-    return EngineCache(directory)
-
-
-def test_list_shows_component_shapes_size_and_last_use(filled_cache, capsys):
-    assert engines.main(["list"]) == 0
-    out = capsys.readouterr().out
-    # the text padded to one length
-    assert "2 engine(s)" in out and out.count("transformer") == 2 and "1x1024x32" in out
-    assert out.count("speed not measured") == 2
-    record = filled_cache.describe()[0]
-    speeds = SpeedRecords(filled_cache.directory / SPEED_RECORDS_FILE)
-    for versus, seconds in (("eager", 1 / 1.5), ("torch.compile", 1 / 0.8)):
-        speeds.remember(speed_key(record, versus), SpeedRecord(1.0, seconds))
-    engines.main(["list"])
-    out = capsys.readouterr().out
-    assert "1.50x PyTorch (eager), 0.80x PyTorch (torch.compile)" in out and out.count("speed not measured") == 1
-
-
-def test_prune_by_age_size_component_and_all(filled_cache, capsys):
-    oldest, newest = filled_cache.describe()
-    old = time.time() - 40 * 86400
-    os.utime(filled_cache.directory / f"{oldest['key']}.json", (old, old))
-    assert engines.main(["prune", "--unused-days", "30"]) == 0
-    assert [r["key"] for r in filled_cache.describe()] == [newest["key"]]
-    assert engines.main(["prune", "--all", "--component", "vae_decoder"]) == 0
-    assert len(filled_cache.describe()) == 1
-    assert engines.main(["prune", "--max-gb", "0"]) == 0
-    assert filled_cache.describe() == [] and "removed 1 engine(s)" in capsys.readouterr().out
-
-
-def test_list_shows_rejected_engines_and_prune_all_lets_them_be_built_again(filled_cache, capsys):
-    ingredients = {"component": "vae_decoder", "gpu": "NVIDIA H200"}
-    filled_cache.reject("failed", "its build failed: RuntimeError: no kernels", ingredients)
-    filled_cache.reject("wrong", "relative error 0.5 against PyTorch", {"component": "transformer"})
-    assert engines.main(["list"]) == 0
-    out = capsys.readouterr().out
-    assert "failed  vae_decoder     rejected on NVIDIA H200: its build failed: RuntimeError: no kernels" in out
-    assert "2 engine(s)" in out  # rejections are not engines
-    assert engines.main(["prune", "--unused-days", "0"]) == 0
-    assert len(filled_cache.rejections()) == 2  # only --all removes them
-    assert engines.main(["prune", "--all", "--component", "vae_decoder"]) == 0
-    assert [r["key"] for r in filled_cache.rejections()] == ["wrong"] and filled_cache.rejection("failed") is None
-    assert "removed 1 rejection record(s)" in capsys.readouterr().out
-
-
-def test_an_engine_in_use_by_another_process_is_not_pruned(filled_cache):
-    key = filled_cache.describe()[0]["key"]
-    with filled_cache.lock(key):
-        assert engines.main(["prune", "--all"]) == 0
-    assert [r["key"] for r in filled_cache.describe()] == [key]
 
 
 def test_build_without_a_gpu_says_why_in_one_line(capsys, monkeypatch, tmp_path):

@@ -3,7 +3,7 @@ import torch
 from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoFramepackTransformer3DModel
 from transformers import CLIPTextModel, LlamaModel, SiglipVisionModel
 
-from diffusers_helper.models.components import load_components
+from diffusers_helper.models.components import ModelsUnavailable, load_components
 from diffusers_helper.models.tiny_preset import ensure_tiny_models
 
 
@@ -34,6 +34,21 @@ def test_written_once_and_rebuilt_when_stale(tmp_path):
     ensure_tiny_models(tmp_path)
     assert '"version": -1' not in marker.read_text()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tiny-")]
+
+
+@pytest.mark.parametrize("blocked", ["cache", "tiny"])
+def test_a_cache_that_cannot_take_the_preset_is_one_line(tmp_path, blocked):
+    """`Cache` (or `Cache/tiny`) is a file, or cannot be written: the models cannot load, said in one line."""
+    cache = tmp_path / "Cache"
+    if blocked == "cache":
+        cache.write_text("")
+    else:
+        cache.mkdir()
+        (cache / "tiny").write_text("")
+    with pytest.raises(ModelsUnavailable) as refused:
+        ensure_tiny_models(cache)
+    assert str(refused.value).startswith(f"cannot write the tiny preset to {cache / 'tiny'} (")
+    assert str(refused.value).endswith(f"make {cache} a writable directory") and "\n" not in str(refused.value)
 
 
 def test_random_weights_are_seeded_shaped_and_placed_like_the_real_model():

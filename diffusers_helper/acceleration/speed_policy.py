@@ -26,7 +26,7 @@ SAME_ENGINE = ("component", "code", "settings", "gpu", "compute_capability", "ve
 def speed_key(ingredients: dict, versus: str) -> dict:
     """What an engine's speed is remembered by: its cache key's ingredients but the weights (which do not change the
     speed), and how PyTorch ran."""
-    return {"candidate": "tensorrt", "versus": versus, "inputs": ingredients["inputs"],
+    return {"candidate": "tensorrt", "versus": versus, "inputs": ingredients.get("inputs"),
             **{name: ingredients.get(name) for name in SAME_ENGINE}}  # fmt: skip
 
 

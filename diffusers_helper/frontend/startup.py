@@ -5,8 +5,11 @@ Light at import (the flags are parsed before torch and the models load); the hea
 
 import argparse
 import os
+import signal
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 from ..settings import (
     BACKENDS,
@@ -24,6 +27,32 @@ if TYPE_CHECKING:
     from ..models.placement import MemoryPlan
     from ..pipeline.engine import FramePackEngine
     from ..tensorrt_runtime import TensorRTRuntime
+
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """Flags that do not parse are one line on stderr and exit code 2, as every other bad input is."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_BAD_INPUT)
+
+
+def run_script(main: Callable[[], int]) -> NoReturn:
+    """Run a front end's `main` and exit with its code. Ctrl-C before the front end handles signals itself (while
+    torch and the models' libraries import) stops it with one line, not a traceback; once `main` is over, a late
+    signal changes nothing."""
+    try:
+        code = main()
+    except KeyboardInterrupt:
+        print("stopped (Ctrl-C)", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
+    sys.exit(code)
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,11 +6,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def temporary_path(path: Path) -> Path:
+    """The name a new version of `path` is written under before it replaces `path`."""
+    return path.with_name(f".{path.name}.{os.getpid()}.tmp")
+
+
 @contextlib.contextmanager
 def replacing(path: Path) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it replaces `path` in one rename, on error it is removed."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = temporary_path(path)
     try:
         yield temporary
         os.replace(temporary, path)

@@ -18,7 +18,7 @@ def load_input_image(path: Path) -> np.ndarray:
     unreadable, non-image, too large or too small file."""
     path = Path(path)
     if not path.is_file():
-        raise InvalidSettings(f"image not found: {path}")
+        raise InvalidSettings(f"image {not_a_file(path)}: {path}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below says more
@@ -32,6 +32,13 @@ def load_input_image(path: Path) -> np.ndarray:
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise InvalidSettings(f"not a readable image file: {path} ({error})") from error
     return check_input_image(image, str(path))
+
+
+def not_a_file(path: Path) -> str:
+    """Why a path given as an input file is none: missing, a directory, or something else (a device, a pipe)."""
+    if not path.exists():
+        return "not found"
+    return "is a directory, not a file" if path.is_dir() else "is not a regular file"
 
 
 def _check_size(width: int, height: int, path: Path) -> None:
@@ -79,7 +86,7 @@ def example_image(width: int = 512, height: int = 512) -> np.ndarray:
 
 
 def main() -> None:
-    """`python -m diffusers_helper.images out.png`: write the example image."""
+    """`python -m diffusers_helper.media.images out.png`: write the example image."""
     import sys
 
     target = Path(sys.argv[1] if len(sys.argv) > 1 else "example.png")

@@ -1,6 +1,7 @@
 """Where a job's files go: `<job>.mp4`, `<job>.input.png` (the input as used) and `<job>.json` (every setting)."""
 
 import json
+import os
 import platform
 import random
 import tempfile
@@ -15,7 +16,7 @@ import transformers
 from PIL import Image
 
 from ..settings import InvalidSettings
-from .atomic_files import replacing, write_bytes
+from .atomic_files import replacing, temporary_path, write_bytes
 
 
 def job_id() -> str:
@@ -56,13 +57,18 @@ class JobPaths:
         return [path for path in self.files if path.exists() or path.is_symlink()]
 
     def check(self, overwrite: bool, input_image: Path | None = None) -> None:
-        """InvalidSettings unless the job may write its files: none is a directory or the input image, and none
-        exists unless `overwrite` (an earlier job's files are then replaced as a whole)."""
+        """InvalidSettings unless the job may write its files: none is a directory or the input image, the file
+        system takes their names (and those they are written under first), and none exists unless `overwrite` (an
+        earlier job's files are then replaced as a whole)."""
         for path in self.files:
-            if path.is_dir():
-                raise InvalidSettings(f"output {path} is a directory")
-            if input_image is not None and path.exists() and path.samefile(input_image):
-                raise InvalidSettings(f"output {path} is the input image; choose another --output")
+            try:
+                if path.is_dir():
+                    raise InvalidSettings(f"output {path} is a directory")
+                if input_image is not None and path.exists() and path.samefile(input_image):
+                    raise InvalidSettings(f"output {path} is the input image; choose another --output")
+                _probe(temporary_path(_hidden(path)))
+            except OSError as error:
+                raise InvalidSettings(f"output {path} cannot be written ({error.strerror or error})") from error
         existing = self.existing()
         if existing and not overwrite:
             names = ", ".join(str(path) for path in existing)
@@ -70,10 +76,47 @@ class JobPaths:
                 f"{names} already exists; pass --overwrite to replace that job, or choose another output"
             )
 
-    def remove_existing(self) -> None:
-        """Remove an earlier job's files, so this job's files never sit beside another's."""
-        for path in self.existing():
-            path.unlink()
+    def staging(self) -> "JobPaths":
+        """Hidden names beside these for the PNG and JSON of a job that replaces an earlier one: they take the earlier
+        job's place only with the new job's first video."""
+        return JobPaths(self.video, _hidden(self.image), _hidden(self.sidecar))
+
+
+def _hidden(path: Path) -> Path:
+    return path.with_name(f".{path.name}.pending")
+
+
+def _probe(path: Path) -> None:
+    """Create and remove a file by this name: OSError when the file system will not take it (too long a name)."""
+    with open(path, "wb"):
+        pass
+    path.unlink()
+
+
+class JobFiles:
+    """The files a running job writes. A job that replaces an earlier one (`--overwrite`) leaves the earlier job's
+    three files alone until it has a video of its own: its PNG and JSON go to hidden names first, and `publish`
+    (after the first MP4 is written over the earlier one) moves them into place. A job that ends before that
+    `discard`s them, and the earlier job is as it was."""
+
+    def __init__(self, paths: JobPaths) -> None:
+        self.paths = paths
+        replacing = bool(paths.existing())
+        self.writing = paths.staging() if replacing else paths
+        self.published = not replacing
+
+    def publish(self) -> None:
+        if self.published:
+            return
+        for staged, final in ((self.writing.image, self.paths.image), (self.writing.sidecar, self.paths.sidecar)):
+            os.replace(staged, final)
+        self.writing, self.published = self.paths, True
+
+    def discard(self) -> None:
+        """What an unpublished job staged goes; the earlier job's files stay."""
+        if not self.published:
+            for staged in (self.writing.image, self.writing.sidecar):
+                staged.unlink(missing_ok=True)
 
 
 def ensure_writable_dir(directory: Path) -> None:

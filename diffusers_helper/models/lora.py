@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import first_line
+from ..media.images import not_a_file
 from ..settings import InvalidSettings
 
 logger = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ def read_lora(path: Path | str) -> LoraFile:
 
     path = Path(path)
     if not path.is_file():
-        raise InvalidSettings(f"LoRA file not found: {path}")
+        reason = not_a_file(path)
+        raise InvalidSettings(f"LoRA file not found: {path}" if reason == "not found" else f"LoRA {path} {reason}")
     try:
         sha256 = _sha256(path)
         tensors = load_file(path)
@@ -138,6 +140,11 @@ def _layer(path: Path, module: str, group: dict[str, torch.Tensor]) -> LoraLayer
         )
     if alpha is not None and alpha.numel() != 1:
         raise InvalidSettings(f"LoRA {path}: layer {module} has an alpha of shape {tuple(alpha.shape)}, not a number")
+    for part, tensor in (("down", down), ("up", up), ("alpha", alpha)):
+        if tensor is not None and not torch.isfinite(tensor.float()).all():
+            raise InvalidSettings(
+                f"LoRA {path}: layer {module} holds NaN or infinite values in its {part} weight; the file is damaged"
+            )
     scale = 1.0 if alpha is None else float(alpha.float()) / rank
     return LoraLayer(down.float(), up.float() * scale)
 

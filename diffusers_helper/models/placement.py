@@ -31,6 +31,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import psutil
 import torch
 from accelerate import cpu_offload_with_hook
 from diffusers.hooks import HookRegistry, apply_group_offloading
@@ -122,6 +123,38 @@ def plan_memory(
 
 def needs_offload(budget_gb: float, preserve_gb: float) -> bool:
     return budget_gb - preserve_gb < RESIDENT_WEIGHTS_GB
+
+
+VAE_TILE = 256  # diffusers' HunyuanVideo VAE decodes tiles of up to 256 x 256 pixels and 16 frames
+VAE_TILE_FRAMES = 16
+VAE_TILE_COPIES = 4  # activations of one tile alive at once in a decoder block (input, output, norm, skip)
+
+
+def job_host_bytes(plan: MemoryPlan, vae: torch.nn.Module, height: int, width: int, frames: int, window: int) -> int:
+    """Host memory a job needs beyond the loaded models, about: the video's uint8 frames twice (a section is joined
+    to the video so far), four float32 copies of the pixels one decode makes (the VAE's output and the conversion to
+    frames; a decode makes at most 2 windows of latents), and, decoding on the CPU, one tile's activations at the
+    VAE's widest layer (docs/benchmarks.md sets it beside measured peaks)."""
+    pixels = height * width
+    decoded = 3 * min(frames, 8 * window + 1) * pixels * 4
+    needed = 2 * frames * pixels * 3 + 4 * decoded
+    if plan.device.type == "cpu":
+        tile = min(height, VAE_TILE) * min(width, VAE_TILE) * VAE_TILE_FRAMES
+        needed += VAE_TILE_COPIES * max(vae.config.block_out_channels) * tile * plan.encoder_dtype.itemsize
+    return needed
+
+
+def job_memory_problem(
+    plan: MemoryPlan, vae: torch.nn.Module, height: int, width: int, frames: int, window: int
+) -> str | None:
+    """Why a job of this bucket and length cannot fit this machine's free host memory, said before any work (a job
+    that runs out is killed by the system, with nothing recorded); None when it fits."""
+    needed = job_host_bytes(plan, vae, height, width, frames, window)
+    free = psutil.virtual_memory().available
+    if needed <= free:
+        return None
+    return (f"a {width}x{height} video of {frames} frames needs about {needed / GIB:.1f} GB of memory and "
+            f"{free / GIB:.1f} GB is free; lower the resolution or the length")  # fmt: skip
 
 
 def return_freed_host_memory() -> None:

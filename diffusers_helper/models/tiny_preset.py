@@ -29,8 +29,9 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from ..errors import first_line
 from ..settings import CACHE_DIR, QUICK_PROMPTS
-from .components import FLUX_REDUX, HUNYUAN_VIDEO, TRANSFORMER_REPOS
+from .components import FLUX_REDUX, HUNYUAN_VIDEO, TRANSFORMER_REPOS, ModelsUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -206,8 +207,18 @@ def _damage(root: Path) -> str | None:
 
 
 def ensure_tiny_models(cache_dir: Path = CACHE_DIR) -> Path:
-    """The tiny preset's directory, written on first use (a few seconds) and reused while every file is as written."""
+    """The tiny preset's directory, written on first use (a few seconds) and reused while every file is as written;
+    ModelsUnavailable in one line when it cannot be written there."""
     root = cache_dir / "tiny"
+    try:
+        return _ensure(root, cache_dir)
+    except OSError as error:
+        reason = error.strerror or first_line(error)
+        raise ModelsUnavailable(f"cannot write the tiny preset to {root} ({reason}); make {cache_dir} a writable "
+                                "directory") from error  # fmt: skip
+
+
+def _ensure(root: Path, cache_dir: Path) -> Path:
     damage = _damage(root)
     if damage is None:
         return root

@@ -15,11 +15,12 @@ import numpy as np
 import torch
 
 from ..media.buckets import find_nearest_bucket, resize_and_center_crop
-from ..media.job_files import JobPaths, ensure_writable_dir, save_image, software_versions, write_sidecar
+from ..media.job_files import JobFiles, JobPaths, ensure_writable_dir, save_image, software_versions, write_sidecar
 from ..media.preview import latent_preview
 from ..media.video import VideoWriter, write_mp4
 from ..models.assembly import AssembledModels
 from ..models.lora import LoraFile, read_lora
+from ..models.placement import job_memory_problem
 from ..settings import FPS, GenerationSettings, InvalidSettings
 from .conditioning import Conditions, encode_conditions, encoding_pipeline, prompt_overflow
 from .events import (
@@ -43,6 +44,10 @@ from .sections import ORDERS, Section, SectionOrder, Video
 logger = logging.getLogger(__name__)
 
 
+class GenerationError(RuntimeError):
+    """The job cannot go on, for a reason its message gives in full (it becomes the job's one-line failure)."""
+
+
 class FramePackEngine:
     """Runs jobs, one at a time, on the assembled models of one process."""
 
@@ -57,7 +62,7 @@ class FramePackEngine:
         logger.info("models: %s", models.describe())
         self.pipe = encoding_pipeline(self.components, self.scheduler)
         self._running = threading.Lock()  # the scheduler and the step cache hold one job's state
-        self._job: tuple[JobPaths, dict] | None = None
+        self._job: tuple[JobFiles, dict] | None = None
 
     def generate(
         self,
@@ -68,10 +73,11 @@ class FramePackEngine:
         overwrite: bool = False,
     ) -> Iterator[Event]:
         """Run one job; failures end it with a Failed event, never an exception (the traceback is logged at debug
-        level). An earlier job's files at `paths` are replaced only with `overwrite`. Its LoRAs are read and checked
-        before anything is written or changed (a bad one fails the job with `bad_input`), fused before sampling and
-        left in the weights until a job asks for another mix. If the job is interrupted
-        (KeyboardInterrupt, or its consumer closes this generator), its sidecar says "stopped" before it ends."""
+        level). An earlier job's files at `paths` are replaced only with `overwrite`, and only once this job has a
+        video of its own (until then the earlier job stays as it was). Its LoRAs and output paths are checked before
+        anything is written or changed (a bad one fails the job with `bad_input`); LoRAs are fused before sampling
+        and left in the weights until a job asks for another mix. If the job is interrupted (KeyboardInterrupt, or
+        its consumer closes this generator), its sidecar says "stopped" before it ends."""
         if not self._running.acquire(blocking=False):
             yield Failed("this engine is already running a job; jobs run one at a time")
             return
@@ -82,22 +88,22 @@ class FramePackEngine:
                 return
             try:
                 loras = self._read_loras(settings)
+                self._check_memory(image, settings)
+                ensure_writable_dir(paths.video.parent)
+                paths.check(overwrite)
             except InvalidSettings as error:
                 yield Failed(str(error), bad_input=True)
                 return
-            record = self._record(settings, paths, loras)
-            self._job = (paths, record)
+            files, record = JobFiles(paths), self._record(settings, paths, loras)
+            self._job = (files, record)
             try:
-                ensure_writable_dir(paths.video.parent)
-                paths.check(overwrite)
-                paths.remove_existing()
                 stop = stop or threading.Event()
                 with self.models.cancel_builds_when(stop.is_set):  # End during an engine build ends the build
-                    yield from self._generate(image, settings, paths, stop, record, loras)
+                    yield from self._generate(image, settings, files, stop, record, loras)
             except Exception as error:  # the job fails, the process (and any UI) goes on
                 logger.debug("generation failed", exc_info=True)
                 message = _failure_message(error)
-                self._record_end(paths, record, status="failed", error=message)
+                self._record_end(files, record, status="failed", error=message)
                 yield Failed(message)
             except BaseException:
                 self.record_interruption()
@@ -110,8 +116,16 @@ class FramePackEngine:
         """Mark the running job (if any) as stopped, keeping the video so far: for a process that is interrupted
         or about to exit while the job is still running."""
         if self._job is not None and self._job[1]["status"] == "running":
-            paths, record = self._job
-            self._record_end(paths, record, status="stopped")
+            files, record = self._job
+            self._record_end(files, record, status="stopped")
+
+    def _check_memory(self, image: np.ndarray, settings: GenerationSettings) -> None:
+        """InvalidSettings when the job's bucket and length need more memory than this machine has free."""
+        height, width = find_nearest_bucket(*image.shape[:2], resolution=settings.resolution)
+        problem = job_memory_problem(self.plan, self.components.vae, height, width, settings.frames,
+                                     settings.latent_window)  # fmt: skip
+        if problem:
+            raise InvalidSettings(problem)
 
     def _read_loras(self, settings: GenerationSettings) -> list[tuple[LoraFile, float]]:
         """The job's LoRAs, read and checked against the transformer; InvalidSettings names a bad file."""
@@ -138,32 +152,38 @@ class FramePackEngine:
             "status": "running",
         }
 
-    def _write_record(self, paths: JobPaths, record: dict) -> None:
-        write_sidecar(paths.sidecar, {**record, "components": self.models.backends()})
+    def _write_record(self, files: JobFiles, record: dict) -> None:
+        write_sidecar(files.writing.sidecar, {**record, "components": self.models.backends()})
 
-    def _record_end(self, paths: JobPaths, record: dict, **end) -> None:
+    def _record_end(self, files: JobFiles, record: dict, **end) -> None:
+        """The job's end in its sidecar; a job that was to replace an earlier one and made no video leaves nothing
+        (the earlier job's files are untouched)."""
         record.update(end)
+        if not files.published:
+            files.discard()
+            return
         try:
-            self._write_record(paths, record)
+            self._write_record(files, record)
         except OSError as error:
-            logger.warning("could not record the job's end in %s: %s", paths.sidecar, error)
+            logger.warning("could not record the job's end in %s: %s", files.writing.sidecar, error)
 
     def _generate(
         self,
         image: np.ndarray,
         settings: GenerationSettings,
-        paths: JobPaths,
+        files: JobFiles,
         stop: threading.Event,
         record: dict,
         loras: list[tuple[LoraFile, float]],
     ) -> Iterator[Event]:
         started = time.perf_counter()
+        video_path = files.paths.video
         yield StageStarted(ENCODING)
         height, width = find_nearest_bucket(*image.shape[:2], resolution=settings.resolution)
         image = resize_and_center_crop(image, height, width)
-        save_image(image, paths.image)
+        save_image(image, files.writing.image)
         record.update(width=width, height=height, sections=settings.sections, sections_done=0)
-        self._write_record(paths, record)
+        self._write_record(files, record)
 
         overflow = prompt_overflow(self.pipe, settings.prompt)
         if overflow:
@@ -193,13 +213,15 @@ class FramePackEngine:
             )
             if latents is None:
                 break
+            _check_finite(latents, "sampled latents", section)
             history = order.append(history, latents, conditions.start_latent, section)
             yield StageStarted(DECODING, section.index + 1, section.count)
             video = self._decode_and_join(order, history, video, section, settings.latent_window)
             yield StageStarted(WRITING, section.index + 1, section.count)
-            self.write_video(video.frames.numpy(), paths.video, FPS, settings.crf)
+            self.write_video(video.frames.numpy(), video_path, FPS, settings.crf)
+            files.publish()  # the job has a video: an earlier job's files give way to this one's
             record.update(sections_done=section.index + 1, frames=len(video.frames))
-            self._write_record(paths, record)
+            self._write_record(files, record)
             logger.info(
                 "section %d/%d done: %d frames, %.1fs elapsed",
                 section.index + 1,
@@ -207,7 +229,7 @@ class FramePackEngine:
                 len(video.frames),
                 time.perf_counter() - started,
             )
-            yield SectionFinished(section.index + 1, section.count, paths.video, len(video.frames))
+            yield SectionFinished(section.index + 1, section.count, video_path, len(video.frames))
 
         stopped = stop.is_set() and record["sections_done"] < settings.sections
         record.update(
@@ -215,9 +237,9 @@ class FramePackEngine:
             seconds_elapsed=round(time.perf_counter() - started, 2),
             step_cache=self._step_cache_record(settings),
         )
-        self._write_record(paths, record)
+        self._record_end(files, record)
         yield Finished(
-            video=paths.video if video is not None else None,
+            video=video_path if video is not None else None,
             frames=0 if video is None else len(video.frames),
             sections_done=record["sections_done"],
             sections=settings.sections,
@@ -278,7 +300,9 @@ class FramePackEngine:
         """Decode the whole video the first time, afterwards only the newest latents, crossfaded into the rest."""
         video_latents = order.video_latents(history)
         latents = video_latents if video is None else order.latents_to_decode(video_latents, section, window)
-        return order.join(video, self._decode(latents), overlap=window * 4 - 3)
+        decoded = self._decode(latents)
+        _check_finite(decoded, "decoded pixels", section)
+        return order.join(video, decoded, overlap=window * 4 - 3)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:
         vae = self.components.vae
@@ -286,7 +310,18 @@ class FramePackEngine:
         return vae.decode(scaled).sample
 
 
+def _check_finite(values: torch.Tensor, what: str, section: Section) -> None:
+    """NaN or infinite values (from damaged weights or a LoRA) would be written as black frames: the job stops."""
+    if not torch.isfinite(values).all():
+        raise GenerationError(
+            f"the {what} of section {section.index + 1} of {section.count} are NaN or infinite (damaged weights or "
+            "LoRA?); the job stopped rather than write black frames"
+        )
+
+
 def _failure_message(error: Exception) -> str:
+    if isinstance(error, GenerationError):
+        return str(error)
     if isinstance(error, torch.OutOfMemoryError):
         return "out of GPU memory: lower the resolution or raise 'GPU memory to preserve' to offload more"
     return f"{type(error).__name__}: {error}"
