@@ -11,6 +11,7 @@ import dataclasses
 import gc
 import html
 import logging
+import os
 import signal
 import socket
 import sys
@@ -350,7 +351,7 @@ class Shutdown:
     """Ctrl-C and SIGTERM. The first stops every job at its next step at once (the server's close takes seconds, a
     whole section of a tiny job) and then closes the server; the app exits when the running job has stopped. A second
     stops at once: the running job is recorded as stopped, keeping the video so far, and the app exits with 128 + the
-    signal, as the CLI does."""
+    signal, as the CLI does (without waiting for the job's thread, which an interpreter's orderly exit would)."""
 
     def __init__(self, app: App) -> None:
         self.app = app
@@ -360,27 +361,26 @@ class Shutdown:
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, self.handle)
 
-    @property
-    def at_once(self) -> bool:
-        return len(self.received) > 1
-
     def handle(self, signum: int, frame) -> None:
         self.received.append(signum)
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        if not self.at_once:
-            print(f"{name}: stopping the running job, then the app (again to stop at once)", file=sys.stderr)
+        if len(self.received) == 1:
+            _say(f"{name}: stopping the running job, then the app (again to stop at once)")
             self.app.stop_all()
             raise KeyboardInterrupt  # Gradio closes its server on it
-        print(f"{name} again: stopping at once; the video so far is kept", file=sys.stderr)
-        raise SystemExit(128 + signum)
+        _say(f"{name} again: stopping at once; the video so far is kept")
+        if self.app.engine is not None:
+            self.app.engine.record_interruption()
+        os._exit(128 + signum)
 
-    def finish(self) -> None:
-        """The server is closed: wait for the running job to stop at a step, unless told to stop at once."""
-        if self.at_once:
-            if self.app.engine is not None:
-                self.app.engine.record_interruption()
-        else:
-            self.app.shutdown()
+
+def _say(line: str) -> None:
+    """A line on stderr from a signal handler, which may run while the interrupted code is printing itself."""
+    os.write(sys.stderr.fileno(), f"{line}\n".encode())
+
+
+# Uploads up to 50 MB; errors shown on the page; the app's own line instead of Gradio's banner.
+LAUNCH_OPTIONS = {"max_file_size": "50mb", "show_error": True, "quiet": True}
 
 
 def port_problem(server: str, port: int | None) -> str | None:
@@ -432,13 +432,13 @@ def main(argv: list[str] | None = None) -> int:
     shutdown.install()
     try:
         ui.launch(server_name=args.server, server_port=args.port, share=args.share, inbrowser=args.inbrowser,
-                  allowed_paths=[str(Path(args.outputs).resolve())], max_file_size="50mb", show_error=True,
-                  quiet=True, prevent_thread_lock=True)  # fmt: skip
+                  allowed_paths=[str(Path(args.outputs).resolve())], prevent_thread_lock=True,
+                  **LAUNCH_OPTIONS)  # fmt: skip
         public = f"; public link {ui.share_url}" if ui.share_url else " (--share adds a public link)"
         print(f"FramePack is running at {ui.local_url}{public}", flush=True)
         ui.block_thread()
     finally:
-        shutdown.finish()
+        app.shutdown()
     return 0
 
 

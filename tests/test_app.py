@@ -1,9 +1,12 @@
-"""The app through its HTTP API (gradio_client against 127.0.0.1, tiny preset)."""
+"""The app through its HTTP API (gradio_client against 127.0.0.1, tiny preset): served from this process, with jobs
+held at known points where a test acts on them; in a process of its own where a test sends it signals."""
 
 import json
+import logging
 import re
 import signal
-import threading
+import socket
+import sys
 import time
 
 import av
@@ -11,18 +14,20 @@ import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
+import demo_gradio
 from demo_gradio import STEP_CACHE_CHOICES, lora_choices
+from diffusers_helper.pipeline.events import SectionFinished, StepProgress
 from diffusers_helper.settings import STEP_CACHES, InvalidSettings, LoraChoice
-from tests.support.app_server import running_app
+from tests.support.app_server import JobGate, running_app, served_app
 from tests.support.lora_files import TINY_LAYERS, random_layers, write_kohya, write_peft
 
 # image, prompt, negative prompt, seed, seconds, steps, distilled CFG, window, CFG, rescale, preserve, step cache,
 # CRF, variant, resolution
-ARGUMENTS = ["a cat walks", "", 31337, 2.0, 6, 10.0, 9, 1.0, 0.0, 6.0, "teacache", 16, "framepack", 128]
+ARGUMENTS = ["a cat walks", "", 31337, 1.0, 2, 10.0, 9, 1.0, 0.0, 6.0, "teacache", 16, "framepack", 128]
 STEP_CACHE = ARGUMENTS.index("teacache")
 
 
-def with_seconds(seconds: float, steps: int = 6) -> list:
+def with_seconds(seconds: float, steps: int = 2) -> list:
     return [*ARGUMENTS[:3], seconds, steps, *ARGUMENTS[5:]]
 
 
@@ -39,9 +44,14 @@ def app_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app_url(app_dir):
-    with running_app(app_dir / "outputs", app_dir / "app.log", "--loras", str(app_dir / "loras")) as app:
-        yield app.url
+def served(app_dir):
+    with served_app(app_dir / "outputs", "--loras", str(app_dir / "loras")) as served:
+        yield served
+
+
+@pytest.fixture
+def app_url(served):
+    return served.url
 
 
 def text(progress_html: str) -> str:
@@ -64,22 +74,30 @@ def frame_count(path: str) -> int:
         return sum(1 for _ in container.decode(video=0))
 
 
+def records(outputs) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(outputs.glob("*.json"))]
+
+
 def test_a_complete_job_returns_a_playable_video(app_url, image_file):
     client = Client(app_url, verbose=False)
     video, _, progress, status, download = client.predict(
         handle_file(str(image_file)), *ARGUMENTS, api_name="/generate"
     )
-    assert frame_count(video) == 73
-    assert text(progress).startswith("done: 73 frames") and 'value="100"' in progress
+    assert frame_count(video) == 37
+    assert text(progress).startswith("done: 37 frames") and 'value="100"' in progress
     assert "**Models:** framepack (lllyasviel/FramePackI2V_HY), tiny preset (random weights: expect noise)" in status
     assert "cpu, float32" in status and "**TensorRT:** off" in status
-    assert download["visible"] is True and frame_count(download["value"]) == 73
+    assert download["visible"] is True and frame_count(download["value"]) == 37
+
+
+def test_the_apis_outputs_are_named(app_url):
+    generate = Client(app_url, verbose=False).view_api(print_info=False, return_format="dict")["named_endpoints"]
+    returns = [value["label"] for value in generate["/generate"]["returns"]]
+    assert returns == ["Finished frames", "Next latents", "Progress", "Status", "Download video"]
 
 
 def test_the_page_names_every_stage_of_a_job(app_url, image_file):
-    job = watching_client(app_url).submit(
-        handle_file(str(image_file)), *with_seconds(1.0, steps=2), api_name="/generate"
-    )
+    job = watching_client(app_url).submit(handle_file(str(image_file)), *ARGUMENTS, api_name="/generate")
     job.result(timeout=300)
     seen = progress_texts(job)
     stages = ["encoding the prompt and image", "section 1 of 1 · sampling step 1/2", "section 1 of 1 · decoding",
@@ -88,15 +106,14 @@ def test_the_page_names_every_stage_of_a_job(app_url, image_file):
     assert positions == sorted(positions)
 
 
-def test_end_after_the_first_section_returns_the_partial_video(app_url, image_file):
-    client = watching_client(app_url)
-    job = client.submit(handle_file(str(image_file)), *with_seconds(4.0, steps=30), api_name="/generate")
-    deadline = time.monotonic() + 120
-    while not any("33 frames so far" in line for line in progress_texts(job)):
-        assert time.monotonic() < deadline and not job.done()
-        time.sleep(0.1)
-    client.predict(api_name="/end")
-    video, _, progress, _, _ = job.result(timeout=120)
+def test_end_after_the_first_section_returns_the_partial_video(served, image_file):
+    client = watching_client(served.url)
+    with JobGate(served.app, lambda event: isinstance(event, SectionFinished)) as gate:
+        job = client.submit(handle_file(str(image_file)), *with_seconds(4.0), api_name="/generate")
+        assert gate.reached.wait(300)  # the first section is written; the job waits before the second
+        client.predict(api_name="/end")
+        assert gate.stop.is_set()
+    video, _, progress, _, _ = job.result(timeout=300)
     assert frame_count(video["path"]) == 33
     assert text(progress).startswith("stopped after 1 of 3 sections: 33 frames") and "done" not in text(progress)
 
@@ -114,35 +131,30 @@ def test_bad_uploads_get_their_message_and_the_app_keeps_serving(app_url, image_
     assert progress.startswith("error: not a readable image file")
     with pytest.raises(Exception, match="image"):  # not an image at all: Gradio itself refuses the upload
         client.predict(handle_file(str(tmp_path / "notes.png")), *ARGUMENTS, api_name="/generate")
-    assert text(client.predict(handle_file(str(image_file)), *with_seconds(1.0), api_name="/generate")[2]).startswith(
-        "done"
-    )
+    assert text(client.predict(handle_file(str(image_file)), *ARGUMENTS, api_name="/generate")[2]).startswith("done")
 
 
-def test_two_clients_at_once_both_finish_in_turn(app_url, image_file):
-    clients = [Client(app_url, verbose=False) for _ in range(2)]
-    jobs = [client.submit(handle_file(str(image_file)), *with_seconds(1.0), api_name="/generate") for client in clients]
-    seen_waiting = threading.Event()
-    while not all(job.done() for job in jobs):
-        statuses = {job.status().code.name for job in jobs}
-        if statuses & {"PROCESSING", "ITERATING", "PROGRESS"} and "IN_QUEUE" in statuses:
-            seen_waiting.set()
-        time.sleep(0.05)
-    assert seen_waiting.is_set()  # one ran while the other waited its turn
-    for job in jobs:
-        video, _, progress, _, _ = job.result()
+def test_two_clients_at_once_both_finish_in_turn(served, image_file):
+    clients = [Client(served.url, verbose=False) for _ in range(2)]
+    with JobGate(served.app, lambda event: isinstance(event, StepProgress)) as gate:
+        first = clients[0].submit(handle_file(str(image_file)), *ARGUMENTS, api_name="/generate")
+        assert gate.reached.wait(300)  # the first job holds at its first step
+        second = clients[1].submit(handle_file(str(image_file)), *ARGUMENTS, api_name="/generate")
+        deadline = time.monotonic() + 120
+        while second.status().code.name != "IN_QUEUE":  # a state that lasts while the first job is held
+            assert time.monotonic() < deadline, second.status()
+            time.sleep(0.05)
+        assert first.status().code.name in ("PROCESSING", "ITERATING", "PROGRESS")
+    for job in (first, second):
+        video, _, progress, _, _ = job.result(timeout=300)
         assert text(progress).startswith("done: 37 frames") and frame_count(video) == 37
 
 
 def test_the_other_variant_loads_on_demand(app_url, image_file):
     client = Client(app_url, verbose=False)
-    arguments = [*with_seconds(1.0)[:-2], "f1", 128]
+    arguments = [*ARGUMENTS[:-2], "f1", 128]
     video, _, progress, _, _ = client.predict(handle_file(str(image_file)), *arguments, api_name="/generate")
     assert text(progress).startswith("done: 37 frames") and frame_count(video) == 37
-
-
-def records(outputs) -> list[dict]:
-    return [json.loads(path.read_text()) for path in sorted(outputs.glob("*.json"))]
 
 
 def test_the_step_cache_choice_reaches_the_job(app_url, app_dir, image_file):
@@ -161,58 +173,37 @@ def test_the_step_cache_choice_reaches_the_job(app_url, app_dir, image_file):
     assert magcache["step_cache"]["skipped"] > 0
 
 
-def test_a_cancelled_job_stops_and_the_next_job_runs_alone(tmp_path, image_file):
-    outputs = tmp_path / "outputs"
-    with running_app(outputs, tmp_path / "app.log") as app:
-        url = app.url
-        job = watching_client(url).submit(
-            handle_file(str(image_file)), *with_seconds(4.0, steps=30), api_name="/generate"
+def test_a_cancelled_job_stops_and_the_next_job_runs_alone(served, app_dir, image_file, caplog):
+    before = {path.name for path in (app_dir / "outputs").glob("*.json")}
+    with JobGate(served.app, lambda event: isinstance(event, StepProgress) and event.step == 2) as gate:
+        job = watching_client(served.url).submit(
+            handle_file(str(image_file)), *with_seconds(4.0, steps=4), api_name="/generate"
         )
-        deadline = time.monotonic() + 120
-        while not any("section 1 of 3 · sampling step 2" in line for line in progress_texts(job)):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+        assert gate.reached.wait(300)
         job.cancel()
-        video, _, progress, _, _ = Client(url, verbose=False).predict(
-            handle_file(str(image_file)), *with_seconds(1.0), api_name="/generate"
+        assert gate.stop.wait(120)  # the consumer left: the held job is told to stop
+    with caplog.at_level(logging.WARNING):
+        video, _, progress, _, _ = Client(served.url, verbose=False).predict(
+            handle_file(str(image_file)), *ARGUMENTS, api_name="/generate"
         )
-        assert text(progress).startswith("done: 37 frames") and frame_count(video) == 37
-        log = (tmp_path / "app.log").read_text()
-    cancelled, second = records(outputs)
-    assert cancelled["status"] == "stopped" and cancelled["sections_done"] < 3  # it did not run on unasked
-    assert second["status"] == "complete"
-    assert "Traceback" not in log and "already running" not in log
-
-
-def test_sigterm_stops_the_running_job_and_records_it(tmp_path, image_file):
-    outputs = tmp_path / "outputs"
-    with running_app(outputs, tmp_path / "app.log") as app:
-        job = watching_client(app.url).submit(
-            handle_file(str(image_file)), *with_seconds(4.0, steps=30), api_name="/generate"
-        )
-        deadline = time.monotonic() + 120
-        while not any("section 2 of 3" in line for line in progress_texts(job)):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        app.process.send_signal(signal.SIGTERM)
-        assert app.process.wait(timeout=120) == 0
-    (record,) = records(outputs)
-    assert record["status"] == "stopped" and record["sections_done"] >= 1
-    assert frame_count(str(outputs / record["video"])) == record["frames"]
-    assert not [path for path in outputs.iterdir() if path.name.startswith(".")]
+    assert text(progress).startswith("done: 37 frames") and frame_count(video) == 37
+    cancelled, second = [json.loads((app_dir / "outputs" / name).read_text()) for name in
+                         sorted({path.name for path in (app_dir / "outputs").glob("*.json")} - before)]  # fmt: skip
+    assert cancelled["status"] == "stopped" and cancelled["sections_done"] == 0  # it did not run on unasked
+    assert second["status"] == "complete" and "already running" not in caplog.text
 
 
 def test_a_job_with_a_lora_records_it_and_the_page_names_it(app_url, app_dir, image_file):
     client = Client(app_url, verbose=False)
     style = app_dir / "loras" / "style.safetensors"
     _, _, progress, status, _ = client.predict(
-        handle_file(str(image_file)), *with_seconds(1.0), ["style.safetensors"], "0.5", api_name="/generate"
+        handle_file(str(image_file)), *ARGUMENTS, ["style.safetensors"], "0.5", api_name="/generate"
     )
     assert text(progress).startswith("done: 37 frames") and "**LoRAs:** style.safetensors x0.5" in status
     (record,) = [record for record in records(app_dir / "outputs") if record["loras"]]
     assert record["loras"][0]["name"] == "style.safetensors" and record["loras"][0]["scale"] == 0.5
     assert record["loras"][0]["path"] == str(style) and len(record["loras"][0]["sha256"]) == 64
-    _, _, progress, status, _ = client.predict(handle_file(str(image_file)), *with_seconds(1.0), api_name="/generate")
+    _, _, progress, status, _ = client.predict(handle_file(str(image_file)), *ARGUMENTS, api_name="/generate")
     assert text(progress).startswith("done: 37 frames") and "**LoRAs:** none" in status  # taken out again
 
 
@@ -226,7 +217,7 @@ def test_bad_lora_picks_get_one_line_messages(app_url, image_file):
     ]
     for names, scales, expected in cases:
         progress = text(
-            client.predict(handle_file(str(image_file)), *with_seconds(1.0), names, scales, api_name="/generate")[2]
+            client.predict(handle_file(str(image_file)), *ARGUMENTS, names, scales, api_name="/generate")[2]
         )
         assert progress.startswith(expected) and "\n" not in progress, progress
     assert "wan.safetensors does not fit this FramePack transformer" in progress
@@ -242,3 +233,65 @@ def test_lora_picks_become_job_settings(tmp_path):
     assert lora_choices(tmp_path, available, ["a.safetensors"], None) == (LoraChoice(tmp_path / "a.safetensors"),)
     with pytest.raises(InvalidSettings, match="LoRA '../x.safetensors' is not in"):
         lora_choices(tmp_path, available, ["../x.safetensors"], "")
+
+
+# -- starting and stopping the app ------------------------------------------------------------------------------------
+
+
+def test_a_port_in_use_or_out_of_range_is_refused_before_the_models_load(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(demo_gradio, "App", lambda args: pytest.fail("the models were loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert demo_gradio.main(["--preset", "tiny", "--outputs", str(tmp_path), "--port", str(port)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot listen on 127.0.0.1:{port} (") and err.count("\n") == 1
+    assert demo_gradio.main(["--preset", "tiny", "--outputs", str(tmp_path), "--port", "70000"]) == 2
+    assert capsys.readouterr().err == "error: --port must be in 1-65535, got 70000\n"
+
+
+def _start_long_job(url: str, image_file):
+    """A job of 3 sections, followed until the second section is sampling."""
+    job = watching_client(url).submit(handle_file(str(image_file)), *with_seconds(4.0, steps=30), api_name="/generate")
+    deadline = time.monotonic() + 240
+    while not any("section 2 of 3 · sampling step" in line for line in progress_texts(job)):
+        assert time.monotonic() < deadline and not job.done()
+        time.sleep(0.05)
+    return job
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(sys.platform == "win32", reason="sends POSIX signals")
+def test_sigterm_stops_the_running_job_at_its_next_step_and_records_it(tmp_path, image_file):
+    """The job stops within the section it was sampling (the stop reaches it before the server's close, which takes
+    seconds), its JSON says so, and the app exits cleanly."""
+    outputs = tmp_path / "outputs"
+    with running_app(outputs, tmp_path / "app.log") as app:
+        _start_long_job(app.url, image_file)
+        app.process.send_signal(signal.SIGTERM)
+        assert app.process.wait(timeout=120) == 0
+    (record,) = records(outputs)
+    assert record["status"] == "stopped" and record["sections_done"] == 1
+    assert frame_count(str(outputs / record["video"])) == record["frames"] == 33
+    assert not [path for path in outputs.iterdir() if path.name.startswith(".")]
+    assert "Traceback" not in (tmp_path / "app.log").read_text()
+
+
+@pytest.mark.subprocess
+@pytest.mark.skipif(sys.platform == "win32", reason="sends POSIX signals")
+def test_a_second_sigterm_stops_at_once_without_a_traceback(tmp_path, image_file):
+    outputs = tmp_path / "outputs"
+    with running_app(outputs, tmp_path / "app.log") as app:
+        _start_long_job(app.url, image_file)
+        app.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while "SIGTERM: stopping the running job" not in (tmp_path / "app.log").read_text():
+            assert time.monotonic() < deadline  # (a signal sent before the first is handled merges with it)
+            time.sleep(0.05)
+        app.process.send_signal(signal.SIGTERM)
+        assert app.process.wait(timeout=120) == 128 + signal.SIGTERM
+    log = (tmp_path / "app.log").read_text()
+    assert "Traceback" not in log and "SIGTERM again: stopping at once" in log
+    (record,) = records(outputs)
+    assert record["status"] == "stopped"

@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
 from bench import backends, compile_options, profile_section
 
 
+@pytest.mark.subprocess  # the bench runs each backend in a process of its own
 def test_the_backends_bench_times_every_row_and_draws_the_chart(tmp_path):
     out = tmp_path / "out"
     flags = ["--preset", "tiny", "--device", "cpu", "--configs", "eager", "fp8", "--seconds", "1", "--steps", "4"]
@@ -43,6 +46,7 @@ def test_the_section_profile_groups_kernel_time_by_kind(tmp_path):
     assert (tmp_path / "trace.json.gz").stat().st_size > 0
 
 
+@pytest.mark.subprocess  # the bench runs each backend in a process of its own
 def test_the_eager_process_times_only_the_extras_asked_for(tmp_path):
     flags = ["--preset", "tiny", "--device", "cpu", "--configs", "eager", "--seconds", "1", "--steps", "2"]
     assert backends.main([*flags, "--runs", "1", "--out", str(tmp_path), "--extras", "attention"]) == 0
@@ -61,6 +65,7 @@ def test_the_tensorrt_rows_are_every_engine_always_and_the_default_fastest_path(
     assert runtime_for(fastest).only_if_faster
 
 
+@pytest.mark.subprocess  # the bench runs each backend in a process of its own
 def test_the_compile_row_runs_compiled_code_in_its_jobs_after_the_flops_are_counted(tmp_path):
     """Counting FLOPs under a dispatch mode must not leave torch.compile running eagerly: the jobs compile one graph
     per block class, and the prompt of another length after them runs those graphs (the text's length is dynamic)."""

@@ -139,6 +139,7 @@ def test_missing_local_models_name_the_component_and_the_tiny_preset(capsys, ima
     assert code == 2 and err == f"error: models directory is not a directory: {image_file}\n"
 
 
+@pytest.mark.subprocess
 def test_unreachable_hub_is_one_clear_error(image_file, tmp_path):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = subprocess.run(
@@ -151,6 +152,7 @@ def test_unreachable_hub_is_one_clear_error(image_file, tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.subprocess
 def test_readme_tiny_job(image_file, tmp_path):
     output = tmp_path / "x.mp4"
     result = subprocess.run(
@@ -217,6 +219,7 @@ def test_fp8_without_an_fp8_gpu_makes_the_bf16_video_and_says_why(capsys, image_
     assert err.strip().endswith(f"transformer blocks: PyTorch; float32 ({reason}; this run is on the CPU)")
 
 
+@pytest.mark.subprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the fallback on machines without CUDA")
 def test_tensorrt_without_a_gpu_falls_back_and_the_video_completes(image_file, tmp_path):
     output = tmp_path / "x.mp4"
@@ -245,6 +248,7 @@ def test_a_bad_engine_cache_size_is_one_line_naming_the_variable(capsys, image_f
         )
 
 
+@pytest.mark.subprocess
 def test_the_readme_commands_run_as_written(tmp_path):
     """The README's set-up command, run in a scratch directory (install step left out: the tests run installed)."""
     readme = (REPO / "README.md").read_text()

@@ -47,6 +47,7 @@ def age(path: Path, seconds: float) -> None:
 # -- portability ---------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.subprocess
 def test_the_cache_works_without_posix_only_modules(tmp_path):
     """Windows has no fcntl (nor termios, pwd, ...): the cache must import and lock without them."""
     script = (
@@ -152,6 +153,7 @@ def test_size_counts_every_file_and_the_cap_counts_them_too(tmp_path):
     assert [key for key, _, _ in cache.entries()] == ["b"]
 
 
+@pytest.mark.subprocess
 def test_processes_storing_looking_up_and_evicting_at_once_leave_a_consistent_cache(tmp_path):
     """Four processes, 12 keys, room for about four entries: nearly every store evicts what another may be using."""
     directory, barrier = tmp_path / "engines", tmp_path / "barrier"

@@ -28,6 +28,7 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(path.name for path in directory.iterdir() if path.name.startswith(".") or path.suffix == ".tmp")
 
 
+@pytest.mark.subprocess
 def test_the_input_photo_is_never_overwritten(image_file, tmp_path):
     photo = tmp_path / "cat.png"
     shutil.copy(image_file, photo)
@@ -38,6 +39,7 @@ def test_the_input_photo_is_never_overwritten(image_file, tmp_path):
     assert (tmp_path / "cat.input.png").exists() and (tmp_path / "cat.json").exists()
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
 def test_an_input_that_would_be_the_saved_input_is_refused(image_file, tmp_path, overwrite):
     photo = tmp_path / "cat.input.png"
@@ -49,6 +51,7 @@ def test_an_input_that_would_be_the_saved_input_is_refused(image_file, tmp_path,
     assert photo.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["cat.input.png"]
 
 
+@pytest.mark.subprocess
 def test_an_earlier_job_is_replaced_only_when_asked(image_file, tmp_path):
     output = tmp_path / "job.mp4"
     assert cli(*TINY_JOB, "--image", image_file, "--output", output).returncode == 0
@@ -62,12 +65,14 @@ def test_an_earlier_job_is_replaced_only_when_asked(image_file, tmp_path):
     assert json.loads(output.with_suffix(".json").read_text())["settings"]["seed"] == 7
 
 
+@pytest.mark.subprocess
 def test_an_output_that_is_a_directory_is_refused_before_any_work(image_file, tmp_path):
     (tmp_path / "out.mp4").mkdir()
     result = cli(*TINY_JOB, "--image", image_file, "--output", tmp_path / "out.mp4")
     assert result.returncode == 2 and result.stderr.strip() == f"error: output {tmp_path / 'out.mp4'} is a directory"
 
 
+@pytest.mark.subprocess
 @pytest.mark.parametrize("verbose", [False, True])
 def test_a_failure_is_one_line_with_the_traceback_only_when_verbose(image_file, tmp_path, verbose):
     script = (
@@ -103,6 +108,7 @@ def _wait_for_first_section(process: subprocess.Popen) -> None:
     raise AssertionError(f"the job ended early with {process.wait()}")
 
 
+@pytest.mark.subprocess
 @posix_only
 @pytest.mark.parametrize(
     ("signals", "code"),
@@ -127,6 +133,7 @@ def test_a_signalled_job_keeps_its_video_and_says_stopped(image_file, tmp_path, 
         assert stdout.strip().endswith(f"stopped after {record['sections_done']} of 3 sections")
 
 
+@pytest.mark.subprocess
 @posix_only
 def test_sigterm_while_the_models_load_writes_nothing(image_file, tmp_path):
     output = tmp_path / "early.mp4"
@@ -140,6 +147,7 @@ def test_sigterm_while_the_models_load_writes_nothing(image_file, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.subprocess
 def test_exit_codes_are_documented_in_the_help():
     text = cli("--help").stdout
     for code in (0, 1, 2, 130, 143):

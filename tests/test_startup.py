@@ -37,3 +37,36 @@ def test_an_engine_cache_variable_naming_a_file_is_refused_at_start(flags, tmp_p
     with pytest.raises(InvalidSettings, match=f"{CACHE_DIR_VARIABLE} must name a directory"):
         model_settings(parsed(*flags))
     assert model_settings(parsed("--backend", "eager")).backend == "eager"  # nothing of it is used
+
+
+INTERRUPTED_IMPORT = """
+import builtins, runpy, sys
+real_import = builtins.__import__
+
+def import_until_ctrl_c(name, *args, **kwargs):
+    if name == "torch" or name.startswith("torch."):
+        raise KeyboardInterrupt  # Ctrl-C while the heavy libraries import
+    return real_import(name, *args, **kwargs)
+
+builtins.__import__ = import_until_ctrl_c
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize(
+    "command",
+    [["generate.py", "--preset", "tiny", "--image", "x.png"], ["demo_gradio.py", "--preset", "tiny"],
+     ["engines.py", "list"]],
+    ids=["generate", "app", "engines"],
+)  # fmt: skip
+def test_ctrl_c_while_the_libraries_import_stops_in_one_line(command):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    result = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT, *command], cwd=repo, capture_output=True,
+                            text=True, timeout=120, check=False)  # fmt: skip
+    assert result.returncode == 130 and result.stderr == "stopped (Ctrl-C)\n", result.stderr[-2000:]
