@@ -133,11 +133,13 @@ def test_section_noise_is_the_seeds_stream_from_its_first_number(with_sink, tmp_
 def test_a_prompt_longer_than_the_encoders_take_is_said_once(engines, tmp_path):
     long_prompt = " ".join(["the cat walks slowly through the forest"] * 60)
     events = run(
-        engines["framepack"], tiny_settings(prompt=long_prompt, steps=1), JobPaths.for_video(tmp_path / "p.mp4")
+        engines["framepack"],
+        tiny_settings(prompt=long_prompt, seconds=1.0, steps=1),
+        JobPaths.for_video(tmp_path / "p.mp4"),
     )
     notices = [e.message for e in events if isinstance(e, Notice)]
     assert len(notices) == 1 and "LLaMA reads the first 256" in notices[0] and "CLIP reads the first 77" in notices[0]
-    short = run(engines["framepack"], tiny_settings(steps=1), JobPaths.for_video(tmp_path / "q.mp4"))
+    short = run(engines["framepack"], tiny_settings(seconds=1.0, steps=1), JobPaths.for_video(tmp_path / "q.mp4"))
     assert not [e for e in short if isinstance(e, Notice)]
 
 
@@ -318,12 +320,16 @@ def test_wrong_variant_for_the_loaded_transformer(engines, tmp_path):
 
 def test_one_job_at_a_time_per_engine(with_sink, tmp_path):
     engine = with_sink["framepack"]
-    first = engine.generate(example_image(256, 256), tiny_settings(steps=2), JobPaths.for_video(tmp_path / "a.mp4"))
+    first = engine.generate(
+        example_image(256, 256), tiny_settings(seconds=1.0, steps=1), JobPaths.for_video(tmp_path / "a.mp4")
+    )
     assert isinstance(next(first), StageStarted)  # the first job is running (suspended between events)
     second = list(engine.generate(example_image(256, 256), tiny_settings(), JobPaths.for_video(tmp_path / "b.mp4")))
     assert second == [Failed("this engine is already running a job; jobs run one at a time")]
     assert isinstance(list(first)[-1], Finished)
-    assert isinstance(run(engine, tiny_settings(steps=1), JobPaths.for_video(tmp_path / "c.mp4"))[-1], Finished)
+    assert isinstance(
+        run(engine, tiny_settings(seconds=1.0, steps=1), JobPaths.for_video(tmp_path / "c.mp4"))[-1], Finished
+    )
 
 
 def test_a_job_abandoned_by_its_consumer_says_stopped_and_frees_the_engine(with_sink, tmp_path):
@@ -335,7 +341,9 @@ def test_a_job_abandoned_by_its_consumer_says_stopped_and_frees_the_engine(with_
             break
     job.close()
     assert json.loads(paths.sidecar.read_text())["status"] == "stopped"
-    assert isinstance(run(engine, tiny_settings(steps=1), JobPaths.for_video(tmp_path / "next.mp4"))[-1], Finished)
+    assert isinstance(
+        run(engine, tiny_settings(seconds=1.0, steps=1), JobPaths.for_video(tmp_path / "next.mp4"))[-1], Finished
+    )
 
 
 def test_an_earlier_job_is_replaced_as_a_whole_only_when_asked_and_only_by_a_video(with_sink, tmp_path, monkeypatch):

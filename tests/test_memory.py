@@ -102,8 +102,12 @@ def test_the_placement_says_blocks_stream_only_when_some_do(resident, says):
 # -- what a job needs of the host, planned before it starts ----------------------------------------------------------
 
 
-def test_the_vae_decodes_in_tiles_on_every_device(tiny_root, monkeypatch):
-    """Untiled, the tiny preset's decode of a 1200x800 bucket took over 24 GB on the CPU and the job was killed."""
+def test_the_vae_decodes_in_tiles_on_the_cpu_and_wherever_the_plan_streams(tiny_root, monkeypatch):
+    """Untiled, the tiny preset's decode of a 1200x800 bucket took over 24 GB on the CPU and the job was killed. A GPU
+    that holds every model decodes untiled, as FramePack's high-VRAM mode does."""
+    cuda = torch.device("cuda", 0)
+    assert MemoryPlan(cuda, torch.bfloat16, torch.float16, True, 24.0, 6.0).tiles_vae
+    assert not MemoryPlan(cuda, torch.bfloat16, torch.float16, False, 80.0, 6.0).tiles_vae
     from diffusers_helper.models.assembly import assemble
     from diffusers_helper.models.components import load_components
     from diffusers_helper.settings import ModelSettings

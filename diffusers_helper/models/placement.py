@@ -17,8 +17,10 @@ FramePack's low-VRAM mode, every large model goes through the GPU in pieces:
   weights (models/assembly.py puts the step cache outside the streaming).
 Streamed weights are pinned where they are, so the host holds one copy of them. FP8 blocks (`--fp8`) are never
 streamed: FP8 is used only where the whole FP8 transformer fits what the plan keeps for resident weights, and each
-block is quantized on the GPU as it arrives there. The VAE decodes in tiles on every device, so a large bucket does
-not need its whole video's activations at once.
+block is quantized on the GPU as it arrives there. The VAE decodes in tiles wherever room is not guaranteed: on the
+CPU and whenever the plan streams (as FramePack's low-VRAM mode does), so a large bucket never needs a whole decode's
+activations at once; with every weight resident on the GPU (FramePack's high-VRAM mode) it decodes untiled, as
+FramePack does there, and the video stays FramePack's.
 
 Two more moves are the memory policy's too: the weights a process makes itself (the full-size preset's) are stored
 where the plan keeps them, and while a TensorRT engine holds a model's weights on the GPU, PyTorch's copy waits in
@@ -73,6 +75,11 @@ class MemoryPlan:
     def home(self) -> torch.device:
         """Where the weights live between uses: the GPU when resident, else the CPU."""
         return torch.device("cpu") if self.offload else self.device
+
+    @property
+    def tiles_vae(self) -> bool:
+        """Whether the VAE decodes in tiles: everywhere but a GPU that holds every model (FramePack's rule there)."""
+        return self.offload or self.device.type == "cpu"
 
     def resident_bytes(self) -> int:
         """GPU memory the streaming transformer may keep for resident weights."""
@@ -218,8 +225,9 @@ def convert_blocks_on_device(
 def place_components(components: Components, plan: MemoryPlan) -> Placement:
     """Put every model where the plan says; the only place in the app that moves models between devices."""
     encoders = [components.text_encoder, components.text_encoder_2, components.image_encoder, components.vae]
-    components.vae.enable_slicing()
-    components.vae.enable_tiling()
+    if plan.tiles_vae:
+        components.vae.enable_slicing()
+        components.vae.enable_tiling()
     if not plan.offload:
         for module in [*encoders, components.transformer]:
             module.to(plan.device)

@@ -10,19 +10,11 @@ from diffusers_helper.models.assembly import assemble
 from diffusers_helper.models.components import load_components
 from diffusers_helper.models.placement import plan_memory
 from diffusers_helper.models.tiny_preset import TINY_RESOLUTION, ensure_tiny_models
+from diffusers_helper.models.transformer_blocks import transformer_blocks
 from diffusers_helper.pipeline.engine import FramePackEngine
 from diffusers_helper.pipeline.events import Finished, SectionFinished
 from diffusers_helper.settings import GenerationSettings, ModelSettings
-
-
-class FrameSink:
-    """Keeps the frames the engine would write, for machines without PyAV."""
-
-    def __init__(self):
-        self.frames = []
-
-    def __call__(self, frames, path, fps, crf):
-        self.frames.append(frames)
+from tests.support.frame_sink import FrameSink  # no PyAV on the GPU machine
 
 
 def run_tiny(variant, plan, tmp_path, seconds=2.0, backend="eager"):
@@ -45,7 +37,7 @@ def test_tiny_generation_on_gpu(variant, tmp_path):
     assert [e.frames for e in events if isinstance(e, SectionFinished)] == [33 if variant == "framepack" else 37, 73]
     assert components.transformer.device.type == "cuda"
     assert components.transformer.dtype == torch.bfloat16
-    video = sink.frames[-1]
+    video = sink.last
     assert video.shape == (73, 128, 128, 3)
     assert np.ptp(video.astype(np.int16), axis=0).mean() > 1  # frames differ
 
@@ -58,13 +50,13 @@ def test_tiny_generation_streamed_matches_resident(tmp_path):
     settings, events, sink, components = run_tiny("framepack", plan, tmp_path / "streamed", seconds=1.0)
     assert isinstance(events[-1], Finished), events[-1]
     assert events[-1].frames == settings.frames == 37
-    blocks = [*components.transformer.transformer_blocks, *components.transformer.single_transformer_blocks]
+    blocks = transformer_blocks(components.transformer)
     assert next(blocks[0].parameters()).device.type == "cuda"  # resident: the step cache reads it
     streamed = next(blocks[1].parameters())
     assert streamed.device.type == "cpu" and streamed.is_pinned()
     assert next(components.text_encoder.layers[0].parameters()).device.type == "cpu"
     _, resident_events, resident_sink, _ = run_tiny("framepack", plan_memory("cuda"), tmp_path / "resident", 1.0)
-    difference = np.abs(sink.frames[-1].astype(int) - resident_sink.frames[-1].astype(int))
+    difference = np.abs(sink.last.astype(int) - resident_sink.last.astype(int))
     print(f"streamed against resident: mean {difference.mean():.3f}, max {difference.max()} levels")
     assert difference.mean() < 0.5
 
@@ -89,7 +81,8 @@ def test_switching_variant_frees_the_old_models_first(tmp_path):
 
     app._load_engine = measured_load
     settings = GenerationSettings(prompt="a cat walks", seconds=1.0, steps=1, resolution=TINY_RESOLUTION, variant="f1")
-    events = list(app.job(example_image(), settings, JobPaths.for_video(tmp_path / "s.mp4"), threading.Event()))
+    models = app.models_for(settings, app.models.gpu_memory_preservation)
+    events = list(app.job(example_image(), settings, models, JobPaths.for_video(tmp_path / "s.mp4"), threading.Event()))
     assert isinstance(events[-1], Finished), events[-1]
     print(f"one set of models {one_set / 2**20:.2f} MiB, peak while switching {peaks[0] / 2**20:.2f} MiB")
     assert peaks[0] < one_set * 1.5  # both sets at once would be 2x
@@ -100,7 +93,7 @@ def test_auto_backend_measures_compile_on_the_gpu_remembers_it_and_makes_the_eag
     shape, resident and streamed, and the video is eager's."""
     import json
 
-    from diffusers_helper.acceleration.compiled_blocks import CHOICES_FILE
+    from diffusers_helper.acceleration.speed_records import SPEED_RECORDS_FILE
 
     monkeypatch.setenv("FRAMEPACK_TENSORRT_CACHE_DIR", str(tmp_path / "engines"))
     _, _, eager, _ = run_tiny("framepack", plan_memory("cuda"), tmp_path / "eager", 1.0)
@@ -110,14 +103,14 @@ def test_auto_backend_measures_compile_on_the_gpu_remembers_it_and_makes_the_eag
     ):
         _, events, sink, _ = run_tiny("framepack", plan, tmp_path / name, 1.0, backend="auto")
         assert isinstance(events[-1], Finished), events[-1]
-        difference = np.abs(sink.frames[-1].astype(int) - eager.frames[-1].astype(int))
+        difference = np.abs(sink.last.astype(int) - eager.last.astype(int))
         print(f"auto backend ({name}) against eager: mean {difference.mean():.3f}, max {difference.max()} levels")
         assert difference.mean() < 0.5
-    records = [json.loads(line) for line in (tmp_path / "engines" / CHOICES_FILE).read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / "engines" / SPEED_RECORDS_FILE).read_text().splitlines()]
     print(json.dumps(records, indent=1))
     assert {r["key"]["block"].rsplit(".", 1)[1] for r in records} == {
         "HunyuanVideoTransformerBlock", "HunyuanVideoSingleTransformerBlock"
     }  # fmt: skip
-    assert all(r["key"]["device"] == torch.cuda.get_device_name() and r["relative_error"] < 0.02 for r in records)
+    assert all(r["key"]["gpu"] == torch.cuda.get_device_name() and r["relative_error"] < 0.02 for r in records)
     # the streamed run found every measurement of the resident one
     assert len(records) == len({(r["key"]["block"], tuple(r["key"]["shape"])) for r in records})
