@@ -294,6 +294,7 @@ class TensorRTRuntime:
                 logger.warning("TensorRT %s: %s; building the engine again", component,
                                "the refit failed" if error is None else f"the refitted engine is off by {error:.3g}")  # fmt: skip
             engine, source = self._build(component, key, module, args), EngineSource.BUILT
+            self._park(component, module)  # a build may leave them on the host (the transformer's does): parked
             error = output_error(_run_engine(engine, args), expected)
         return engine, source, error
 
@@ -311,9 +312,7 @@ class TensorRTRuntime:
         self._engines.setdefault(module, {})[signature] = engine
         status = self.status[component]
         status.engine, status.reason, status.engines = "tensorrt", "engine in use", status.engines + 1
-        parking = self._parking.get(component)
-        if parking is not None and parking.park(module):
-            status.pytorch_weights_on_cpu = True
+        self._park(component, module)
         self._weight_states[module] = weight_state(module)
 
     def _serve_in_pytorch(
@@ -348,6 +347,11 @@ class TensorRTRuntime:
         if self._bring_back(component, module):
             self._engines.pop(module, None)
         return module(*args) if in_pytorch is None else in_pytorch()
+
+    def _park(self, component: str, module: torch.nn.Module) -> None:
+        parking = self._parking.get(component)
+        if parking is not None and parking.park(module):
+            self.status[component].pytorch_weights_on_cpu = True
 
     def _bring_back(self, component: str, module: torch.nn.Module) -> bool:
         parking = self._parking.get(component)

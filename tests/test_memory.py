@@ -152,3 +152,18 @@ def test_a_job_that_cannot_fit_the_free_memory_is_refused_before_anything_is_wri
     assert events[0].message.startswith("a 1200x800 video of 1801 frames needs about ")
     assert events[0].message.endswith("GB of memory and 1.0 GB is free; lower the resolution or the length")
     assert list(tmp_path.iterdir()) == []  # nothing written
+
+
+def test_host_parking_brings_back_only_what_it_parked():
+    """While an engine holds a model's weights, PyTorch's copy waits on the host; it comes back, once, only if it was
+    parked (a model the memory policy streams is not the parking's to move). On the CPU nothing needs to move."""
+    from diffusers_helper.models.placement import HostParking
+
+    module = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 4))
+    assert not HostParking(torch.device("cpu")).park(module)
+    parking = HostParking(torch.device("meta"), keep_on_device=(module[0],))  # "meta" stands for the GPU here
+    assert not parking.bring_back(module)  # never parked: stays where it is
+    assert next(module.parameters()).device.type == "cpu"
+    assert parking.park(module) and module[0].weight.device.type == "meta"  # the part kept where it runs
+    assert parking.bring_back(module) and module[1].weight.device.type == "meta"
+    assert not parking.bring_back(module)

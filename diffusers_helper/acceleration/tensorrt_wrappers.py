@@ -49,7 +49,7 @@ class WeightParking(Protocol):
         """The engine holds the weights: PyTorch's copy may leave the GPU; True when it did."""
 
     def bring_back(self, module: torch.nn.Module) -> bool:
-        """PyTorch runs the module: its weights back where it runs; True when any had to move."""
+        """PyTorch runs the module: its weights back where it runs, if they were parked; True when they moved."""
 
 
 class EngineRunner(Protocol):

@@ -30,6 +30,7 @@ host memory (`HostParking`, which the runtime is handed).
 import ctypes
 import ctypes.util
 import sys
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -351,27 +352,26 @@ class HostParking:
     modulation). The TensorRT runtime is handed one per component (its `WeightParking`) and moves nothing itself."""
 
     def __init__(self, device: torch.device, keep_on_device: tuple[torch.nn.Module, ...] = ()) -> None:
-        device = torch.device(device)
-        if device.type == "cuda" and device.index is None:  # tensors name their GPU: so must the home they are given
-            device = torch.device("cuda", torch.cuda.current_device())
-        self.device = device
+        self.device = torch.device(device)
         self.keep_on_device = keep_on_device
+        self._parked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
     def park(self, module: torch.nn.Module) -> bool:
-        """PyTorch's copy to host memory, but the parts kept on the device; True when anything left the device."""
+        """PyTorch's copy to host memory, but the parts kept on the device; True when it left the device."""
         if self.device.type == "cpu":  # the host is where the weights already are
             return False
         module.to("cpu")
         for part in self.keep_on_device:
             part.to(self.device)
+        self._parked.add(module)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
         return True
 
     def bring_back(self, module: torch.nn.Module) -> bool:
-        """The weights back on the device where PyTorch runs them (parked, or moved away by an engine build); True
-        when any had to move."""
-        if all(tensor.device == self.device for tensor in [*module.parameters(), *module.buffers()]):
+        """A parked module's weights back on the device where PyTorch runs them; True when they moved."""
+        if module not in self._parked:
             return False
+        self._parked.discard(module)
         module.to(self.device)
         return True
