@@ -152,34 +152,6 @@ def test_unreachable_hub_is_one_clear_error(image_file, tmp_path):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.subprocess
-def test_readme_tiny_job(image_file, tmp_path):
-    output = tmp_path / "x.mp4"
-    result = subprocess.run(
-        [sys.executable, "generate.py", "--preset", "tiny", "--image", str(image_file), "--prompt", "a cat walks",
-         "--seconds", "2", "--output", str(output)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-2000:]
-    with av.open(str(output)) as container:
-        assert sum(1 for _ in container.decode(video=0)) == 73
-    assert result.stdout == f"{output}: 73 frames\n"  # one line: no blank lines, no library output
-    record = json.loads(output.with_suffix(".json").read_text())
-    assert record["status"] == "complete" and record["preset"] == "tiny"
-    tokens = 9 * (record["height"] // 8) * (record["width"] // 8) / 4  # window 9, 2 x 2 patches
-    assert record["schedule"]["shift"] == pytest.approx(math.exp(0.5 + (tokens - 256) * 0.65 / 3840))
-    assert output.with_suffix(".input.png").exists()
-    # every log line starts a line of its own: none is glued onto the progress bar
-    pieces = re.split(r"[\r\n]", result.stderr)
-    assert all(piece.startswith(("INFO", "WARNING")) for piece in pieces if "diffusers_helper" in piece)
-    assert any(piece.startswith("section 2/2 sampling") for piece in pieces)
-    assert "loading models: tiny preset (random weights: expect noise)" in result.stderr
-    assert (
-        "models: framepack (lllyasviel/FramePackI2V_HY), tiny preset" in result.stderr
-        and "cpu, float32" in result.stderr
-    )
-
-
 def test_help_gives_every_flag_a_text_and_its_default_and_ends_with_exit_codes_and_examples(capsys):
     with pytest.raises(SystemExit) as exit_info:
         generate.main(["--help"])
@@ -249,8 +221,9 @@ def test_a_bad_engine_cache_size_is_one_line_naming_the_variable(capsys, image_f
 
 
 @pytest.mark.subprocess
-def test_the_readme_commands_run_as_written(tmp_path):
-    """The README's set-up command, run in a scratch directory (install step left out: the tests run installed)."""
+def test_the_readme_commands_run_as_written_and_make_the_tiny_video(tmp_path):
+    """The README's set-up command, run in a scratch directory (its install step left out: the tests run installed),
+    and the video, sidecar and terminal output it makes."""
     readme = (REPO / "README.md").read_text()
     command = next(
         line.strip() for line in readme.splitlines() if "generate.py --preset tiny --image example.png" in line
@@ -262,7 +235,25 @@ def test_the_readme_commands_run_as_written(tmp_path):
     result = subprocess.run(script, shell=True, cwd=tmp_path, capture_output=True, text=True, timeout=600,
                             env={**os.environ, "PYTHONPATH": str(REPO)}, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert (tmp_path / "outputs" / "example.mp4").exists()
+    output = tmp_path / "outputs" / "example.mp4"
+    with av.open(str(output)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == 73
+    # one line from each step: no blank lines, no library output
+    assert result.stdout.splitlines() == ["example.png", "outputs/example.mp4: 73 frames"]
+    record = json.loads(output.with_suffix(".json").read_text())
+    assert record["status"] == "complete" and record["preset"] == "tiny"
+    tokens = 9 * (record["height"] // 8) * (record["width"] // 8) / 4  # window 9, 2 x 2 patches
+    assert record["schedule"]["shift"] == pytest.approx(math.exp(0.5 + (tokens - 256) * 0.65 / 3840))
+    assert output.with_suffix(".input.png").exists()
+    # every log line starts a line of its own: none is glued onto the progress bar
+    pieces = re.split(r"[\r\n]", result.stderr)
+    assert all(piece.startswith(("INFO", "WARNING")) for piece in pieces if "diffusers_helper" in piece)
+    assert any(piece.startswith("section 2/2 sampling") for piece in pieces)
+    assert "loading models: tiny preset (random weights: expect noise)" in result.stderr
+    assert (
+        "models: framepack (lllyasviel/FramePackI2V_HY), tiny preset" in result.stderr
+        and "cpu, float32" in result.stderr
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages on machines without CUDA")

@@ -14,6 +14,8 @@ from pathlib import Path
 import av
 import pytest
 
+import generate
+
 REPO = Path(__file__).resolve().parent.parent
 TINY_JOB = ["--preset", "tiny", "--prompt", "a cat walks", "--steps", "2", "--seconds", "1"]
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="sends POSIX signals")
@@ -28,48 +30,49 @@ def leftovers(directory: Path) -> list[str]:
     return sorted(path.name for path in directory.iterdir() if path.name.startswith(".") or path.suffix == ".tmp")
 
 
-@pytest.mark.subprocess
-def test_the_input_photo_is_never_overwritten(image_file, tmp_path):
+def in_process(capsys, *args) -> tuple[int, str]:
+    """generate.py's main in this process: (exit code, stderr)."""
+    code = generate.main([str(arg) for arg in args])
+    return code, capsys.readouterr().err
+
+
+def test_the_input_photo_is_never_overwritten(capsys, image_file, tmp_path):
     photo = tmp_path / "cat.png"
     shutil.copy(image_file, photo)
     before = photo.read_bytes()
-    result = cli(*TINY_JOB, "--image", photo, "--output", tmp_path / "cat.mp4")
-    assert result.returncode == 0, result.stderr[-2000:]
+    code, err = in_process(capsys, *TINY_JOB, "--image", photo, "--output", tmp_path / "cat.mp4")
+    assert code == 0, err[-2000:]
     assert photo.read_bytes() == before
     assert (tmp_path / "cat.input.png").exists() and (tmp_path / "cat.json").exists()
 
 
-@pytest.mark.subprocess
 @pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
-def test_an_input_that_would_be_the_saved_input_is_refused(image_file, tmp_path, overwrite):
+def test_an_input_that_would_be_the_saved_input_is_refused(capsys, image_file, tmp_path, overwrite):
     photo = tmp_path / "cat.input.png"
     shutil.copy(image_file, photo)
     before = photo.read_bytes()
-    result = cli(*TINY_JOB, "--image", photo, "--output", tmp_path / "cat.mp4", *overwrite)
-    assert result.returncode == 2
-    assert result.stderr.strip().endswith("is the input image; choose another --output")
+    code, err = in_process(capsys, *TINY_JOB, "--image", photo, "--output", tmp_path / "cat.mp4", *overwrite)
+    assert code == 2 and err.strip().endswith("is the input image; choose another --output")
     assert photo.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["cat.input.png"]
 
 
-@pytest.mark.subprocess
-def test_an_earlier_job_is_replaced_only_when_asked(image_file, tmp_path):
+def test_an_earlier_job_is_replaced_only_when_asked(capsys, image_file, tmp_path):
     output = tmp_path / "job.mp4"
-    assert cli(*TINY_JOB, "--image", image_file, "--output", output).returncode == 0
+    assert in_process(capsys, *TINY_JOB, "--image", image_file, "--output", output)[0] == 0
     stamps = {path.name: path.stat().st_mtime_ns for path in tmp_path.iterdir()}
-    refused = cli(*TINY_JOB, "--image", image_file, "--output", output)
-    assert refused.returncode == 2 and "already exists; pass --overwrite" in refused.stderr
-    assert refused.stderr.count("\n") == 1 and "loading models" not in refused.stderr  # refused before any work
+    code, err = in_process(capsys, *TINY_JOB, "--image", image_file, "--output", output)
+    assert code == 2 and "already exists; pass --overwrite" in err
+    assert err.count("\n") == 1  # refused before any work
     assert {path.name: path.stat().st_mtime_ns for path in tmp_path.iterdir()} == stamps
-    replaced = cli(*TINY_JOB, "--image", image_file, "--output", output, "--overwrite", "--seed", "7")
-    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    code, err = in_process(capsys, *TINY_JOB, "--image", image_file, "--output", output, "--overwrite", "--seed", "7")
+    assert code == 0, err[-2000:]
     assert json.loads(output.with_suffix(".json").read_text())["settings"]["seed"] == 7
 
 
-@pytest.mark.subprocess
-def test_an_output_that_is_a_directory_is_refused_before_any_work(image_file, tmp_path):
+def test_an_output_that_is_a_directory_is_refused_before_any_work(capsys, image_file, tmp_path):
     (tmp_path / "out.mp4").mkdir()
-    result = cli(*TINY_JOB, "--image", image_file, "--output", tmp_path / "out.mp4")
-    assert result.returncode == 2 and result.stderr.strip() == f"error: output {tmp_path / 'out.mp4'} is a directory"
+    code, err = in_process(capsys, *TINY_JOB, "--image", image_file, "--output", tmp_path / "out.mp4")
+    assert code == 2 and err.strip() == f"error: output {tmp_path / 'out.mp4'} is a directory"
 
 
 @pytest.mark.subprocess
@@ -147,16 +150,15 @@ def test_sigterm_while_the_models_load_writes_nothing(image_file, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.subprocess
-def test_exit_codes_are_documented_in_the_help():
-    text = cli("--help").stdout
+def test_exit_codes_are_documented_in_the_help(capsys):
+    with pytest.raises(SystemExit):
+        generate.main(["--help"])
+    text = capsys.readouterr().out
     for code in (0, 1, 2, 130, 143):
         assert re.search(rf"^ +{code} +[a-z]", text, re.MULTILINE), code
 
 
 def test_an_output_name_too_long_for_the_file_system_is_refused_in_one_line(capsys, image_file, tmp_path):
-    import generate
-
     output = tmp_path / ("x" * 250 + ".mp4")  # the name fits most file systems; the names written first do not
     code = generate.main(["--preset", "tiny", "--image", str(image_file), "--output", str(output)])
     err = capsys.readouterr().err
