@@ -1,7 +1,7 @@
 """TensorRT engines ahead of time: build them for chosen variants, buckets and windows; list and prune the cache.
 
-Exit codes: 0 done, 1 a build job failed, 2 bad input, 130 stopped by Ctrl-C (engines finished so far stay cached;
-running `build` again resumes).
+Exit codes: 0 done, 1 a build job failed or the cache would not let `prune` remove a file, 2 bad input, 130 stopped
+by Ctrl-C (engines finished so far stay cached; running `build` again resumes).
 """
 
 import argparse

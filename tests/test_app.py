@@ -275,7 +275,9 @@ def test_sigterm_stops_the_running_job_at_its_next_step_and_records_it(tmp_path,
     assert record["status"] == "stopped" and record["sections_done"] == 1
     assert frame_count(str(outputs / record["video"])) == record["frames"] == 33
     assert not [path for path in outputs.iterdir() if path.name.startswith(".")]
-    assert "Traceback" not in (tmp_path / "app.log").read_text()
+    log = (tmp_path / "app.log").read_text()
+    assert "Traceback" not in log
+    assert "(--share adds a public link)" in log and "share=True" not in log  # the app's flag, not Gradio's code
 
 
 @pytest.mark.subprocess

@@ -164,6 +164,8 @@ def test_help_gives_every_flag_a_text_and_its_default_and_ends_with_exit_codes_a
             if action.dest not in ("image", "tensorrt_info"):
                 assert "default" in action.help, action.option_strings
     assert "exit codes:" in text and "130" in text and text.count("python generate.py") == 3
+    output = next(action for action in parser._actions if action.dest == "output")
+    assert "default: a new job name in --outputs" in output.help  # jobs are auto-named, not "none"
 
 
 def test_tensorrt_flags_need_enable_tensorrt(capsys, image_file, tmp_path):

@@ -11,6 +11,7 @@ from diffusers_helper.acceleration.engine_keys import (
     weight_state,
     weights_fingerprint,
 )
+from tests.support.runtimes import WEIGHT_EDITS, edit_weights
 from tests.support.tensorrt_worker import seeded_mlp
 
 BASE = {"component": "transformer", "inputs": [[[1, 4400, 3072], "bfloat16"]], "weights": "abc", "settings": {"a": 1},
@@ -97,17 +98,11 @@ def test_a_forgotten_module_is_fingerprinted_again():
     assert key(keys, module, args) != before
 
 
-@pytest.mark.parametrize("edit", ["in place", "new tensor", "through .data"])
+@pytest.mark.parametrize("edit", WEIGHT_EDITS)
 def test_the_weight_state_sees_every_kind_of_edit(edit):
     module = seeded_mlp()
     before = weight_state(module)
-    with torch.no_grad():
-        if edit == "in place":
-            module[0].weight.add_(0.5)
-        elif edit == "new tensor":
-            module[0].weight.data = module[0].weight.data + 0.5
-        else:  # no version counter sees this one
-            module[0].weight.data.add_(0.5)
+    edit_weights(module, edit)
     assert weight_state(module) != before
 
 

@@ -64,3 +64,13 @@ def test_a_decompression_bomb_gets_the_same_one_line_refusal(tmp_path, monkeypat
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # Pillow refuses at twice its limit, before our check
     with pytest.raises(InvalidSettings, match="larger than 50 megapixels"):
         load_input_image(path)
+
+
+def test_the_example_image_command_names_a_module_that_exists():
+    import importlib.util
+    import re
+
+    from diffusers_helper.media import images
+
+    module = re.search(r"python -m ([\w.]+)", images.main.__doc__).group(1)
+    assert importlib.util.find_spec(module) is not None, module

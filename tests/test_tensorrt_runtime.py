@@ -27,7 +27,15 @@ from diffusers_helper.pipeline.events import Finished
 from diffusers_helper.settings import GenerationSettings, ModelSettings, TensorRTOptions
 from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 from tests.support.frame_sink import FrameSink
-from tests.support.runtimes import COMPONENT, call, leftovers, make_runtime, refittable_runtime
+from tests.support.runtimes import (
+    COMPONENT,
+    WEIGHT_EDITS,
+    call,
+    edit_weights,
+    leftovers,
+    make_runtime,
+    refittable_runtime,
+)
 from tests.support.tensorrt_double import FakeBackend
 from tests.support.tensorrt_worker import seeded_mlp
 
@@ -388,18 +396,12 @@ def test_stopping_a_job_during_an_engine_build_ends_the_build_and_the_job(tmp_pa
 # -- new weights: refit, never a stale engine ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("edit", ["in place", "new tensor", "through .data"])
+@pytest.mark.parametrize("edit", WEIGHT_EDITS)
 def test_changed_weights_are_refitted_into_the_engine_not_rebuilt(tmp_path, monkeypatch, edit):
     runtime, backend = refittable_runtime(tmp_path, monkeypatch)
     module = seeded_mlp()
     call(runtime, module)
-    with torch.no_grad():  # a LoRA fused into the weights, or an edit made behind the runtime's back
-        if edit == "in place":
-            module[0].weight.add_(0.5)
-        elif edit == "new tensor":
-            module[0].weight.data = module[0].weight.data + 0.5
-        else:  # no version counter sees this one
-            module[0].weight.data.add_(0.5)
+    edit_weights(module, edit)  # a LoRA fused into the weights, or an edit made behind the runtime's back
     actual, expected = call(runtime, module)
     assert torch.equal(actual, expected)  # the new weights' output, never the stale engine's
     assert (backend.compiled, backend.refitted) == (1, 1)

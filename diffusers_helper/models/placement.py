@@ -136,16 +136,17 @@ def needs_offload(budget_gb: float, preserve_gb: float) -> bool:
 VAE_TILE = 256  # diffusers' HunyuanVideo VAE decodes tiles of up to 256 x 256 pixels and 16 frames
 VAE_TILE_FRAMES = 16
 VAE_TILE_COPIES = 4  # activations of one tile alive at once in a decoder block (input, output, norm, skip)
+JOB_WORKING_SET = 0.3 * GIB  # what a job holds whatever its size: encoders' outputs, the MP4 encoder, allocators
 
 
 def job_host_bytes(plan: MemoryPlan, vae: torch.nn.Module, height: int, width: int, frames: int, window: int) -> int:
-    """Host memory a job needs beyond the loaded models, about: the video's uint8 frames twice (a section is joined
-    to the video so far), four float32 copies of the pixels one decode makes (the VAE's output and the conversion to
-    frames; a decode makes at most 2 windows of latents), and, decoding on the CPU, one tile's activations at the
-    VAE's widest layer (docs/benchmarks.md sets it beside measured peaks)."""
+    """Host memory a job needs beyond the loaded models, about, erring high: a fixed working set, the video's uint8
+    frames twice (a section is joined to the video so far), two float32 copies of the pixels one decode makes (the
+    VAE's output and the conversion to frames; a decode makes at most 2 windows of latents), and, decoding on the
+    CPU, one tile's activations at the VAE's widest layer (docs/benchmarks.md sets it beside measured peaks)."""
     pixels = height * width
     decoded = 3 * min(frames, 8 * window + 1) * pixels * 4
-    needed = 2 * frames * pixels * 3 + 4 * decoded
+    needed = int(JOB_WORKING_SET) + 2 * frames * pixels * 3 + 2 * decoded
     if plan.device.type == "cpu":
         tile = min(height, VAE_TILE) * min(width, VAE_TILE) * VAE_TILE_FRAMES
         needed += VAE_TILE_COPIES * max(vae.config.block_out_channels) * tile * plan.encoder_dtype.itemsize

@@ -43,3 +43,18 @@ def leftovers(directory: Path) -> list[str]:
     kept = (".engine", ".json", ".lock")
     return sorted(p.name for p in directory.iterdir()
                   if p.name != SPEED_RECORDS_FILE and (p.name.startswith(".") or p.suffix not in kept))  # fmt: skip
+
+
+WEIGHT_EDITS = ("in place", "new tensor", "through .data")
+
+
+def edit_weights(module: torch.nn.Module, how: str) -> None:
+    """Change the first layer's weight one of the ways weights change: in place (a version counter sees it), as a new
+    tensor, or through `.data` (as LoRA fusing does: no version counter sees it)."""
+    with torch.no_grad():
+        if how == "in place":
+            module[0].weight.add_(0.5)
+        elif how == "new tensor":
+            module[0].weight.data = module[0].weight.data + 0.5
+        else:
+            module[0].weight.data.add_(0.5)
