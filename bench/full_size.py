@@ -6,6 +6,7 @@ host memory, load time.
     python bench/full_size.py --limits 8 6 --seconds 1 --steps 4 --out /tmp/full
     python bench/full_size.py --backend auto                   # the blocks as --backend runs them (default: eager)
     python bench/full_size.py --fp8 --backend auto --limits resident 24
+    python bench/full_size.py --tensorrt --backend compile --limits 16   # the blocks the plan keeps resident as engines
 Prints a table; writes full_size.jsonl and full_size.md (the table) into --out.
 """
 
@@ -26,10 +27,15 @@ sys.path.insert(0, str(REPO))
 GIB = 1024**3
 
 
-def run_one(limit: float | None, seconds: float, steps: int, backend: str, fp8: bool, out: Path) -> dict:
-    """One job in this process; the figures as a dict."""
+def run_one(
+    limit: float | None, seconds: float, steps: int, backend: str, fp8: bool, tensorrt: bool, out: Path
+) -> dict:
+    """One job in this process; the figures as a dict. With `tensorrt`, the transformer's engines are built in the
+    job's first step (a cache of their own under `out`) and serve whether or not they are faster."""
     import torch
 
+    from diffusers_helper.acceleration.engine_cache import EngineCache
+    from diffusers_helper.acceleration.measure import DeviceMemoryPeak
     from diffusers_helper.frontend.startup import load_engine, plan_for, quiet_libraries
     from diffusers_helper.media.images import example_image
     from diffusers_helper.media.job_files import JobPaths
@@ -43,15 +49,20 @@ def run_one(limit: float | None, seconds: float, steps: int, backend: str, fp8: 
         StageStarted,
         StepProgress,
     )
-    from diffusers_helper.settings import GenerationSettings, ModelSettings
+    from diffusers_helper.settings import GenerationSettings, ModelSettings, TensorRTOptions
+    from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
     quiet_libraries()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers_helper").setLevel(logging.DEBUG)  # a failure's traceback goes to stderr
-    models = ModelSettings(preset="full-random", device="cuda", gpu_memory_limit_gb=limit, backend=backend, fp8=fp8)
+    models = ModelSettings(preset="full-random", device="cuda", gpu_memory_limit_gb=limit, backend=backend, fp8=fp8,
+                           tensorrt=TensorRTOptions(transformer=tensorrt))  # fmt: skip
     plan = plan_for(models)
+    runtime = TensorRTRuntime(EngineCache(out / "engines")) if tensorrt else None
     started = time.perf_counter()
-    engine = load_engine(models, plan, None, keep_video=False)  # no PyAV on the GPU machine: MP4s are timed on the CPU
+    engine = load_engine(
+        models, plan, runtime, keep_video=False
+    )  # no PyAV on the GPU machine: MP4s are timed on the CPU
     torch.cuda.synchronize()
     load_s = time.perf_counter() - started
     settings = GenerationSettings(prompt="The girl dances gracefully, with clear movements, full of charm.",
@@ -61,22 +72,24 @@ def run_one(limit: float | None, seconds: float, steps: int, backend: str, fp8: 
     marks: list[tuple[str, int, float]] = []
     step_times: list[float] = []
     last_step = None
-    for event in engine.generate(image, settings, JobPaths.for_video(out / f"job_{limit}.mp4"), overwrite=True):
-        torch.cuda.synchronize()
-        now = time.perf_counter()
-        if isinstance(event, StageStarted):
-            marks.append((event.stage, event.section, now))
-            last_step = now if event.stage == SAMPLING else last_step
-        elif isinstance(event, StepProgress):
-            step_times.append(now - last_step)
-            last_step = now
-        elif isinstance(event, SectionFinished):
-            marks.append(("done", event.section, now))
-        elif isinstance(event, Finished):
-            marks.append(("finished", 0, now))
-        else:
-            stages = [f"{stage} {section}" for stage, section, _ in marks]
-            assert not hasattr(event, "message"), f"{event} after {stages[-1] if stages else 'loading'}"
+    device_peak = DeviceMemoryPeak()
+    with device_peak:
+        for event in engine.generate(image, settings, JobPaths.for_video(out / f"job_{limit}.mp4"), overwrite=True):
+            torch.cuda.synchronize()
+            now = time.perf_counter()
+            if isinstance(event, StageStarted):
+                marks.append((event.stage, event.section, now))
+                last_step = now if event.stage == SAMPLING else last_step
+            elif isinstance(event, StepProgress):
+                step_times.append(now - last_step)
+                last_step = now
+            elif isinstance(event, SectionFinished):
+                marks.append(("done", event.section, now))
+            elif isinstance(event, Finished):
+                marks.append(("finished", 0, now))
+            else:
+                stages = [f"{stage} {section}" for stage, section, _ in marks]
+                assert not hasattr(event, "message"), f"{event} after {stages[-1] if stages else 'loading'}"
     stage_seconds: dict[str, float] = {}
     for (stage, _, begin), (_, _, end) in zip(marks, marks[1:], strict=False):
         if stage in (ENCODING, SAMPLING, DECODING, WRITING):
@@ -95,7 +108,9 @@ def run_one(limit: float | None, seconds: float, steps: int, backend: str, fp8: 
         "peak_gpu_reserved_gb": round(torch.cuda.max_memory_reserved() / GIB, 2),
         "peak_host_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2),
         "pinned_host_gb": round(engine.models.placement.pinned_bytes / GIB, 2),
+        "peak_gpu_device_gb": round(device_peak.gigabytes, 2),  # every allocator's: TensorRT's builder included
         "transformer": engine.models.backends()["transformer"],
+        "engine_builds_s": runtime.status["transformer"].compile_seconds if runtime else None,
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
     }  # fmt: skip
 
@@ -138,13 +153,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("/tmp/full_size"))
     parser.add_argument("--backend", choices=("eager", "auto", "compile"), default="eager")
     parser.add_argument("--fp8", action="store_true", help="the blocks' linears in FP8, as --fp8 runs them")
+    parser.add_argument("--tensorrt", action="store_true", help="the transformer's stack as TensorRT engines")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # a child process: run one limit, print its JSON
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.one is not None:
         limit = None if args.one == "resident" else float(args.one)
         print(
-            "RESULT " + json.dumps(run_one(limit, args.seconds, args.steps, args.backend, args.fp8, args.out)),
+            "RESULT "
+            + json.dumps(run_one(limit, args.seconds, args.steps, args.backend, args.fp8, args.tensorrt, args.out)),
             flush=True,
         )
         return
@@ -152,7 +169,8 @@ def main() -> None:
     for limit in args.limits:
         print(f"limit {limit}:", flush=True)
         command = [sys.executable, __file__, "--one", limit, "--seconds", str(args.seconds), "--steps",
-                   str(args.steps), "--backend", args.backend, "--out", str(args.out), *(["--fp8"] if args.fp8 else [])]  # fmt: skip
+                   str(args.steps), "--backend", args.backend, "--out", str(args.out), *(["--fp8"] if args.fp8 else []),
+                   *(["--tensorrt"] if args.tensorrt else [])]  # fmt: skip
         done = _heartbeat(f"limit {limit}")
         result = subprocess.run(command, capture_output=True, text=True, check=False)
         done.set()

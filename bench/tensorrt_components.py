@@ -121,7 +121,8 @@ def full_size_job(cache_dir: Path) -> dict:
     """One 544x704 job (one section, 2 steps) on the full-size random models with the VAE and both text encoders as
     engines, the runtime as the app makes it (an engine serves only where it measured faster than PyTorch): what
     each component ran on and what its engines took, and the device memory at the job's peak."""
-    from bench.tensorrt_transformer import PROMPTS, PeakSampler, run_job
+    from bench.tensorrt_transformer import PROMPTS, run_job
+    from diffusers_helper.acceleration.measure import DeviceMemoryPeak
     from diffusers_helper.frontend.startup import load_engine, plan_for, quiet_libraries
 
     quiet_libraries()
@@ -131,10 +132,10 @@ def full_size_job(cache_dir: Path) -> dict:
     runtime = TensorRTRuntime(EngineCache(cache_dir), only_if_faster=True)
     engine = load_engine(models, plan_for(models), runtime, keep_video=False)
     started = time.perf_counter()
-    with PeakSampler() as peak:
+    with DeviceMemoryPeak() as peak:
         run_job(engine, GenerationSettings(prompt=PROMPTS[1], seconds=1.2, steps=2, step_cache="off"))
     return {
-        "job_s": round(time.perf_counter() - started, 1), "device_gb_peak": round(peak.peak / 1024**3, 2),
+        "job_s": round(time.perf_counter() - started, 1), "device_gb_peak": round(peak.gigabytes, 2),
         "components": {
             name: {"engine": status.engine, "reason": status.reason, "compiles": status.compiles, "loads": status.loads,
                    "compile_s": [round(t, 1) for t in status.compile_seconds],

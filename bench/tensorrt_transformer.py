@@ -29,7 +29,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from diffusers_helper.acceleration.measure import median_seconds, relative_error  # noqa: E402
+from diffusers_helper.acceleration.measure import DeviceMemoryPeak, median_seconds, relative_error  # noqa: E402
 
 GIB = 1024**3
 PROMPTS = (
@@ -55,28 +54,6 @@ def device_used() -> int:
     torch.cuda.synchronize()
     free, total = torch.cuda.mem_get_info()
     return total - free
-
-
-class PeakSampler:
-    """Samples device memory in use every 0.2 s (a child process's use included) and keeps the peak."""
-
-    def __init__(self) -> None:
-        self.peak = 0
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def _sample(self) -> None:
-        while not self._done.wait(0.2):
-            free, total = torch.cuda.mem_get_info()
-            self.peak = max(self.peak, total - free)
-
-    def __enter__(self) -> "PeakSampler":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info) -> None:
-        self._done.set()
-        self._thread.join()
 
 
 # -- probe: few full-width blocks ----------------------------------------------------------------------------------
@@ -188,11 +165,12 @@ def _pytorch_block_streaming(model, hidden, text, temb, cos, sin) -> dict:
     from diffusers.hooks import HookRegistry
 
     from diffusers_helper.models.placement import GROUP_OFFLOADING_HOOK, MemoryPlan, Placement, stream_transformer
+    from diffusers_helper.models.transformer_blocks import transformer_blocks
 
     def size(module):
         return sum(p.numel() * p.element_size() for p in module.parameters())
 
-    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    blocks = transformer_blocks(model)
     resident = size(model) - sum(size(block) for block in blocks[1:])  # all but the blocks after the first
     stream_transformer(model, MemoryPlan(torch.device("cuda"), torch.bfloat16, torch.float16, True, resident / GIB, 0.0),
                         Placement())  # fmt: skip
@@ -338,15 +316,15 @@ def save() -> list[dict]:
         captured = {}
         original_run = runtime.run
 
-        def capturing_run(component, module, args, in_pytorch=None):
+        def capturing_run(component, module, args, in_pytorch=None, part=None):
             captured["args"] = args
-            return original_run(component, module, args, in_pytorch)
+            return original_run(component, module, args, in_pytorch, part)
 
         runtime.run = capturing_run
         before = device_used()
         wrapper(hidden, text, temb, None, (cos, sin))
         status = runtime.status["transformer"]
-        engine = runtime.engines_of(wrapper.stack)[0]
+        engine = runtime.engines_of(wrapper.stretches[0])[0]  # 3 blocks: one stretch
         args = captured["args"]
         expected = engine(*args)[0]
         held = sum(len(getattr(m, "serialized_engine", None) or b"") for m in engine.modules())
@@ -389,10 +367,10 @@ def full(out: Path, lora: bool) -> list[dict]:
     command = [sys.executable, str(REPO / "engines.py"), "build", "--preset", "full-random", "--buckets", "544x704",
                "--windows", "9"]  # fmt: skip
     started = time.perf_counter()
-    with PeakSampler() as sampler:
+    with DeviceMemoryPeak() as sampler:
         result = subprocess.run(command, cwd=REPO, env=environment, check=False)
     build = {"full_size": "engines.py build (full-random, 544x704, window 9, transformer)", "exit": result.returncode,
-             "seconds": round(time.perf_counter() - started, 1), "peak_device_gb": round((sampler.peak - baseline) / GIB, 2),
+             "seconds": round(time.perf_counter() - started, 1), "peak_device_gb": round((sampler.peak_bytes - baseline) / GIB, 2),
              "engine_files_gb": round(sum(p.stat().st_size for p in cache.rglob("*.engine")) / GIB, 2),
              "entries": [{name: record.get(name) for name in ("component", "inputs", "build_seconds", "save_seconds")}
                          for record in EngineCache(cache).describe()]}  # fmt: skip
@@ -453,11 +431,11 @@ def serve(lora: bool) -> dict:
     runtime.run = measured_run
     # Two prompts in two buckets whose latent token counts (17,226 and 17,406) pad to the same 17,408
     for prompt, size in zip(PROMPTS, ((704, 544), (672, 576)), strict=True):
-        with PeakSampler() as peak:  # the first job's peak includes a just-in-time build
+        with DeviceMemoryPeak() as peak:  # the first job's peak includes a just-in-time build
             settings = GenerationSettings(prompt=prompt, seconds=1.2, steps=3, step_cache="off")
             step_times = run_job(engine, settings, size)
         report["prompts"].append({"prompt_words": len(prompt.split()), "image": size, "step_s": step_times,
-                                  "device_gb_peak": round(peak.peak / GIB, 2)})  # fmt: skip
+                                  "device_gb_peak": round(peak.gigabytes, 2)})  # fmt: skip
     eager.clear()
     gc.collect()
     torch.cuda.empty_cache()

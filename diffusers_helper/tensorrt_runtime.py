@@ -186,13 +186,21 @@ class TensorRTRuntime:
 
     # -- a call ----------------------------------------------------------------------------------------------------
 
-    def run(self, component: str, module: torch.nn.Module, args: tuple, in_pytorch: Callable | None = None):
+    def run(
+        self,
+        component: str,
+        module: torch.nn.Module,
+        args: tuple,
+        in_pytorch: Callable | None = None,
+        part: str | None = None,
+    ):
         """`module(*args)` through the component's engine for this signature, or in PyTorch when it cannot.
 
         `module` is what gets exported (tensors in, a tensor or tuple of tensors out) and the PyTorch reference
         each new engine must match. `in_pytorch` is how the call runs when it runs in PyTorch, where that is
         cheaper than `module(*args)` (inputs padded for an engine need no padding there); engines are timed
-        against it.
+        against it. `part` tells apart the modules of a component that runs as several (the transformer's
+        stretches of blocks): it is part of their engines' keys.
         """
         if not self._may_serve(component):
             return self._in_pytorch(component, module, args, in_pytorch)
@@ -201,7 +209,7 @@ class TensorRTRuntime:
         if signature in self._slower.get(module, ()):
             return self._in_pytorch(component, module, args, in_pytorch)
         try:
-            engine = self._engine_for(component, module, args, signature, in_pytorch)
+            engine = self._engine_for(component, module, args, signature, in_pytorch, part)
             if engine is not None:
                 return _run_engine(engine, args)
         except BuildCancelled:
@@ -224,22 +232,34 @@ class TensorRTRuntime:
         return True
 
     def _engine_for(
-        self, component: str, module: torch.nn.Module, args: tuple, signature: Signature, in_pytorch: Callable | None
+        self,
+        component: str,
+        module: torch.nn.Module,
+        args: tuple,
+        signature: Signature,
+        in_pytorch: Callable | None,
+        part: str | None,
     ) -> Callable | None:
         """The engine that serves this signature: the one in memory, unless the weights changed since it was checked;
         else one prepared now (None where PyTorch serves instead)."""
         if module in self._weight_states and self._weight_states[module] != weight_state(module):
             self._weights_changed(component, module)
         engine = self._engines.get(module, {}).get(signature)
-        return engine if engine is not None else self._prepare(component, module, args, signature, in_pytorch)
+        return engine if engine is not None else self._prepare(component, module, args, signature, in_pytorch, part)
 
     def _prepare(
-        self, component: str, module: torch.nn.Module, args: tuple, signature: Signature, in_pytorch: Callable | None
+        self,
+        component: str,
+        module: torch.nn.Module,
+        args: tuple,
+        signature: Signature,
+        in_pytorch: Callable | None,
+        part: str | None,
     ) -> Callable | None:
         """Find, load, refit or build the engine for this signature, check it against PyTorch and, where the speed
         policy asks, time it; the engine, or None where PyTorch serves this signature."""
         key = self._keys.key(component, module, args, compile_settings(component), self.backend.versions(),
-                             refittable(component))  # fmt: skip
+                             refittable(component), part)  # fmt: skip
         versus = self._pytorch.get(component, "eager")
         with self._lock, self.cache.lock(key.key):
             rejected = self.cache.rejection(key.key)
@@ -412,11 +432,12 @@ class TensorRTRuntime:
         instead of paying for it again (at full size, minutes). A build that ran out of memory may fit another time."""
         status = self.status[component]
         started = time.perf_counter()
-        logger.info("compiling TensorRT engine for %s, inputs %s (first run of this shape; this can take minutes)",
-                    component, key.ingredients["inputs"])  # fmt: skip
+        part = f" {key.ingredients['part']}" if "part" in key.ingredients else ""
+        logger.info("compiling TensorRT engine for %s%s, inputs %s (first run of this shape; this can take minutes)",
+                    component, part, key.ingredients["inputs"])  # fmt: skip
         progress = status.build = BuildProgress(self._cancelled)
         last_build = self._last_build_seconds(component, key.ingredients["gpu"])
-        with busy(component, status, "compiling engine (first run of this shape)", last_build):
+        with busy(component, status, f"compiling engine{part} (first run of this shape)", last_build):
             try:
                 with tensorrt_errors():
                     compiled = self.backend.compile(module, args, compile_settings(component), progress)

@@ -66,6 +66,16 @@ def test_a_refittable_engine_is_keyed_without_its_weights_but_still_told_them():
     assert mine.weights != theirs.weights
 
 
+def test_parts_of_one_component_are_other_engines_even_with_the_same_code_and_inputs():
+    """Two stretches of the transformer's blocks: same classes, same shapes, refitted to any weights; only the part
+    tells their engines apart."""
+    keys, first, second = EngineKeys(), seeded_mlp(), seeded_mlp()
+    args = (torch.ones(2, 8),)
+    a, b = (keys.key("transformer", m, args, {}, VERSIONS, True, part) for m, part in
+            ((first, "blocks 0-4"), (second, "blocks 5-9")))  # fmt: skip
+    assert a.key != b.key and (a.ingredients["part"], b.ingredients["part"]) == ("blocks 0-4", "blocks 5-9")
+
+
 class Doubling(torch.nn.Module):
     def __init__(self) -> None:
         super().__init__()

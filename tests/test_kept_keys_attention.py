@@ -14,6 +14,7 @@ from diffusers_helper.acceleration.kept_keys_attention import (
 )
 from diffusers_helper.acceleration.tensorrt_backend import ATTENTION_OPS, _aten_op, export
 from diffusers_helper.tensorrt_runtime import TensorRTTransformer
+from tests.support.small_transformer import small_transformer
 
 ROUTED = torch.ops.framepack.attention_on_kept_keys.default
 SDPA = torch.ops.aten.scaled_dot_product_attention.default
@@ -97,17 +98,6 @@ def test_declared_kept_keys_spare_reading_the_mask_and_only_for_a_mask_of_that_l
     assert len(reads) == 2  # the declaration ends with its caller
 
 
-def tiny_transformer() -> torch.nn.Module:
-    from diffusers import HunyuanVideoFramepackTransformer3DModel
-
-    torch.manual_seed(0)
-    return HunyuanVideoFramepackTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=8, num_layers=1, num_single_layers=2, text_embed_dim=16,
-        pooled_projection_dim=8, rope_axes_dim=(2, 2, 4), has_image_proj=True, image_proj_dim=16,
-        has_clean_x_embedder=True,
-    ).eval()  # fmt: skip
-
-
 class _Exporting:
     """A runtime that exports what the wrapper hands it and runs the export, routed attention and all."""
 
@@ -117,7 +107,7 @@ class _Exporting:
     def register(self, *args) -> None:
         pass
 
-    def run(self, component, module, args, in_pytorch=None):
+    def run(self, component, module, args, in_pytorch=None, part=None):
         self.exported.append(export(module, args))
         return self.exported[-1].module()(*args)
 
@@ -126,7 +116,7 @@ def test_the_padded_stack_exports_with_every_attention_routed_and_matches_pytorc
     """Two latent token counts and two prompt lengths: the same padded inputs for the engine, the unpadded result;
     the stack declares its kept keys, so no attention reads them off the mask."""
     reads = _mask_read(monkeypatch)
-    transformer = tiny_transformer()
+    transformer = small_transformer()
     runtime = _Exporting()
     stack = TensorRTTransformer(transformer, runtime)
     for frames, text_tokens in ((2, 5), (3, 9)):

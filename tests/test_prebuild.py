@@ -3,7 +3,7 @@
 import pytest
 
 import engines
-from diffusers_helper.acceleration import speed_policy, tensorrt_wrappers
+from diffusers_helper.acceleration import measure, speed_policy, tensorrt_wrappers
 from diffusers_helper.acceleration.engine_cache import CACHE_DIR_VARIABLE, EngineCache
 from diffusers_helper.frontend.prebuild import parse_bucket, plan_items, prebuild
 from diffusers_helper.models.assembly import assemble
@@ -40,6 +40,19 @@ def test_prebuild_builds_each_shape_once_and_a_second_run_only_loads(tmp_path, t
     again, _ = run_prebuild(tiny_root, tmp_path / "engines", [])
     assert [r["compiled"] for r in again] == [{}, {}]
     assert [r["loaded"] for r in again] == [{"transformer": 1}, {}]
+
+
+def test_each_item_says_the_peak_gpu_memory_its_builds_used(tmp_path, tiny_root, monkeypatch):
+    """The driver's count, sampled while the item runs (TensorRT's builder allocates outside PyTorch): its highest."""
+    readings = iter(range(1, 10**6))
+    monkeypatch.setattr(measure, "gpu_memory_in_use", lambda: next(readings) * 2**30)
+    lines = []
+    records, _ = run_prebuild(tiny_root, tmp_path / "engines", lines)
+    first, second = records[0]["peak_gpu_gb"], records[1]["peak_gpu_gb"]
+    assert 2 <= first < second  # sampled at the start, the end and between: each item's highest reading
+    assert f"peak GPU memory {first:.1f} GB" in next(
+        line for line in lines if line.startswith("[1/2]") and "s, " in line
+    )
 
 
 def test_where_the_engine_loses_to_pytorch_the_next_shapes_are_not_built_and_each_item_says_why(

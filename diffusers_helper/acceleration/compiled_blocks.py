@@ -59,9 +59,10 @@ class CompiledBlocks:
         self._compiled: dict[type, Callable] = {}
         self._decisions: dict[tuple, str] = {}
 
-    def install(self, transformer: torch.nn.Module) -> None:
-        """Each block's innermost hook: install before streaming and the step caches."""
-        for block in transformer_blocks(transformer):
+    def install(self, transformer: torch.nn.Module, first: int = 0) -> None:
+        """Each block's innermost hook, from block `first` on (the blocks before it run as TensorRT engines): install
+        before streaming and the step caches."""
+        for block in transformer_blocks(transformer)[first:]:
             HookRegistry.check_if_exists_or_initialize(block).register_hook(_CompiledBlockHook(self), COMPILE_HOOK)
 
     def forward(self, module: torch.nn.Module, eager: Callable, args: tuple, kwargs: dict):

@@ -101,13 +101,23 @@ class EngineKeys:
         self._fingerprints: weakref.WeakKeyDictionary[torch.nn.Module, dict] = weakref.WeakKeyDictionary()
 
     def key(
-        self, component: str, module: torch.nn.Module, args: tuple, settings: dict, versions: dict, refittable: bool
+        self,
+        component: str,
+        module: torch.nn.Module,
+        args: tuple,
+        settings: dict,
+        versions: dict,
+        refittable: bool,
+        part: str | None = None,
     ) -> EngineKey:
+        """`part` names which of a component's modules this is, where it runs as several: modules of the same code
+        and inputs, such as two stretches of blocks, are other engines."""
         if module not in self._fingerprints:
             self._fingerprints[module] = {"weights": weights_fingerprint(module), "code": code_fingerprint(module)}
         fingerprints = self._fingerprints[module]
         ingredients = {
             "component": component,
+            **({} if part is None else {"part": part}),
             "inputs": input_signature(args),
             "code": fingerprints["code"],
             **({} if refittable else {"weights": fingerprints["weights"]}),

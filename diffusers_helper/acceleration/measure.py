@@ -1,6 +1,7 @@
 """How accelerated paths are judged against PyTorch: output error, and time measured the same way for every path."""
 
 import statistics
+import threading
 import time
 from collections.abc import Callable
 
@@ -48,3 +49,45 @@ def median_seconds(function: Callable[[], object], runs: int = 5, warmup: int = 
 def synchronize() -> None:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+def gpu_memory_in_use() -> int | None:
+    """Bytes in use on the current GPU by the driver's count (every allocator's, every process's); None without CUDA."""
+    if not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info()
+    return total - free
+
+
+class DeviceMemoryPeak:
+    """The most GPU memory in use while the block runs, sampled every `every` seconds from the driver's count, since
+    TensorRT's builder allocates outside PyTorch's allocator. `gigabytes` is None without CUDA."""
+
+    def __init__(self, every: float = 0.2) -> None:
+        self.every = every
+        self.peak_bytes: int | None = None
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        self._sample_once()
+        while not self._done.wait(self.every):
+            self._sample_once()
+        self._sample_once()  # as the block ends
+
+    def _sample_once(self) -> None:
+        in_use = gpu_memory_in_use()
+        if in_use is not None:
+            self.peak_bytes = max(self.peak_bytes or 0, in_use)
+
+    @property
+    def gigabytes(self) -> float | None:
+        return None if self.peak_bytes is None else self.peak_bytes / 1024**3
+
+    def __enter__(self) -> "DeviceMemoryPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._done.set()
+        self._thread.join()

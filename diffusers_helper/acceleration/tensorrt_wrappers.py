@@ -4,6 +4,9 @@ Each has the call signature of what it replaces: `TensorRTLatentEncoder` / `Tens
 `encoder` / `decoder`, `TensorRTTextEncoder` the LLaMA text encoder, `TensorRTCLIPTextEncoder` the CLIP one, and
 `TensorRTTransformer` the transformer's stack of dual- and single-stream blocks (installed with diffusers hooks,
 so embedders, rope and history packing stay in PyTorch and cache hooks like TeaCache still wrap the stack). The
+stack runs as stretches of a few blocks, each an engine of its own: a build holds one stretch's graph at a time, and
+PyTorch's copy of a stretch's weights leaves the GPU as soon as its engine serves, so a build needs little more than
+the weights themselves, and a build that was stopped resumes from the stretches already in the cache. The
 stack's text and latent tokens are padded to fixed lengths and masked out of attention (which runs in PyTorch's
 fused kernels, on the kept keys: `kept_keys_attention`), so every prompt, real CFG's negative prompt and the buckets
 of a resolution run on few engines. Where the stack runs in PyTorch instead (the engine was no faster, or TensorRT
@@ -38,6 +41,7 @@ STACK_TEXT_BUCKET = 1024
 # at 640 (17,226 to 17,970 tokens with the default window) need 2 engines instead of 14, at most 5.3% of the tokens
 # padding (each engine of the full-size stack is a 24 GB file and a build of over ten minutes).
 STACK_LATENT_BUCKET = 1024
+STRETCH_BLOCKS = 5  # blocks per engine of the stack: 20 dual-stream blocks make 4 stretches, 40 single-stream 8
 STACK_HOOK = "tensorrt_block_stack"
 SKIP_HOOK = "tensorrt_block_skip"
 
@@ -59,9 +63,15 @@ class EngineRunner(Protocol):
         """Announce a component, how it runs in PyTorch, and where its PyTorch weights wait while engines serve."""
 
     def run(
-        self, component: str, module: torch.nn.Module, args: tuple, in_pytorch: Callable[[], object] | None = None
+        self,
+        component: str,
+        module: torch.nn.Module,
+        args: tuple,
+        in_pytorch: Callable[[], object] | None = None,
+        part: str | None = None,
     ) -> object:
-        """`module(*args)` through the component's engine for these inputs, or in PyTorch where none can serve."""
+        """`module(*args)` through the component's engine for these inputs, or in PyTorch where none can serve;
+        `part` names which of a component's modules this is, where it has several (a stretch of blocks)."""
 
 
 class TensorRTLatentEncoder(torch.nn.Module):
@@ -163,11 +173,12 @@ class TensorRTCLIPTextEncoder(torch.nn.Module):
 
 
 class _BlockStack(torch.nn.Module):
-    """FramePack's 20 dual- and 40 single-stream blocks as one module (batch 1: no attention mask)."""
+    """A run of FramePack's dual- and single-stream blocks as one module (batch 1: no attention mask)."""
 
-    def __init__(self, transformer: torch.nn.Module) -> None:
+    def __init__(self, blocks: list[torch.nn.Module], first: int = 0) -> None:
         super().__init__()
-        self.blocks = torch.nn.ModuleList(transformer_blocks(transformer))
+        self.blocks = torch.nn.ModuleList(blocks)
+        self.part = f"blocks {first}-{first + len(blocks) - 1}"  # which engine of the stack, in its cache key
 
     def forward(self, hidden_states, encoder_hidden_states, temb, rope_cos, rope_sin, attention_mask=None):
         rope = (rope_cos, rope_sin)
@@ -180,12 +191,15 @@ class _BlockStack(torch.nn.Module):
 
 
 class TensorRTTransformer(torch.nn.Module):
-    """Drop-in for the transformer's block stack, called like one block: one engine per latent window and padded
-    latent token count, whatever the prompt: the latent tokens are padded to a multiple of STACK_LATENT_BUCKET, the
-    text to a multiple of STACK_TEXT_BUCKET, and an additive key mask keeps both paddings out of every token's
-    attention (every other operation of the blocks is token by token, so padding changes nothing else).
-    `parking` takes PyTorch's copy of the blocks' weights while an engine holds them; `compiled` runs the blocks
-    wherever the stack runs in PyTorch (else their eager forwards), and so is what the engine is timed against."""
+    """Drop-in for the transformer's block stack, called like one block: one engine per stretch of `stretch_blocks`
+    blocks, latent window and padded latent token count, whatever the prompt: the latent tokens are padded to a
+    multiple of STACK_LATENT_BUCKET, the text to a multiple of STACK_TEXT_BUCKET, and an additive key mask keeps both
+    paddings out of every token's attention (every other operation of the blocks is token by token, so padding
+    changes nothing else). `blocks` is how many of the transformer's blocks, from the first, it runs (all by default;
+    where the memory plan streams the rest, those the plan keeps resident). `parking` takes PyTorch's copy of each
+    stretch's weights while its engine holds them; `compiled` runs the blocks wherever a stretch runs in PyTorch (else
+    their eager forwards), and so is what each engine is timed against. `stack` is those blocks as one module:
+    PyTorch's reference."""
 
     component = "transformer"
 
@@ -195,9 +209,16 @@ class TensorRTTransformer(torch.nn.Module):
         runtime: EngineRunner,
         parking: WeightParking | None = None,
         compiled: "CompiledBlocks | None" = None,
+        stretch_blocks: int = STRETCH_BLOCKS,
+        blocks: int | None = None,
     ) -> None:
         super().__init__()
-        self.stack = _BlockStack(transformer)
+        blocks = transformer_blocks(transformer)[:blocks]
+        self.stack = _BlockStack(blocks)
+        self.stretches = torch.nn.ModuleList(
+            _BlockStack(blocks[first : first + stretch_blocks], first)
+            for first in range(0, len(blocks), stretch_blocks)
+        )
         self.runtime = runtime
         self.compiled = compiled
         pytorch = "eager" if compiled is None else compiled.describe_mode()
@@ -217,20 +238,26 @@ class TensorRTTransformer(torch.nn.Module):
         # Additive, in the model's dtype: a boolean mask makes Torch-TensorRT 2.11 type a segment's output int32.
         mask = torch.full((1, 1, 1, keys), float("-inf"), device=hidden_states.device, dtype=hidden_states.dtype)
         mask[..., kept[0] : kept[1]] = 0
-        args = (padded[0], text, temb, *padded[1:], mask)
-
-        def in_pytorch():  # the prompt as it is: no padding, so no mask and the fastest attention kernels
-            return self._in_pytorch(hidden_states, encoder_hidden_states, temb, image_rotary_emb)
-
+        hidden, rope = padded[0], tuple(padded[1:])
         with kept_keys_declared(keys, [kept]):
-            hidden_states, encoder_hidden_states = self.runtime.run(self.component, self.stack, args, in_pytorch)
+            for stretch in self.stretches:
+                hidden, text = self._run_stretch(stretch, hidden, text, temb, rope, mask, tokens, length)
         # padded from an engine, as they are from PyTorch: the latents are the last rows either way
-        return hidden_states[:, -tokens:], encoder_hidden_states[:, :length]
+        return hidden[:, -tokens:], text[:, :length]
 
-    def _in_pytorch(self, hidden_states, encoder_hidden_states, temb, image_rotary_emb):
+    def _run_stretch(self, stretch, hidden, text, temb, rope, mask, tokens: int, length: int):
+        def in_pytorch():  # the prompt as it is: no padding, so no mask and the fastest attention kernels
+            latents, prompt = self._in_pytorch(stretch, hidden[:, -tokens:], text[:, :length], temb,
+                                               tuple(r[-tokens:] for r in rope))  # fmt: skip
+            return (torch.nn.functional.pad(latents, (0, 0, hidden.shape[1] - tokens, 0)),
+                    torch.nn.functional.pad(prompt, (0, 0, 0, text.shape[1] - length)))  # fmt: skip
+
+        return self.runtime.run(self.component, stretch, (hidden, text, temb, *rope, mask), in_pytorch, stretch.part)
+
+    def _in_pytorch(self, stretch, hidden_states, encoder_hidden_states, temb, image_rotary_emb):
         if self.compiled is None:
-            return self.stack(hidden_states, encoder_hidden_states, temb, *image_rotary_emb)
-        for block in self.stack.blocks:
+            return stretch(hidden_states, encoder_hidden_states, temb, *image_rotary_emb)
+        for block in stretch.blocks:
             eager = functools.partial(type(block).forward, block)
             hidden_states, encoder_hidden_states = self.compiled.forward(
                 block, eager, (hidden_states, encoder_hidden_states, temb, None, image_rotary_emb), {}
@@ -259,11 +286,13 @@ def install_transformer_stack(
     runtime: EngineRunner,
     parking: WeightParking | None = None,
     compiled: "CompiledBlocks | None" = None,
+    blocks: int | None = None,
 ) -> TensorRTTransformer:
-    """Route the transformer's block loop through one TensorRTTransformer: the first block runs the whole stack,
-    the others pass their inputs through. Install before cache hooks (TeaCache) so those wrap the stack."""
-    stack = TensorRTTransformer(transformer, runtime, parking, compiled)
-    first, *rest = transformer_blocks(transformer)
+    """Route the transformer's first `blocks` blocks (all by default) through one TensorRTTransformer: the first block
+    runs them all, the others pass their inputs through; later blocks run as they are. Install before cache hooks
+    (TeaCache) so those wrap the stack."""
+    stack = TensorRTTransformer(transformer, runtime, parking, compiled, blocks=blocks)
+    first, *rest = stack.stack.blocks
     HookRegistry.check_if_exists_or_initialize(first).register_hook(_RunStackHook(stack), STACK_HOOK)
     for block in rest:
         HookRegistry.check_if_exists_or_initialize(block).register_hook(_SkipBlockHook(), SKIP_HOOK)

@@ -14,6 +14,8 @@ import torch
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.hooks.hooks import BaseState, CacheContext, StateManager
 
+from ..models.transformer_blocks import transformer_blocks
+
 
 class StackState(BaseState):
     """One context's pass: whether it skips, the stack's input while it computes, and the last residual."""
@@ -93,7 +95,7 @@ class _BlockHook(ModelHook):
 
 def install(transformer: torch.nn.Module, cache: StepCache, name: str) -> None:
     """Register the cache's hooks (`<name>_head`, `<name>_block`) outside those already on the blocks."""
-    head, *rest = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    head, *rest = transformer_blocks(transformer)
     HookRegistry.check_if_exists_or_initialize(head).register_hook(_HeadHook(cache), f"{name}_head")
     for index, block in enumerate(rest):
         hook = _BlockHook(cache, is_tail=index == len(rest) - 1)

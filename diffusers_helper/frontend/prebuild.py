@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..acceleration.measure import DeviceMemoryPeak
 from ..media.buckets import bucket_options
 from ..settings import FPS, GenerationSettings, InvalidSettings, ModelSettings
 
@@ -64,7 +65,8 @@ def prebuild(
 ) -> Iterator[dict]:
     """Run each item's job with the models `load(settings)` returns (one load per variant); yields a record per item:
     what it took and what each component built or loaded. Failures of single engines fall back as in any job and
-    are reported in the record; a job that fails ends the run with its message."""
+    are reported in the record, with the GPU's peak memory use while the item ran; a job that fails ends the run with
+    its message."""
     from ..media.images import example_image
     from ..media.job_files import JobPaths
     from ..pipeline.events import Failed
@@ -80,7 +82,7 @@ def prebuild(
         say(f"[{index}/{len(items)}] {item.describe()}{_estimate(built_seconds, len(items) - index + 1)}")
         item_started = time.perf_counter()
         height, width = item.bucket
-        with tempfile.TemporaryDirectory(prefix="framepack-prebuild-") as scratch:
+        with DeviceMemoryPeak() as peak, tempfile.TemporaryDirectory(prefix="framepack-prebuild-") as scratch:
             paths = JobPaths.for_video(Path(scratch) / "prebuild.mp4")
             for event in engine.generate(example_image(width, height), _one_section(item, resolution), paths):
                 if isinstance(event, Failed):
@@ -93,7 +95,14 @@ def prebuild(
             built_seconds.append(seconds)
         record = {"item": item.describe(), "seconds": round(seconds, 1), "compiled": compiled, "loaded": loaded,
                   "components": {c: s.describe() for c, s in runtime.status.items()}}  # fmt: skip
-        say(f"[{index}/{len(items)}] {item.describe()}: {seconds:.0f}s, {_summary(compiled, loaded, runtime.status)}")
+        memory = ""
+        if peak.gigabytes is not None:
+            record["peak_gpu_gb"] = round(peak.gigabytes, 2)
+            memory = f", peak GPU memory {peak.gigabytes:.1f} GB"
+        say(
+            f"[{index}/{len(items)}] {item.describe()}: {seconds:.0f}s{memory}, "
+            f"{_summary(compiled, loaded, runtime.status)}"
+        )
         yield record
     say(f"done: {len(items)} item(s) in {time.perf_counter() - started:.0f}s")
 

@@ -1,15 +1,15 @@
 """Assembly: the one place that decides what wraps the transformer, and in which order.
 
 Hooks on the transformer's blocks nest in registration order, so the order is the design:
-1. the TensorRT block stack (innermost: the first block runs the whole compiled stack; where it runs in PyTorch,
-   its blocks go through torch.compile's compiled forwards as `--backend` says), or else those compiled forwards
-   as the blocks' own hooks,
+1. the TensorRT block stack (innermost: the first block runs the stack's engines; where the plan streams blocks, the
+   stack takes the resident ones only; where it runs in PyTorch, its blocks go through torch.compile's compiled
+   forwards as `--backend` says), and those compiled forwards as the hooks of the blocks outside the stack,
 2. streaming (a streamed block's weights arrive just before it runs),
 3. the step caches (outermost: TeaCache and MagCache decide around the stack, compiled or streamed, so a skipped
    step calls no streamed block and moves no weights; TeaCache reads the first block, which therefore always stays
    resident). Both are installed once; each job's settings switch one of them on (or neither).
-The VAE and text-encoder wrappers are swapped in first, `--fp8` replaces the block linears' weights, and the output
-head is kept in float32 (FramePack's "high quality fp32 output") before the memory plan places everything. LoRAs wrap
+`--fp8` replaces the block linears' weights and the output head is kept in float32 (FramePack's "high quality fp32
+output") first, then the VAE and text-encoder wrappers are swapped in, before the memory plan places everything. LoRAs wrap
 nothing: they are fused into the weights where the plan put them (models/lora.py), so FP8 weights take none.
 """
 
@@ -39,7 +39,16 @@ from ..tensorrt_runtime import (
 )
 from .components import Components
 from .lora import FusedLoras
-from .placement import GIB, HostParking, MemoryPlan, Placement, convert_blocks_on_device, place_components
+from .placement import (
+    GIB,
+    HostParking,
+    MemoryPlan,
+    Placement,
+    convert_blocks_on_device,
+    place_components,
+    transformer_layout,
+)
+from .transformer_blocks import transformer_blocks
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +74,7 @@ class AssembledModels:
     loras: FusedLoras
     compiled: CompiledBlocks | None = None
     fp8: str | None = None  # what `--fp8` made of the block weights, for the report
+    engine_blocks: int = 0  # how many transformer blocks, from the first, the TensorRT stack runs
 
     def describe(self) -> str:
         """One line for people: which models, from where, on what device, in which dtypes, what streams."""
@@ -93,6 +103,11 @@ class AssembledModels:
             stack = self.runtime.status.get("transformer")
             if stack is not None and stack.engine == "pytorch" and self.compiled is not None:
                 report["transformer"] += f"; blocks: {self.compiled.describe()}"
+            blocks = len(transformer_blocks(self.components.transformer))
+            if stack is not None and 0 < self.engine_blocks < blocks:
+                streamed = "eager" if self.compiled is None else self.compiled.describe()
+                report["transformer"] += (f"; the stack's blocks 0-{self.engine_blocks - 1} (resident), blocks "
+                                          f"{self.engine_blocks}-{blocks - 1} streamed in PyTorch ({streamed})")  # fmt: skip
         return report
 
 
@@ -105,6 +120,7 @@ def assemble(
     """Wrap and place freshly loaded components; call once per load."""
     fp8 = quantize_fp8(components.transformer, settings, plan)
     in_fp8 = fp8 == FP8_APPLIED
+    keep_output_head_float32(components.transformer)  # before the stack is laid out: the head counts as resident
     compiled = compiled_blocks(components.transformer, settings, plan.device, fp8=in_fp8)
     stack = None
     if runtime is not None and settings.tensorrt.enabled:
@@ -113,14 +129,15 @@ def assemble(
             runtime.cannot_serve(requested_components(settings.tensorrt), unavailable)
         else:
             stack = accelerate(components, settings.tensorrt, runtime, plan, compiled)
-    if compiled is not None and stack is None:
-        compiled.install(components.transformer)
-    keep_output_head_float32(components.transformer)
+    engine_blocks = 0 if stack is None else len(stack.stack.blocks)
+    if compiled is not None and engine_blocks < len(transformer_blocks(components.transformer)):
+        compiled.install(components.transformer, first=engine_blocks)
     placement = place_components(components, plan)
     teacache = apply_teacache(components.transformer)
     magcache = apply_magcache(components.transformer, MAG_RATIOS[components.variant])
     loras = FusedLoras(components.transformer, FP8_REFUSES_LORAS if in_fp8 else None)
-    return AssembledModels(components, plan, placement, teacache, magcache, settings, runtime, loras, compiled, fp8)
+    return AssembledModels(components, plan, placement, teacache, magcache, settings, runtime, loras, compiled, fp8,
+                           engine_blocks)  # fmt: skip
 
 
 FP8_APPLIED = "FP8 block linears (torchao, row-wise scales)"
@@ -198,20 +215,21 @@ def accelerate(
         components.text_encoder = TensorRTTextEncoder(components.text_encoder, runtime, parking)
         components.text_encoder_2 = TensorRTCLIPTextEncoder(components.text_encoder_2, runtime, parking)
     if options.transformer:
-        reason = _transformer_engine_obstacle(components.transformer, plan.offload)
+        reason = _transformer_engine_obstacle(components.transformer)
         if reason:
             runtime.fall_back("transformer", f"not compatible with this setup: {reason}")
         else:
             keep = HostParking(plan.device, modules_read(components.transformer))
-            return install_transformer_stack(components.transformer, runtime, keep, compiled)
+            # Where the plan streams blocks, engines take the resident ones (an engine holds all of its weights on
+            # the GPU) and the streamed ones run in PyTorch: TensorRT's own weight streaming measured slower than the
+            # blocks' streaming in PyTorch (docs/tensorrt.md).
+            resident = len(transformer_layout(components.transformer, plan)[0]) if plan.offload else None
+            return install_transformer_stack(components.transformer, runtime, keep, compiled, resident)
     return None
 
 
-def _transformer_engine_obstacle(transformer: torch.nn.Module, offloading: bool) -> str | None:
+def _transformer_engine_obstacle(transformer: torch.nn.Module) -> str | None:
     """Why the transformer cannot run as a TensorRT engine in this setup, if it cannot."""
-    if offloading:
-        # TensorRT's weight streaming measured slower than the blocks' streaming in PyTorch (docs/tensorrt.md)
-        return "CPU offload / low-VRAM offloading streams the blocks in PyTorch; an engine holds all of its weights"
     if getattr(transformer, "hf_quantizer", None) is not None or getattr(
         transformer.config, "quantization_config", None
     ):

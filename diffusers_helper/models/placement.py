@@ -53,8 +53,8 @@ from .transformer_blocks import BLOCK_LISTS, transformer_blocks
 RESIDENT_WEIGHTS_GB = 54.0  # all FramePack weights (bf16 transformer, fp16 encoders) with some headroom
 MIN_GPU_MEMORY_GB = 6.0  # FramePack's smallest card
 GIB = 1024**3
-GROUP_OFFLOADING_HOOK = "group_offloading"
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter  # the name diffusers' own group offloading registers its hooks under
+GROUP_OFFLOADING_HOOK = "group_offloading"  # the name diffusers' own group offloading registers its hooks under
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 
 
 @dataclass(frozen=True)
