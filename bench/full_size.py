@@ -35,7 +35,7 @@ def run_one(
     import torch
 
     from diffusers_helper.acceleration.engine_cache import EngineCache
-    from diffusers_helper.acceleration.measure import DeviceMemoryPeak
+    from diffusers_helper.acceleration.measure import DeviceMemoryPeak, gpu_memory_in_use
     from diffusers_helper.frontend.startup import load_engine, plan_for, quiet_libraries
     from diffusers_helper.media.images import example_image
     from diffusers_helper.media.job_files import JobPaths
@@ -72,7 +72,7 @@ def run_one(
     marks: list[tuple[str, int, float]] = []
     step_times: list[float] = []
     last_step = None
-    device_peak = DeviceMemoryPeak()
+    device_peak, serving_peak = DeviceMemoryPeak(), 0
     with device_peak:
         for event in engine.generate(image, settings, JobPaths.for_video(out / f"job_{limit}.mp4"), overwrite=True):
             torch.cuda.synchronize()
@@ -83,6 +83,8 @@ def run_one(
             elif isinstance(event, StepProgress):
                 step_times.append(now - last_step)
                 last_step = now
+                if len(step_times) > 1:  # after the first step, which builds any engines
+                    serving_peak = max(serving_peak, gpu_memory_in_use())
             elif isinstance(event, SectionFinished):
                 marks.append(("done", event.section, now))
             elif isinstance(event, Finished):
@@ -109,6 +111,7 @@ def run_one(
         "peak_host_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / GIB, 2),
         "pinned_host_gb": round(engine.models.placement.pinned_bytes / GIB, 2),
         "peak_gpu_device_gb": round(device_peak.gigabytes, 2),  # every allocator's: TensorRT's builder included
+        "gpu_device_gb_serving": round(serving_peak / GIB, 2),  # at the ends of steps after the first
         "transformer": engine.models.backends()["transformer"],
         "engine_builds_s": runtime.status["transformer"].compile_seconds if runtime else None,
         "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,

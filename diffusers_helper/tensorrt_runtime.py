@@ -432,12 +432,13 @@ class TensorRTRuntime:
         instead of paying for it again (at full size, minutes). A build that ran out of memory may fit another time."""
         status = self.status[component]
         started = time.perf_counter()
-        part = f" {key.ingredients['part']}" if "part" in key.ingredients else ""
+        part = key.ingredients.get("part")
         logger.info("compiling TensorRT engine for %s%s, inputs %s (first run of this shape; this can take minutes)",
-                    component, part, key.ingredients["inputs"])  # fmt: skip
+                    component, f" ({part})" if part else "", key.ingredients["inputs"])  # fmt: skip
         progress = status.build = BuildProgress(self._cancelled)
         last_build = self._last_build_seconds(component, key.ingredients["gpu"])
-        with busy(component, status, f"compiling engine{part} (first run of this shape)", last_build):
+        activity = f"compiling engine{f' for {part}' if part else ''} (first run of this shape)"
+        with busy(component, status, activity, last_build):
             try:
                 with tensorrt_errors():
                     compiled = self.backend.compile(module, args, compile_settings(component), progress)

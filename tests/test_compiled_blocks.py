@@ -23,6 +23,7 @@ from diffusers_helper.pipeline.engine import FramePackEngine
 from diffusers_helper.pipeline.events import Finished
 from diffusers_helper.settings import GenerationSettings, InvalidSettings, ModelSettings, TensorRTOptions
 from tests.support.frame_sink import FrameSink
+from tests.support.runtimes import TINY_STACK_ENGINES
 
 SETTINGS = GenerationSettings(prompt="a cat walks", seconds=1.0, steps=3, resolution=128, step_cache="off")
 JOBS = itertools.count()
@@ -192,7 +193,7 @@ def test_under_the_tensorrt_stack_the_blocks_compile_wherever_the_stack_runs_in_
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime
     from tests.support.tensorrt_double import FakeBackend
 
-    seconds = iter([1.0, 2.0])  # the blocks in PyTorch (compiled), then the engine: 0.5x
+    seconds = iter([1.0, 2.0] * TINY_STACK_ENGINES)  # each stretch: in PyTorch (compiled), then its engine: 0.5x
 
     def timed(function, runs=5, warmup=1):
         function()

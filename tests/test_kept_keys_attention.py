@@ -118,7 +118,7 @@ def test_the_padded_stack_exports_with_every_attention_routed_and_matches_pytorc
     reads = _mask_read(monkeypatch)
     transformer = small_transformer()
     runtime = _Exporting()
-    stack = TensorRTTransformer(transformer, runtime)
+    stack = TensorRTTransformer(transformer, runtime, stretch_blocks=3)  # the 3 blocks as one engine
     for frames, text_tokens in ((2, 5), (3, 9)):
         cos, sin = transformer.rope(frame_indices=torch.arange(frames), height=4, width=4, device="cpu")
         hidden, text, temb = torch.randn(1, 4 * frames, 16), torch.randn(1, text_tokens, 16), torch.randn(1, 16)

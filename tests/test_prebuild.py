@@ -12,6 +12,7 @@ from diffusers_helper.models.placement import plan_memory
 from diffusers_helper.pipeline.engine import FramePackEngine
 from diffusers_helper.settings import InvalidSettings, ModelSettings, TensorRTOptions
 from diffusers_helper.tensorrt_runtime import TensorRTRuntime
+from tests.support.runtimes import TINY_STACK_ENGINES
 from tests.support.tensorrt_double import FakeBackend
 
 BUCKETS = [(128, 128), (112, 144)]
@@ -34,12 +35,12 @@ def test_prebuild_builds_each_shape_once_and_a_second_run_only_loads(tmp_path, t
     lines = []
     records, _ = run_prebuild(tiny_root, tmp_path / "engines", lines)
     # the two buckets' latent token counts pad to the same length: one transformer engine serves both
-    assert [r["compiled"] for r in records] == [{"transformer": 1}, {}]
+    assert [r["compiled"] for r in records] == [{"transformer": TINY_STACK_ENGINES}, {}]
     assert any("[1/2] framepack 128x128 window 2" in line for line in lines)
     assert any("min left" in line for line in lines)  # an estimate once a build has been timed
     again, _ = run_prebuild(tiny_root, tmp_path / "engines", [])
     assert [r["compiled"] for r in again] == [{}, {}]
-    assert [r["loaded"] for r in again] == [{"transformer": 1}, {}]
+    assert [r["loaded"] for r in again] == [{"transformer": TINY_STACK_ENGINES}, {}]
 
 
 def test_each_item_says_the_peak_gpu_memory_its_builds_used(tmp_path, tiny_root, monkeypatch):
@@ -59,11 +60,11 @@ def test_where_the_engine_loses_to_pytorch_the_next_shapes_are_not_built_and_eac
     tmp_path, tiny_root, monkeypatch
 ):
     monkeypatch.setattr(tensorrt_wrappers, "STACK_LATENT_BUCKET", 1)  # one shape per bucket
-    timings = iter([0.5, 1.0])  # PyTorch, then the engine: 0.5x
+    timings = iter([0.5, 1.0] * TINY_STACK_ENGINES)  # each stretch: PyTorch, then its engine: 0.5x
     monkeypatch.setattr(speed_policy, "median_seconds", lambda function, runs: (function(), next(timings))[1])
     lines = []
     records, _ = run_prebuild(tiny_root, tmp_path / "engines", lines, only_if_faster=True)
-    assert [r["compiled"] for r in records] == [{"transformer": 1}, {}]
+    assert [r["compiled"] for r in records] == [{"transformer": TINY_STACK_ENGINES}, {}]
     done = [line for line in lines if line.startswith("[") and "s, " in line]
     assert "built transformer; transformer in PyTorch (its engine measured 0.50x" in done[0]
     assert "transformer in PyTorch (an engine of it for another input shape measured 0.50x" in done[1]

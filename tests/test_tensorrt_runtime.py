@@ -29,6 +29,7 @@ from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 from tests.support.frame_sink import FrameSink
 from tests.support.runtimes import (
     COMPONENT,
+    TINY_STACK_ENGINES,
     WEIGHT_EDITS,
     call,
     edit_weights,
@@ -390,7 +391,7 @@ def test_stopping_a_job_during_an_engine_build_ends_the_build_and_the_job(tmp_pa
     backend.on_engine_started = lambda progress: None
     events = list(engine.generate(example_image(256, 256), settings, JobPaths.for_video(tmp_path / "next.mp4")))
     assert isinstance(events[-1], Finished) and not events[-1].stopped
-    assert backend.compiled == 1 and runtime.status["transformer"].engine == "tensorrt"
+    assert backend.compiled == TINY_STACK_ENGINES and runtime.status["transformer"].engine == "tensorrt"
 
 
 # -- new weights: refit, never a stale engine ---------------------------------------------------------------------

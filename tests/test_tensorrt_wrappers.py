@@ -16,7 +16,7 @@ from diffusers_helper.pipeline.events import Finished
 from diffusers_helper.settings import GenerationSettings, ModelSettings, TensorRTOptions
 from diffusers_helper.tensorrt_runtime import TensorRTRuntime, TensorRTTransformer
 from tests.support.frame_sink import FrameSink
-from tests.support.runtimes import leftovers, make_runtime
+from tests.support.runtimes import TINY_STACK_ENGINES, leftovers, make_runtime
 from tests.support.small_transformer import small_transformer, stack_inputs
 from tests.support.tensorrt_double import FakeBackend
 
@@ -63,7 +63,13 @@ def test_tiny_generation_with_every_wrapper_matches_pytorch(tmp_path, tiny_root,
     }  # fmt: skip
     compiles = {component: status.compiles for component, status in runtime.status.items()}
     # the VAE decodes in temporal chunks (diffusers' frame-wise decoding): one engine per chunk shape
-    assert compiles == {"vae_encoder": 1, "vae_decoder": 3, "text_encoder": 1, "text_encoder_2": 1, "transformer": 1}
+    assert compiles == {
+        "vae_encoder": 1,
+        "vae_decoder": 3,
+        "text_encoder": 1,
+        "text_encoder_2": 1,
+        "transformer": TINY_STACK_ENGINES,
+    }
 
 
 def test_prompts_of_several_lengths_the_negative_prompt_and_two_buckets_share_one_transformer_engine(
@@ -81,7 +87,8 @@ def test_prompts_of_several_lengths_the_negative_prompt_and_two_buckets_share_on
         plain = reference_frames(engines, image, settings, tmp_path)
         assert engine.write_video.last.shape == plain.shape
         assert np.abs(engine.write_video.last.astype(int) - plain.astype(int)).max() <= 1
-    assert (runtime.status["transformer"].compiles, runtime.status["transformer"].engines) == (1, 1)
+    status = runtime.status["transformer"]
+    assert (status.compiles, status.engines) == (TINY_STACK_ENGINES, TINY_STACK_ENGINES)  # one set of engines
 
 
 def test_the_transformer_runs_its_prompt_unpadded_when_it_runs_in_pytorch(tmp_path):
@@ -132,17 +139,22 @@ class _KilledAfterOneBuild(FakeBackend):
     """The process dies (Ctrl-C, or the system's OOM killer, as far as the cache can tell) while building the second
     engine."""
 
+    status = None  # what the runtime says while the build runs
+
     def on_engine_started(self, progress) -> None:
         if self.compiled == 1:
+            self.status = self.runtime.status["transformer"].describe()
             raise KeyboardInterrupt
 
 
 def test_a_build_killed_midway_resumes_from_the_stretches_already_cached(tmp_path):
     transformer = small_transformer(dual_blocks=1, single_blocks=2)
     hidden, text, temb, rope = stack_inputs(transformer)
-    runtime, _ = stretch_runtime(tmp_path, _KilledAfterOneBuild())
+    runtime, backend = stretch_runtime(tmp_path, _KilledAfterOneBuild())
+    backend.runtime = runtime
     with torch.no_grad(), pytest.raises(KeyboardInterrupt):
         TensorRTTransformer(transformer, runtime, stretch_blocks=1)(hidden, text, temb, None, rope)
+    assert backend.status.startswith("compiling engine for blocks 1-1 (first run of this shape)")
     assert [record["part"] for record in runtime.cache.describe()] == ["blocks 0-0"]
     assert leftovers(runtime.cache.directory) == []  # no half-written engine
     again, backend = stretch_runtime(tmp_path)

@@ -134,8 +134,14 @@ COMPONENT_SETTINGS = {
     # The PyTorch weights wait on the CPU while TensorRT builds (a build fits where the model fits), and the engine
     # stays refittable, so new weights (a LoRA) cost a refit instead of a build.
     # Attention splits the stack into one engine per block; each would hold its own activation memory for good (about
-    # 3 GB at 544x704), so they take it from PyTorch's allocator for each call instead and share it.
-    "transformer": {"offload_module_to_cpu": True, "immutable_weights": False, "dynamically_allocate_resources": True},
+    # 3 GB at 544x704), so they take it from PyTorch's allocator for each call instead and share it. The builder's
+    # workspace is bounded, so a stretch builds within the room the memory plan leaves beside the resident weights.
+    "transformer": {
+        "offload_module_to_cpu": True,
+        "immutable_weights": False,
+        "dynamically_allocate_resources": True,
+        "workspace_size": 1 << 30,
+    },
 }
 TOLERANCES = {
     "vae_encoder": 0.05,
@@ -205,6 +211,8 @@ class TorchTensorRTBackend:
         options = self._options(settings)
         progress.engines_expected = _pytorch_stretches(exported, options.get("torch_executed_ops", ()))
         progress.check()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # TensorRT's builder allocates outside PyTorch: what PyTorch holds unused is its room
         with _watched_engine_builds(progress) as interrupted:
             try:
                 return self._trt.dynamo.compile(exported, arg_inputs=list(args), **options)

@@ -41,7 +41,9 @@ STACK_TEXT_BUCKET = 1024
 # at 640 (17,226 to 17,970 tokens with the default window) need 2 engines instead of 14, at most 5.3% of the tokens
 # padding (each engine of the full-size stack is a 24 GB file and a build of over ten minutes).
 STACK_LATENT_BUCKET = 1024
-STRETCH_BLOCKS = 5  # blocks per engine of the stack: 20 dual-stream blocks make 4 stretches, 40 single-stream 8
+# Blocks per engine of the stack: a build holds about twice a stretch's weights (the builder's copy and the engine),
+# beside the resident weights; two full-size dual-stream blocks are 1.4 GB.
+STRETCH_BLOCKS = 2
 STACK_HOOK = "tensorrt_block_stack"
 SKIP_HOOK = "tensorrt_block_skip"
 

@@ -8,10 +8,12 @@ import torch
 from diffusers_helper.acceleration import tensorrt_backend
 from diffusers_helper.acceleration.engine_cache import EngineCache
 from diffusers_helper.acceleration.speed_records import SPEED_RECORDS_FILE
+from diffusers_helper.acceleration.tensorrt_wrappers import STRETCH_BLOCKS
 from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 from tests.support.tensorrt_double import FakeBackend
 from tests.support.tensorrt_worker import seeded_mlp
 
+TINY_STACK_ENGINES = -(-4 // STRETCH_BLOCKS)  # the tiny preset's 2 dual and 2 single blocks: an engine per stretch
 COMPONENT = "vae_decoder"  # a component keyed by its weights (not refittable) unless `refittable_runtime` says so
 
 
