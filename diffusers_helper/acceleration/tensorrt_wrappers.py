@@ -38,8 +38,8 @@ TEXT_LENGTH_BUCKET = 64  # LLaMA token counts are padded up to a multiple of thi
 # the text length as a dynamic dimension: docs/benchmarks.md.)
 STACK_TEXT_BUCKET = 1024
 # Its latent tokens are padded up to a multiple of this, so buckets of one resolution share engines: the 14 buckets
-# at 640 (17,226 to 17,970 tokens with the default window) need 2 engines instead of 14, at most 5.3% of the tokens
-# padding (each engine of the full-size stack is a 24 GB file and a build of over ten minutes).
+# at 640 (17,226 to 17,970 tokens with the default window) need 2 sets of engines instead of 14, at most 5.3% of the
+# tokens padding (the full-size stack's engines for one shape take 24 GB of files and over ten minutes to build).
 STACK_LATENT_BUCKET = 1024
 # Blocks per engine of the stack: a build holds about twice a stretch's weights (the builder's copy and the engine),
 # beside the resident weights; two full-size dual-stream blocks are 1.4 GB.

@@ -9,8 +9,9 @@ Hooks on the transformer's blocks nest in registration order, so the order is th
    step calls no streamed block and moves no weights; TeaCache reads the first block, which therefore always stays
    resident). Both are installed once; each job's settings switch one of them on (or neither).
 `--fp8` replaces the block linears' weights and the output head is kept in float32 (FramePack's "high quality fp32
-output") first, then the VAE and text-encoder wrappers are swapped in, before the memory plan places everything. LoRAs wrap
-nothing: they are fused into the weights where the plan put them (models/lora.py), so FP8 weights take none.
+output") first, then the VAE and text-encoder wrappers are swapped in, before the memory plan places everything.
+LoRAs wrap nothing: they are fused into the weights where the plan put them (models/lora.py), so FP8 weights take
+none.
 """
 
 import contextlib
@@ -106,8 +107,9 @@ class AssembledModels:
             blocks = len(transformer_blocks(self.components.transformer))
             if stack is not None and 0 < self.engine_blocks < blocks:
                 streamed = "eager" if self.compiled is None else self.compiled.describe()
-                report["transformer"] += (f"; the stack's blocks 0-{self.engine_blocks - 1} (resident), blocks "
-                                          f"{self.engine_blocks}-{blocks - 1} streamed in PyTorch ({streamed})")  # fmt: skip
+                report["transformer"] += (f"; the stack's blocks 0-{self.engine_blocks - 1} (resident), "
+                                          f"blocks {self.engine_blocks}-{blocks - 1} streamed in PyTorch "
+                                          f"({streamed})")  # fmt: skip
         return report
 
 
