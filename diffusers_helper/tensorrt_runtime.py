@@ -22,6 +22,7 @@ modules, re-exported here).
 """
 
 import contextlib
+import gc
 import logging
 import tempfile
 import threading
@@ -165,6 +166,10 @@ class TensorRTRuntime:
             return
         status.engine, status.reason, status.busy = "pytorch", f"fell back: {reason}", None
         logger.warning("TensorRT %s: %s; running it in PyTorch", component, reason)
+        dropped = [module for module, engines in self._engines.items() if any(s[0] == component for s in engines)]
+        for module in dropped:  # what their engines hold is the GPU's again
+            del self._engines[module]
+        _release_dropped_engines()
 
     def is_active(self, component: str) -> bool:
         status = self.status.get(component)
@@ -208,6 +213,20 @@ class TensorRTRuntime:
         signature = (component, tuple(tuple(a.shape) for a in args), tuple(a.dtype for a in args))
         if signature in self._slower.get(module, ()):
             return self._in_pytorch(component, module, args, in_pytorch)
+        output = self._through_engine(component, module, args, signature, in_pytorch, part)
+        return self._in_pytorch(component, module, args, in_pytorch) if output is _NOT_SERVED else output
+
+    def _through_engine(
+        self,
+        component: str,
+        module: torch.nn.Module,
+        args: tuple,
+        signature: Signature,
+        in_pytorch: Callable | None,
+        part: str | None,
+    ):
+        """The call through its engine, or _NOT_SERVED where PyTorch must run it (by then this frame, and with it a
+        failed engine, is gone, so its memory can be freed before the weights come back)."""
         try:
             engine = self._engine_for(component, module, args, signature, in_pytorch, part)
             if engine is not None:
@@ -220,7 +239,7 @@ class TensorRTRuntime:
         except OSError as error:  # the engine cache's disk, not TensorRT
             logger.debug("TensorRT %s: the engine cache failed", component, exc_info=True)
             self.fall_back(component, f"the engine cache in {self.cache.directory} failed ({describe_error(error)})")
-        return self._in_pytorch(component, module, args, in_pytorch)
+        return _NOT_SERVED
 
     def _may_serve(self, component: str) -> bool:
         if not self.is_active(component):
@@ -362,10 +381,13 @@ class TensorRTRuntime:
     # -- PyTorch's copy of the weights ---------------------------------------------------------------------------
 
     def _in_pytorch(self, component: str, module: torch.nn.Module, args: tuple, in_pytorch: Callable | None):
-        """Run the call in PyTorch. If the weights had left the GPU for an engine, they come back and that module's
-        engines go: the GPU holds one copy of the weights."""
-        if self._bring_back(component, module):
+        """Run the call in PyTorch. If the weights had left the GPU for an engine, that module's engines go and the
+        weights come back: the GPU holds one copy of the weights."""
+        parking = self._parking.get(component)
+        if parking is not None and parking.is_parked(module):
             self._engines.pop(module, None)
+            _release_dropped_engines()
+            self._bring_back(component, module)
         return module(*args) if in_pytorch is None else in_pytorch()
 
     def _park(self, component: str, module: torch.nn.Module) -> None:
@@ -503,6 +525,18 @@ class TensorRTRuntime:
         return info
 
 
+_NOT_SERVED = object()  # what `_through_engine` returns where PyTorch runs the call
+
+
 def _run_engine(engine: Callable, args: tuple):
     with tensorrt_errors():
         return engine(*args)
+
+
+def _release_dropped_engines() -> None:
+    """Free the GPU memory of engines no longer referenced now: Torch-TensorRT's compiled modules are graph modules,
+    which refer to themselves, so without a collection their engines would hold the GPU until Python's next full
+    one."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,5 +1,7 @@
 """The memory policy: what is resident and what streams, for each GPU memory limit, without a GPU."""
 
+import dataclasses
+
 import pytest
 import torch
 from accelerate import init_empty_weights
@@ -62,6 +64,18 @@ def test_the_limit_is_the_budget(an_80_gb_card):
     assert not plan_memory("cuda", preserve_gb=6, limit_gb=80).offload
 
 
+def test_a_plan_for_transformer_engines_keeps_room_for_them_where_the_transformer_streams(an_80_gb_card):
+    """Engines need memory beyond the weights PyTorch hands them (their runtime's, a stretch's build): where the
+    transformer streams, fewer blocks stay resident; where everything fits, nothing changes."""
+    from diffusers_helper.models.placement import TENSORRT_ENGINES_GB
+
+    plan = plan_memory("cuda", preserve_gb=6, limit_gb=24, tensorrt_transformer=True)
+    assert plan.resident_bytes() == (18 - TENSORRT_ENGINES_GB) * GIB
+    assert f"and {TENSORRT_ENGINES_GB:g} GB for TensorRT engines" in plan.describe()
+    resident = plan_memory("cuda", preserve_gb=6, limit_gb=80, tensorrt_transformer=True)
+    assert not resident.offload and resident.engines_gb == 0
+
+
 @pytest.fixture(scope="module")
 def full_size_transformer():
     with init_empty_weights(include_buffers=False):
@@ -81,6 +95,20 @@ def test_transformer_blocks_resident_for_each_limit(full_size_transformer, limit
     assert kept[0] is full_size_transformer.transformer_blocks[0]  # the step cache reads the first block
     blocks = transformer_blocks(full_size_transformer)
     assert kept + streamed == blocks  # resident from the front, in the order they run
+
+
+# The same with the transformer's TensorRT engines: where the transformer streams, the plan keeps room for them, and the
+# engines take the resident blocks (an engine holds all of its weights on the GPU), the rest streams in PyTorch.
+# (Measured at 16 GB: docs/benchmarks.md.)
+ENGINE_LAYOUTS = {24: 27, 16: 10, 12: 4, 8: 1}
+
+
+@pytest.mark.parametrize(("limit", "engine_blocks"), ENGINE_LAYOUTS.items())
+def test_the_plan_decides_how_many_blocks_run_as_engines_at_each_limit(
+    an_80_gb_card, full_size_transformer, limit, engine_blocks
+):
+    plan = plan_memory("cuda", preserve_gb=6, limit_gb=limit, tensorrt_transformer=True)
+    assert plan.offload and len(transformer_layout(full_size_transformer, plan)[0]) == engine_blocks
 
 
 def test_more_memory_to_preserve_keeps_fewer_blocks(full_size_transformer):
@@ -167,3 +195,25 @@ def test_host_parking_brings_back_only_what_it_parked():
     assert parking.park(module) and module[0].weight.device.type == "meta"  # the part kept where it runs
     assert parking.bring_back(module) and module[1].weight.device.type == "meta"
     assert not parking.bring_back(module)
+
+
+def test_engines_memory_shrinks_pytorchs_share_of_the_limit(monkeypatch):
+    """Under --gpu-memory-limit the engines hold memory outside PyTorch's allocator: whenever weights are parked or
+    brought back, PyTorch's cap becomes the limit less what this process holds outside PyTorch beyond what it held
+    before any engine (the device's use less PyTorch's reserved memory)."""
+    from diffusers_helper.models import placement
+
+    device_use = {"used": 2 * GIB, "pytorch": 1 * GIB}  # before any engine: 1 GB outside PyTorch (CUDA's own)
+    monkeypatch.setattr(placement.torch.cuda, "mem_get_info", lambda device: (80 * GIB - device_use["used"], 80 * GIB))
+    monkeypatch.setattr(placement.torch.cuda, "memory_reserved", lambda device: device_use["pytorch"])
+    caps = []
+    monkeypatch.setattr(placement, "apply_limit", lambda plan, held_outside=0: caps.append(held_outside / GIB))
+    plan = dataclasses.replace(placement.plan_memory("cpu"), device=torch.device("cuda", 0), limit_gb=16.0)
+    held = placement.EngineHeldMemory(plan)
+    module = torch.nn.Linear(4, 4)
+    parking = placement.HostParking(torch.device("meta"), held=held)  # "meta" stands for the GPU here
+    device_use["used"] += 9 * GIB  # an engine now holds 9 GB
+    assert parking.park(module) and caps == [9.0] and parking.is_parked(module)
+    device_use["used"] -= 9 * GIB  # the engine was dropped
+    assert parking.bring_back(module) and caps == [9.0, 0.0] and not parking.is_parked(module)
+    assert not parking.bring_back(module) and caps == [9.0, 0.0]

@@ -295,6 +295,9 @@ class RecordingParking:
         self.log.append(("bring back", module))
         return True
 
+    def is_parked(self, module) -> bool:
+        return module in self.parked
+
 
 def test_the_pytorch_copy_is_parked_once_the_engine_passes_and_brought_back_for_a_fallback(tmp_path):
     runtime, backend = make_runtime(tmp_path)
@@ -313,6 +316,35 @@ def test_the_pytorch_copy_is_parked_once_the_engine_passes_and_brought_back_for_
     assert torch.equal(actual, expected)
     assert log[-1] == ("bring back", module) and runtime.engines_of(module) == []  # weights back, engines gone
     assert runtime.status[COMPONENT].engine == "pytorch" and not runtime.status[COMPONENT].pytorch_weights_on_cpu
+
+
+@pytest.mark.parametrize("how", ["another module's failure", "its own failure"])
+def test_a_dropped_engine_frees_its_memory_at_once(tmp_path, how):
+    """Torch-TensorRT's compiled modules refer to themselves (a graph module's graph refers back to it), so an engine
+    the runtime drops would hold the GPU until Python's next full collection: a fall back (a stretch's build out of
+    memory) frees every engine of the component at once, each before its weights come back for PyTorch."""
+    runtime, _ = make_runtime(tmp_path)
+    log, module = [], seeded_mlp()
+    parking = RecordingParking(log)
+    runtime.register(COMPONENT, parking=parking)
+    call(runtime, module)
+    [engine] = runtime.engines_of(module)
+    engine.__dict__["itself"] = engine  # the reference cycle of a graph module
+    freed = weakref.ref(engine)
+    del engine
+    gc.disable()  # only the runtime's own collection may free it
+    try:
+        if how == "another module's failure":
+            runtime.fall_back(COMPONENT, "out of GPU memory while building or running the engine")
+            assert freed() is None and runtime.engines_of(module) == [] and parking.is_parked(module)
+        else:
+            bring_back = parking.bring_back
+            parking.bring_back = lambda module: log.append(("engine alive", freed() is not None)) or bring_back(module)
+            freed().fail_run = True  # the engine fails at its next run: PyTorch runs the call
+            actual, expected = call(runtime, module)
+            assert torch.equal(actual, expected) and ("engine alive", False) in log
+    finally:
+        gc.enable()
 
 
 def test_without_parking_the_weights_stay_where_they_are(tmp_path):

@@ -57,6 +57,9 @@ class WeightParking(Protocol):
     def bring_back(self, module: torch.nn.Module) -> bool:
         """PyTorch runs the module: its weights back where it runs, if they were parked; True when they moved."""
 
+    def is_parked(self, module: torch.nn.Module) -> bool:
+        """Whether PyTorch's copy of the module's weights waits in the parking."""
+
 
 class EngineRunner(Protocol):
     """What a wrapper needs of the TensorRT runtime."""

@@ -197,7 +197,8 @@ def plan_for(settings: ModelSettings, free_gb: float | None = None) -> "MemoryPl
     # Growing segments instead of fixed blocks: activations of many sizes then leave no unusable gaps, which
     # matters most under a memory limit. Read when CUDA first allocates, so it must be set before that.
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
-    plan = plan_memory(settings.device, settings.gpu_memory_preservation, settings.gpu_memory_limit_gb, free_gb)
+    plan = plan_memory(settings.device, settings.gpu_memory_preservation, settings.gpu_memory_limit_gb, free_gb,
+                       tensorrt_transformer=settings.tensorrt.enabled and settings.tensorrt.transformer)  # fmt: skip
     if settings.preset == "full-random" and plan.device.type == "cpu":
         raise InvalidSettings("the full-random preset needs a CUDA GPU; on the CPU use --preset tiny")
     return plan

@@ -42,6 +42,7 @@ from .components import Components
 from .lora import FusedLoras
 from .placement import (
     GIB,
+    EngineHeldMemory,
     HostParking,
     MemoryPlan,
     Placement,
@@ -209,7 +210,8 @@ def accelerate(
     """Swap in the TensorRT wrappers the options ask for, each with the memory policy's parking for PyTorch's copy of
     its weights; the transformer's stack, if it was installed (its blocks run through `compiled` wherever it runs in
     PyTorch; the step cache's own reads of the first block stay on the GPU)."""
-    parking = HostParking(plan.device)
+    held = EngineHeldMemory(plan)
+    parking = HostParking(plan.device, held=held)
     if options.vae:
         components.vae.encoder = TensorRTLatentEncoder(components.vae.encoder, runtime, parking)
         components.vae.decoder = TensorRTLatentDecoder(components.vae.decoder, runtime, parking)
@@ -221,7 +223,7 @@ def accelerate(
         if reason:
             runtime.fall_back("transformer", f"not compatible with this setup: {reason}")
         else:
-            keep = HostParking(plan.device, modules_read(components.transformer))
+            keep = HostParking(plan.device, modules_read(components.transformer), held)
             # Where the plan streams blocks, engines take the resident ones (an engine holds all of its weights on
             # the GPU) and the streamed ones run in PyTorch: TensorRT's own weight streaming measured slower than the
             # blocks' streaming in PyTorch (docs/tensorrt.md).

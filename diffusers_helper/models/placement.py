@@ -24,7 +24,8 @@ FramePack does there, and the video stays FramePack's.
 
 Two more moves are the memory policy's too: the weights a process makes itself (the full-size preset's) are stored
 where the plan keeps them, and while a TensorRT engine holds a model's weights on the GPU, PyTorch's copy waits in
-host memory (`HostParking`, which the runtime is handed).
+host memory (`HostParking`, which the runtime is handed) and PyTorch's share of a `--gpu-memory-limit` shrinks by
+what the engines hold (`EngineHeldMemory`).
 """
 
 import ctypes
@@ -55,6 +56,10 @@ MIN_GPU_MEMORY_GB = 6.0  # FramePack's smallest card
 GIB = 1024**3
 GROUP_OFFLOADING_HOOK = "group_offloading"  # the name diffusers' own group offloading registers its hooks under
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+# What the transformer's TensorRT engines need on the GPU beyond the weights PyTorch hands them: their runtime's own
+# memory beside the weights, and a stretch's build (the builder's copy of its weights and its workspace) on top
+# (docs/benchmarks.md). A plan for engines keeps it free of resident weights.
+TENSORRT_ENGINES_GB = 2.5
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,7 @@ class MemoryPlan:
     budget_gb: float  # what the process may use on the GPU
     preserve_gb: float
     limit_gb: float | None = None  # --gpu-memory-limit, enforced when the models are placed
+    engines_gb: float = 0.0  # kept for the transformer's TensorRT engines beyond their weights
 
     def dtypes(self) -> dict[str, torch.dtype]:
         """Per-component dtypes for loading."""
@@ -84,7 +90,7 @@ class MemoryPlan:
 
     def resident_bytes(self) -> int:
         """GPU memory the streaming transformer may keep for resident weights."""
-        return int(max(self.budget_gb - self.preserve_gb, 0.0) * GIB)
+        return int(max(self.budget_gb - self.preserve_gb - self.engines_gb, 0.0) * GIB)
 
     def describe(self) -> str:
         if self.device.type == "cpu":
@@ -92,7 +98,8 @@ class MemoryPlan:
         budget = f"{self.limit_gb:g} GB limit" if self.limit_gb else f"{self.budget_gb:.1f} GB free"
         placement = "streaming (low VRAM)" if self.offload else "all on the GPU (high VRAM)"
         dtypes = f"transformer {str(self.transformer_dtype).removeprefix('torch.')}, others float16"
-        return f"{self.device}, {placement}, {budget}, preserving {self.preserve_gb:g} GB; {dtypes}"
+        engines = f" and {self.engines_gb:g} GB for TensorRT engines" if self.engines_gb else ""
+        return f"{self.device}, {placement}, {budget}, preserving {self.preserve_gb:g} GB{engines}; {dtypes}"
 
 
 def free_cuda_memory_gb(device: torch.device) -> float:
@@ -103,10 +110,15 @@ def free_cuda_memory_gb(device: torch.device) -> float:
 
 
 def plan_memory(
-    device: str = "auto", preserve_gb: float = 6.0, limit_gb: float | None = None, free_gb: float | None = None
+    device: str = "auto",
+    preserve_gb: float = 6.0,
+    limit_gb: float | None = None,
+    free_gb: float | None = None,
+    tensorrt_transformer: bool = False,
 ) -> MemoryPlan:
     """Decide placement. `limit_gb` caps the process (InvalidSettings when the card is smaller or the limit below
-    FramePack's minimum); `free_gb` overrides the measurement (tests, or the app's figure from start-up)."""
+    FramePack's minimum); `free_gb` overrides the measurement (tests, or the app's figure from start-up);
+    `tensorrt_transformer` keeps room for the transformer's engines where the transformer streams."""
     if device not in DEVICES:
         raise InvalidSettings(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -124,9 +136,9 @@ def plan_memory(
                 f"{total_gb:.1f} GB, got {limit_gb:g}"
             )
     budget = limit_gb if limit_gb is not None else free_cuda_memory_gb(cuda) if free_gb is None else free_gb
-    return MemoryPlan(
-        cuda, torch.bfloat16, torch.float16, needs_offload(budget, preserve_gb), budget, preserve_gb, limit_gb
-    )
+    offload = needs_offload(budget, preserve_gb)
+    engines = TENSORRT_ENGINES_GB if tensorrt_transformer and offload else 0.0
+    return MemoryPlan(cuda, torch.bfloat16, torch.float16, offload, budget, preserve_gb, limit_gb, engines)
 
 
 def needs_offload(budget_gb: float, preserve_gb: float) -> bool:
@@ -177,11 +189,12 @@ def return_freed_host_memory() -> None:
             libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
-def apply_limit(plan: MemoryPlan) -> None:
-    """Make the GPU refuse this process more than the plan's limit (PyTorch's caching allocator counts it)."""
+def apply_limit(plan: MemoryPlan, held_outside: int = 0) -> None:
+    """Make the GPU refuse this process more than the plan's limit (PyTorch's caching allocator counts it), less
+    `held_outside`: what TensorRT engines hold on the GPU outside that allocator."""
     if plan.limit_gb is not None:
         total = torch.cuda.get_device_properties(plan.device).total_memory
-        torch.cuda.set_per_process_memory_fraction(plan.limit_gb * GIB / total, plan.device)
+        torch.cuda.set_per_process_memory_fraction(max(plan.limit_gb * GIB - held_outside, 0) / total, plan.device)
 
 
 @dataclass
@@ -347,14 +360,45 @@ def stream_transformer(transformer: torch.nn.Module, plan: MemoryPlan, placement
         HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, GROUP_OFFLOADING_HOOK)
 
 
+class EngineHeldMemory:
+    """What TensorRT engines hold on the GPU outside PyTorch's allocator: their weights and their runtime's own
+    memory, measured (the device's use less PyTorch's, beyond what it was before any engine). Under
+    `--gpu-memory-limit` PyTorch's share of the limit shrinks by it whenever engines come or go, so engines and
+    PyTorch together keep to the limit, as they must on a card of that size. One per loaded set of models, shared by
+    its parkings."""
+
+    def __init__(self, plan: MemoryPlan) -> None:
+        self.plan = plan
+        self.bytes = 0
+        self._before = self._outside_pytorch()
+
+    def update(self) -> None:
+        """Measure again (an engine came or went) and cap PyTorch's share of the limit by what engines hold."""
+        self.bytes = max(self._outside_pytorch() - self._before, 0)
+        apply_limit(self.plan, self.bytes)
+
+    def _outside_pytorch(self) -> int:
+        if self.plan.limit_gb is None:
+            return 0
+        free, total = torch.cuda.mem_get_info(self.plan.device)
+        return total - free - torch.cuda.memory_reserved(self.plan.device)
+
+
 class HostParking:
     """Where PyTorch's copy of a model waits while a TensorRT engine holds its weights on the GPU: host memory, except
     `keep_on_device`, parts other code still runs on the GPU itself (the step cache reads the first block's
-    modulation). The TensorRT runtime is handed one per component (its `WeightParking`) and moves nothing itself."""
+    modulation). `held` is measured again whenever weights leave or come back, so the limit stays the process's.
+    The TensorRT runtime is handed one per component (its `WeightParking`) and moves nothing itself."""
 
-    def __init__(self, device: torch.device, keep_on_device: tuple[torch.nn.Module, ...] = ()) -> None:
+    def __init__(
+        self,
+        device: torch.device,
+        keep_on_device: tuple[torch.nn.Module, ...] = (),
+        held: EngineHeldMemory | None = None,
+    ) -> None:
         self.device = torch.device(device)
         self.keep_on_device = keep_on_device
+        self.held = held
         self._parked: weakref.WeakSet[torch.nn.Module] = weakref.WeakSet()
 
     def park(self, module: torch.nn.Module) -> bool:
@@ -367,7 +411,12 @@ class HostParking:
         self._parked.add(module)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+        if self.held is not None:
+            self.held.update()
         return True
+
+    def is_parked(self, module: torch.nn.Module) -> bool:
+        return module in self._parked
 
     def bring_back(self, module: torch.nn.Module) -> bool:
         """A parked module's weights back on the device where PyTorch runs them; True when they moved."""
@@ -375,4 +424,6 @@ class HostParking:
             return False
         self._parked.discard(module)
         module.to(self.device)
+        if self.held is not None:
+            self.held.update()
         return True
