@@ -216,7 +216,7 @@ def build_ui(app: App):
 
     def generate(image_path, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale,
                  preserve, step_cache, crf, variant, resolution, lora_names=None, lora_scales="",
-                 request: gr.Request = None):  # fmt: skip
+                 end_image_path=None, end_strength=1.0, request: gr.Request = None):  # fmt: skip
         try:
             if not image_path:
                 raise InvalidSettings("upload a start image first")
@@ -226,6 +226,8 @@ def build_ui(app: App):
                 steps=int(steps), cfg=float(cfg), distilled_cfg=float(distilled_cfg), cfg_rescale=float(rescale),
                 latent_window=int(window), variant=variant, resolution=int(resolution), step_cache=step_cache,
                 crf=int(crf), loras=lora_choices(app.loras, app.lora_files(), lora_names, lora_scales),
+                end_image=Path(end_image_path) if end_image_path and variant == "framepack" else None,
+                end_strength=float(end_strength),
             )  # fmt: skip
             models = app.models_for(settings, float(preserve))
         except InvalidSettings as error:
@@ -260,7 +262,15 @@ def build_ui(app: App):
         gr.Markdown("# FramePack\nOne image and a prompt in; a video out, a section at a time.")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(label="Start image", type="filepath", sources=["upload"], height=320)
+                with gr.Row():
+                    image = gr.Image(label="Start image", type="filepath", sources=["upload"], height=320)
+                    end_image = gr.Image(label="End image (optional)", type="filepath", sources=["upload"],
+                                         height=320, visible=app.models.variant == "framepack")  # fmt: skip
+                end_strength = gr.Slider(
+                    label="End image strength", minimum=0, maximum=1, step=0.01, value=defaults.end_strength,
+                    info="How strongly the video's end holds to the end image (the framepack model only).",
+                    visible=app.models.variant == "framepack",
+                )  # fmt: skip
                 prompt = gr.Textbox(label="Prompt", value="")
                 quick = gr.Dataset(samples=[[p] for p in QUICK_PROMPTS], label=QUICK_PROMPT_LABEL, components=[prompt])
                 quick.click(
@@ -331,12 +341,13 @@ def build_ui(app: App):
                 download = gr.DownloadButton("Download video", visible=False)
                 status = gr.Markdown(app.status(), label="Status", elem_id="acceleration-status")
         variant.change(
-            lambda chosen: gr.update(visible=chosen == "framepack"), inputs=variant, outputs=order_note, api_name=False
-        )
+            lambda chosen: [gr.update(visible=chosen == "framepack")] * 3, inputs=variant,
+            outputs=[order_note, end_image, end_strength], api_name=False,
+        )  # fmt: skip
         for event in (refresh_loras.click, ui.load):  # a page opened later lists the files there now
             event(lambda: gr.update(choices=app.lora_files()), outputs=lora_names, queue=False, api_name=False)
         inputs = [image, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale, preserve,
-                  step_cache, crf, variant, resolution, lora_names, lora_scales]  # fmt: skip
+                  step_cache, crf, variant, resolution, lora_names, lora_scales, end_image, end_strength]  # fmt: skip
         outputs = [video, preview, progress, status, download]  # the API's, named by their labels
         buttons = [start_button, end_button]
         start_button.click(start, outputs=buttons, queue=False, api_name=False).then(

@@ -53,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     job = parser.add_argument_group("job")
     job.add_argument("--image", type=Path, help="the start image (required unless --tensorrt-info)")
+    job.add_argument("--end-image", type=Path, help="the last frame to aim at (framepack variant only; default: none)")
+    job.add_argument(
+        "--end-strength",
+        type=float,
+        default=defaults.end_strength,
+        help="how strongly the video's end holds to --end-image, in [0, 1] (default: %(default)s)",
+    )
     job.add_argument("--prompt", default="", help="what happens in the video (default: empty)")
     job.add_argument("--negative-prompt", default=defaults.negative_prompt,
                      help="what to avoid; used only when --cfg > 1 (default: empty)")  # fmt: skip
@@ -117,7 +124,8 @@ def _settings(args: argparse.Namespace):
         latent_window=args.latent_window, variant=args.variant, resolution=resolution, step_cache=args.step_cache,
         teacache_threshold=args.teacache_threshold, magcache_threshold=args.magcache_threshold,
         magcache_max_skips=args.magcache_max_skips, magcache_retention=args.magcache_retention, crf=args.crf,
-        loras=tuple(LoraChoice.parse(text) for text in args.lora),
+        loras=tuple(LoraChoice.parse(text) for text in args.lora), end_image=args.end_image,
+        end_strength=args.end_strength,
     )  # fmt: skip
 
 
@@ -218,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
         for choice in settings.loras:  # the files now, before the models load; how they fit the model after
             read_lora(choice.path)
         image = load_input_image(args.image)
+        if settings.end_image is not None:  # the file now, before the models load
+            load_input_image(settings.end_image, "end image")
         paths = JobPaths.for_video(args.output) if args.output else JobPaths.new_job(args.outputs)
         ensure_writable_dir(paths.video.parent)
         paths.check(args.overwrite, input_image=args.image)

@@ -111,8 +111,12 @@ class GenerationSettings:
     magcache_retention: float = 0.25
     crf: int = 16
     loras: tuple[LoraChoice, ...] = ()  # fused into the transformer for this job, in this order
+    end_image: Path | None = None  # the last frame the end-to-start variant aims at
+    end_strength: float = 1.0  # how strongly the video's end holds to the end image
 
     def __post_init__(self) -> None:
+        if self.end_image is not None:
+            object.__setattr__(self, "end_image", Path(self.end_image))
         _check_range("seconds", self.seconds, 0, 120, low_open=True)
         _check_range("steps", self.steps, 1, 100)
         _check_range("cfg", self.cfg, 1, 32)
@@ -125,8 +129,14 @@ class GenerationSettings:
         _check_range("magcache_max_skips", self.magcache_max_skips, 1, 10)
         _check_range("magcache_retention", self.magcache_retention, 0, 1)
         _check_range("crf", self.crf, 0, 51)
+        _check_range("end_strength", self.end_strength, 0, 1)
         if self.variant not in VARIANTS:
             raise InvalidSettings(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
+        if self.end_image is not None and self.variant == "f1":
+            raise InvalidSettings(
+                "--end-image needs the framepack variant: F1 generates forward from the start image, with no end "
+                "frame to aim at"
+            )
         for name in ("prompt", "negative_prompt"):
             _check_text(name, getattr(self, name))
         if self.step_cache not in STEP_CACHES:

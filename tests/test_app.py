@@ -8,14 +8,17 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from PIL import Image
 
 import demo_gradio
 from demo_gradio import STEP_CACHE_CHOICES, lora_choices
+from diffusers_helper.media.images import example_image
 from diffusers_helper.pipeline.events import SectionFinished, StepProgress
 from diffusers_helper.settings import STEP_CACHES, InvalidSettings, LoraChoice
 from tests.support.app_server import JobGate, running_app, served_app
@@ -205,6 +208,19 @@ def test_a_job_with_a_lora_records_it_and_the_page_names_it(app_url, app_dir, im
     assert record["loras"][0]["path"] == str(style) and len(record["loras"][0]["sha256"]) == 64
     _, _, progress, status, _ = client.predict(handle_file(str(image_file)), *ARGUMENTS, api_name="/generate")
     assert text(progress).startswith("done: 37 frames") and "**LoRAs:** none" in status  # taken out again
+
+
+def test_a_job_with_an_end_image_records_it_and_its_strength(app_url, app_dir, image_file, tmp_path):
+    end = tmp_path / "end.png"
+    Image.fromarray(np.ascontiguousarray(example_image(200, 160)[::-1])).save(end)
+    client = Client(app_url, verbose=False)
+    _, _, progress, _, _ = client.predict(
+        handle_file(str(image_file)), *ARGUMENTS, [], "", handle_file(str(end)), 0.6, api_name="/generate"
+    )
+    assert text(progress).startswith("done: 37 frames")
+    (record,) = [record for record in records(app_dir / "outputs") if record["settings"]["end_image"]]
+    assert record["settings"]["end_strength"] == 0.6 and len(record["end_image"]["sha256"]) == 64
+    assert Path(record["settings"]["end_image"]).name == "end.png"
 
 
 def test_bad_lora_picks_get_one_line_messages(app_url, image_file):

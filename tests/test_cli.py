@@ -35,6 +35,13 @@ def run_main(capsys, *args):
         (["--magcache-threshold", "0"], "error: magcache_threshold must be in (0, 1], got 0.0"),
         (["--magcache-max-skips", "11"], "error: magcache_max_skips must be in [1, 10], got 11"),
         (["--magcache-retention", "-0.1"], "error: magcache_retention must be in [0, 1], got -0.1"),
+        (["--end-strength", "2"], "error: end_strength must be in [0, 1], got 2.0"),
+        (
+            ["--variant", "f1", "--end-image", "e.png"],
+            "error: --end-image needs the framepack variant: F1 generates "
+            "forward from the start image, with no end frame to aim at",
+        ),
+        (["--end-image", "missing.png"], "error: end image not found: missing.png"),
     ],
 )
 def test_out_of_range_settings(capsys, image_file, tmp_path, extra, message):

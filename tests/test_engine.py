@@ -381,3 +381,60 @@ def contents(directory) -> dict[str, bytes]:
 
 def exploding(**kwargs):
     raise RuntimeError("kernel exploded")
+
+
+@pytest.mark.parametrize("strength", [1.0, 0.5])
+def test_the_end_image_is_the_first_sections_clean_post_frame_at_its_strength(with_sink, tmp_path, monkeypatch,
+                                                                               strength):  # fmt: skip
+    """The end image, bucketed like the start image and VAE-encoded, is the clean frame after the first section's
+    window (the video's end), scaled by the strength; later sections see their history there as before. Its SigLIP
+    embedding is averaged with the start image's, and the sidecar names the file."""
+    from PIL import Image
+
+    from diffusers_helper.pipeline import conditioning
+
+    engine = with_sink["framepack"]
+    end_path = tmp_path / "end.png"
+    Image.fromarray(np.ascontiguousarray(example_image(300, 260)[::-1])).save(end_path)  # another size and picture
+    calls, encoded, embedded = [], [], []
+    original_forward, original_latents = engine.components.transformer.forward, engine.pipe.prepare_image_latents
+    original_embeds = conditioning.encode_image
+
+    def spy(**kwargs):
+        calls.append({"post": kwargs["latents_clean"][:, :, 1].clone(), "image": kwargs["image_embeds"].clone()})
+        return original_forward(**kwargs)
+
+    def latents(image, **kwargs):
+        encoded.append(original_latents(image, **kwargs))
+        return encoded[-1]
+
+    def embeds(*args):
+        embedded.append(original_embeds(*args))
+        return embedded[-1]
+
+    monkeypatch.setattr(engine.components.transformer, "forward", spy)
+    monkeypatch.setattr(engine.pipe, "prepare_image_latents", latents)
+    monkeypatch.setattr(conditioning, "encode_image", embeds)
+    paths = JobPaths.for_video(tmp_path / "e.mp4")
+    settings = tiny_settings(steps=2, step_cache="off", end_image=end_path, end_strength=strength)
+    events = run(engine, settings, paths, sink=FrameSink())
+    assert isinstance(events[-1], Finished) and len(calls) == 4  # 2 sections x 2 steps
+    start, end = encoded
+    assert end.shape == start.shape  # bucketed like the start image
+    for call in calls[:2]:
+        torch.testing.assert_close(call["post"], (strength * end[:, :, 0]).to(call["post"]))
+    assert all(not torch.equal(call["post"], calls[0]["post"]) for call in calls[2:])  # the history, as before
+    assert len(embedded) == 2 and not torch.equal(*embedded)
+    torch.testing.assert_close(calls[0]["image"], ((embedded[0] + embedded[1]) / 2).to(calls[0]["image"]))
+    recorded = json.loads(paths.sidecar.read_text())
+    assert recorded["settings"]["end_image"] == str(end_path) and recorded["settings"]["end_strength"] == strength
+    assert len(recorded["end_image"]["sha256"]) == 64
+
+
+def test_a_bad_end_image_fails_the_job_before_anything_is_written(with_sink, tmp_path):
+    paths = JobPaths.for_video(tmp_path / "x.mp4")
+    (tmp_path / "end.png").write_bytes(b"not a picture")
+    events = run(with_sink["framepack"], tiny_settings(end_image=tmp_path / "end.png"), paths, sink=FrameSink())
+    assert len(events) == 1 and isinstance(events[0], Failed) and events[0].bad_input
+    assert events[0].message.startswith(f"not a readable image file: {tmp_path / 'end.png'}")
+    assert list(tmp_path.iterdir()) == [tmp_path / "end.png"]

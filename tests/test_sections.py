@@ -129,3 +129,13 @@ def test_joined_frames_equal_framepacks_float_history_exactly(order, dtype):
     expected = _framepack_video(order, decodes, overlap)
     assert video.frames.shape == expected.shape
     assert torch.equal(video.frames, expected)
+
+
+def test_an_end_latent_is_the_first_sections_post_frame_only():
+    order = InvertedAntiDrifting()
+    start, end = torch.full((1, 16, 1, 4, 4), -1.0), torch.full((1, 16, 1, 4, 4), 7.0)
+    history = torch.arange(30, dtype=torch.float32).view(1, 1, 30, 1, 1).expand(1, 16, 30, 4, 4).contiguous()
+    first, second = order.plan(2)
+    assert order.layout(history, start, first, 9, end).clean_latents[0, 0, :, 0, 0].tolist() == [-1.0, 7.0]
+    assert order.layout(history, start, second, 9, end).clean_latents[0, 0, :, 0, 0].tolist() == [-1.0, 0.0]
+    assert order.layout(history, start, first, 9).clean_latents[0, 0, :, 0, 0].tolist() == [-1.0, 0.0]

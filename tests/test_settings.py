@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from diffusers_helper.settings import GenerationSettings, InvalidSettings, ModelSettings, TensorRTOptions
@@ -50,6 +52,7 @@ def test_magcache_defaults_are_framepack_studios():
         ("magcache_threshold", 0, "magcache_threshold must be in (0, 1], got 0"),
         ("magcache_max_skips", 0, "magcache_max_skips must be in [1, 10], got 0"),
         ("magcache_retention", 1.5, "magcache_retention must be in [0, 1], got 1.5"),
+        ("end_strength", 1.5, "end_strength must be in [0, 1], got 1.5"),
     ],
 )
 def test_invalid_settings_name_parameter_value_and_range(field, value, message):
@@ -77,3 +80,9 @@ def test_flags_that_need_enable_tensorrt():
     assert TensorRTOptions(transformer=True).enabled  # the components themselves are independent
     with pytest.raises(InvalidSettings, match="--tensorrt-always needs --enable-tensorrt"):
         TensorRTOptions.from_flags(False, False, False, always=True)
+
+
+def test_an_end_image_needs_the_end_to_start_variant():
+    with pytest.raises(InvalidSettings, match="^--end-image needs the framepack variant: F1 generates forward"):
+        GenerationSettings(prompt="", variant="f1", end_image="end.png")
+    assert GenerationSettings(prompt="", end_image="end.png").end_image == Path("end.png")

@@ -13,12 +13,12 @@ MIN_IMAGE_SIDE = 64
 MAX_MEGAPIXELS = 50  # a 50 MP photo decodes to 150 MB of RGB; anything larger is refused before decoding
 
 
-def load_input_image(path: Path) -> np.ndarray:
+def load_input_image(path: Path, what: str = "image") -> np.ndarray:
     """The image as uint8 RGB (H, W, 3), upright as its EXIF orientation says; InvalidSettings for a missing,
-    unreadable, non-image, too large or too small file."""
+    unreadable, non-image, too large or too small file (`what` names it: the image, the end image)."""
     path = Path(path)
     if not path.is_file():
-        raise InvalidSettings(f"image {not_a_file(path)}: {path}")
+        raise InvalidSettings(f"{what} {not_a_file(path)}: {path}")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size check below says more
@@ -28,7 +28,7 @@ def load_input_image(path: Path) -> np.ndarray:
     except Image.DecompressionBombError as error:
         raise InvalidSettings(f"{path} is larger than {MAX_MEGAPIXELS} megapixels; scale it down first") from error
     except PermissionError as error:
-        raise InvalidSettings(f"image not readable: {path} ({error.strerror})") from error
+        raise InvalidSettings(f"{what} not readable: {path} ({error.strerror})") from error
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise InvalidSettings(f"not a readable image file: {path} ({error})") from error
     return check_input_image(image, str(path))

@@ -1,5 +1,6 @@
 """Where a job's files go: `<job>.mp4`, `<job>.input.png` (the input as used) and `<job>.json` (every setting)."""
 
+import hashlib
 import json
 import os
 import platform
@@ -133,6 +134,15 @@ def ensure_writable_dir(directory: Path) -> None:
 def save_image(image: np.ndarray, path: Path) -> None:
     with replacing(path) as temporary:
         Image.fromarray(image).save(temporary, format="PNG")
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of an input file a job names (a LoRA, an end image), so a sidecar says which version it used."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as file:
+        while chunk := file.read(1 << 24):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_sidecar(path: Path, record: dict) -> None:

@@ -16,7 +16,6 @@ layers either touches, nothing else. Weights change in place, so pinned host mem
 point at it stay valid.
 """
 
-import hashlib
 import logging
 import re
 import warnings
@@ -29,6 +28,7 @@ import torch
 
 from ..errors import first_line
 from ..media.images import not_a_file
+from ..media.job_files import file_sha256
 from ..settings import InvalidSettings
 
 logger = logging.getLogger(__name__)
@@ -73,19 +73,11 @@ def read_lora(path: Path | str) -> LoraFile:
         reason = not_a_file(path)
         raise InvalidSettings(f"LoRA file not found: {path}" if reason == "not found" else f"LoRA {path} {reason}")
     try:
-        sha256 = _sha256(path)
+        sha256 = file_sha256(path)
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as error:
         raise InvalidSettings(f"LoRA {path} is not a readable safetensors file ({first_line(error)})") from error
     return LoraFile(path, sha256, _layers(path, tensors))
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(1 << 24):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _layers(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, LoraLayer]:

@@ -39,6 +39,7 @@ class Conditions:
     negative: TextConditions | None  # only when real CFG is on
     image_embeds: torch.Tensor  # (1, siglip tokens, siglip dim)
     start_latent: torch.Tensor  # (1, 16, 1, h / 8, w / 8), float32
+    end_latent: torch.Tensor | None = None  # the end image's, scaled by the end strength (end-to-start order only)
 
 
 def encoding_pipeline(components: Components, scheduler: object) -> HunyuanVideoFramepackPipeline:
@@ -111,18 +112,27 @@ def encode_conditions(
     device: torch.device,
     dtype: torch.dtype,
     seed: int,
+    end_image: np.ndarray | None = None,
+    end_strength: float = 1.0,
 ) -> Conditions:
     """Everything the sampler needs besides noise; `negative_prompt` None means no real CFG.
 
     The start latent is a sample of the VAE's posterior, drawn from its own generator so that the sections' noise
-    is the seed's stream from its first number, as in FramePack.
+    is the seed's stream from its first number, as in FramePack. An end image (as FramePack-Studio's end frame) is
+    encoded the same way, from the same generator after the start latent, and its SigLIP embedding is averaged with
+    the start image's.
     """
     posterior_generator = torch.Generator("cpu").manual_seed(seed)
-    return Conditions(
-        positive=encode_text(pipe, prompt, device, dtype),
-        negative=None if negative_prompt is None else encode_text(pipe, negative_prompt, device, dtype),
-        image_embeds=encode_image(pipe, image, device, dtype),
-        start_latent=pipe.prepare_image_latents(
-            image_to_tensor(image), dtype=torch.float32, device=device, generator=posterior_generator
-        ),
+    positive = encode_text(pipe, prompt, device, dtype)
+    negative = None if negative_prompt is None else encode_text(pipe, negative_prompt, device, dtype)
+    image_embeds = encode_image(pipe, image, device, dtype)
+    start_latent = pipe.prepare_image_latents(
+        image_to_tensor(image), dtype=torch.float32, device=device, generator=posterior_generator
     )
+    end_latent = None
+    if end_image is not None:
+        image_embeds = (image_embeds + encode_image(pipe, end_image, device, dtype)) / 2
+        end_latent = end_strength * pipe.prepare_image_latents(
+            image_to_tensor(end_image), dtype=torch.float32, device=device, generator=posterior_generator
+        )
+    return Conditions(positive, negative, image_embeds, start_latent, end_latent)

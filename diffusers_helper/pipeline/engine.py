@@ -15,7 +15,16 @@ import numpy as np
 import torch
 
 from ..media.buckets import find_nearest_bucket, resize_and_center_crop
-from ..media.job_files import JobFiles, JobPaths, ensure_writable_dir, save_image, software_versions, write_sidecar
+from ..media.images import load_input_image
+from ..media.job_files import (
+    JobFiles,
+    JobPaths,
+    ensure_writable_dir,
+    file_sha256,
+    save_image,
+    software_versions,
+    write_sidecar,
+)
 from ..media.preview import latent_preview
 from ..media.video import VideoWriter, write_mp4
 from ..models.assembly import AssembledModels
@@ -88,6 +97,7 @@ class FramePackEngine:
                 return
             try:
                 loras = self._read_loras(settings)
+                end_image = None if settings.end_image is None else load_input_image(settings.end_image, "end image")
                 self._check_memory(image, settings)
                 ensure_writable_dir(paths.video.parent)
                 paths.check(overwrite)
@@ -95,11 +105,13 @@ class FramePackEngine:
                 yield Failed(str(error), bad_input=True)
                 return
             files, record = JobFiles(paths), self._record(settings, paths, loras)
+            if settings.end_image is not None:
+                record["end_image"] = {"path": str(settings.end_image), "sha256": file_sha256(settings.end_image)}
             self._job = (files, record)
             try:
                 stop = stop or threading.Event()
                 with self.models.cancel_builds_when(stop.is_set):  # End during an engine build ends the build
-                    yield from self._generate(image, settings, files, stop, record, loras)
+                    yield from self._generate(image, end_image, settings, files, stop, record, loras)
             except Exception as error:  # the job fails, the process (and any UI) goes on
                 logger.debug("generation failed", exc_info=True)
                 message = _failure_message(error)
@@ -170,6 +182,7 @@ class FramePackEngine:
     def _generate(
         self,
         image: np.ndarray,
+        end_image: np.ndarray | None,
         settings: GenerationSettings,
         files: JobFiles,
         stop: threading.Event,
@@ -181,6 +194,8 @@ class FramePackEngine:
         yield StageStarted(ENCODING)
         height, width = find_nearest_bucket(*image.shape[:2], resolution=settings.resolution)
         image = resize_and_center_crop(image, height, width)
+        if end_image is not None:  # bucketed like the start image
+            end_image = resize_and_center_crop(end_image, height, width)
         save_image(image, files.writing.image)
         record.update(width=width, height=height, sections=settings.sections, sections_done=0)
         self._write_record(files, record)
@@ -191,9 +206,8 @@ class FramePackEngine:
             yield Notice(overflow)
         negative_prompt = settings.negative_prompt if settings.cfg > 1 else None
         transformer_dtype = self.components.transformer.dtype
-        conditions = encode_conditions(
-            self.pipe, image, settings.prompt, negative_prompt, self.plan.device, transformer_dtype, settings.seed
-        )
+        conditions = encode_conditions(self.pipe, image, settings.prompt, negative_prompt, self.plan.device,
+                                       transformer_dtype, settings.seed, end_image, settings.end_strength)  # fmt: skip
         self.models.placement.release_encoders()
         if not self.models.loras.is_applied(loras):
             yield StageStarted(APPLYING_LORAS)
@@ -261,7 +275,7 @@ class FramePackEngine:
         if stop.is_set():
             return None
         window = settings.latent_window
-        layout = order.layout(history, conditions.start_latent, section, window)
+        layout = order.layout(history, conditions.start_latent, section, window, conditions.end_latent)
         shape = (1, conditions.start_latent.shape[1], window, *conditions.start_latent.shape[3:])
         noise = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.plan.device)
         self._reset_step_caches(settings)

@@ -87,11 +87,21 @@ class InvertedAntiDrifting:
     def initial_history(self, start_latent: torch.Tensor) -> torch.Tensor:
         return start_latent.new_zeros(*start_latent.shape[:2], sum(HISTORY_SIZES), *start_latent.shape[3:])
 
-    def layout(self, history: torch.Tensor, start_latent: torch.Tensor, section: Section, window: int) -> HistoryLayout:
+    def layout(
+        self,
+        history: torch.Tensor,
+        start_latent: torch.Tensor,
+        section: Section,
+        window: int,
+        end_latent: torch.Tensor | None = None,
+    ) -> HistoryLayout:
+        """With an end latent, the first section (the video's end) sees it as the clean frame after its window."""
         start, _blank, latent, post, two_x, four_x = _split_indices(
             [1, section.padding * window, window, *HISTORY_SIZES]
         )
         post_latents, latents_2x, latents_4x = history[:, :, : sum(HISTORY_SIZES)].split(list(HISTORY_SIZES), dim=2)
+        if end_latent is not None and section.is_first:
+            post_latents = end_latent.to(history)
         return HistoryLayout(
             latent_indices=latent,
             clean_latents=torch.cat([start_latent.to(history), post_latents], dim=2),
@@ -138,7 +148,15 @@ class Vanilla:
         zeros = start_latent.new_zeros(*start_latent.shape[:2], sum(HISTORY_SIZES), *start_latent.shape[3:])
         return torch.cat([zeros, start_latent], dim=2)
 
-    def layout(self, history: torch.Tensor, start_latent: torch.Tensor, section: Section, window: int) -> HistoryLayout:
+    def layout(
+        self,
+        history: torch.Tensor,
+        start_latent: torch.Tensor,
+        section: Section,
+        window: int,
+        end_latent: torch.Tensor | None = None,
+    ) -> HistoryLayout:
+        """F1 has no end frame: the settings refuse one, so `end_latent` is always None here."""
         one_x, two_x, four_x = HISTORY_SIZES
         start, idx_4x, idx_2x, idx_1x, latent = _split_indices([1, four_x, two_x, one_x, window])
         latents_4x, latents_2x, latents_1x = history[:, :, -sum(HISTORY_SIZES) :].split([four_x, two_x, one_x], dim=2)
