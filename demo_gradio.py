@@ -22,6 +22,10 @@ from pathlib import Path
 logger = logging.getLogger("diffusers_helper.app")
 
 QUICK_PROMPT_LABEL = "Quick prompts"
+TIMELINE_HELP = (
+    "One prompt for the whole video, or a timeline from 0s, as the video plays: "
+    "[0s: a cat sits] [2s: the cat stands up] [4s-6s: the cat walks away]"
+)
 STEP_CACHE_CHOICES = {"TeaCache": "teacache", "MagCache": "magcache", "Off": "off"}  # label: settings value
 INVERTED_ORDER_NOTE = (
     "Note that the ending actions will be generated before the starting actions due to the inverted sampling. "
@@ -216,7 +220,7 @@ def build_ui(app: App):
 
     def generate(image_path, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale,
                  preserve, step_cache, crf, variant, resolution, lora_names=None, lora_scales="",
-                 end_image_path=None, end_strength=1.0, request: gr.Request = None):  # fmt: skip
+                 end_image_path=None, end_strength=1.0, prompt_blend=0, request: gr.Request = None):  # fmt: skip
         try:
             if not image_path:
                 raise InvalidSettings("upload a start image first")
@@ -227,7 +231,7 @@ def build_ui(app: App):
                 latent_window=int(window), variant=variant, resolution=int(resolution), step_cache=step_cache,
                 crf=int(crf), loras=lora_choices(app.loras, app.lora_files(), lora_names, lora_scales),
                 end_image=Path(end_image_path) if end_image_path and variant == "framepack" else None,
-                end_strength=float(end_strength),
+                end_strength=float(end_strength), prompt_blend=int(prompt_blend),
             )  # fmt: skip
             models = app.models_for(settings, float(preserve))
         except InvalidSettings as error:
@@ -271,7 +275,11 @@ def build_ui(app: App):
                     info="How strongly the video's end holds to the end image (the framepack model only).",
                     visible=app.models.variant == "framepack",
                 )  # fmt: skip
-                prompt = gr.Textbox(label="Prompt", value="")
+                prompt = gr.Textbox(label="Prompt", value="", info=TIMELINE_HELP)
+                prompt_blend = gr.Slider(
+                    label="Prompt blend (sections)", minimum=0, maximum=20, step=1, value=defaults.prompt_blend,
+                    info="For a timeline: over how many sections each new prompt fades in.",
+                )  # fmt: skip
                 quick = gr.Dataset(samples=[[p] for p in QUICK_PROMPTS], label=QUICK_PROMPT_LABEL, components=[prompt])
                 quick.click(
                     lambda sample: sample[0], inputs=[quick], outputs=prompt, show_progress="hidden", api_name=False
@@ -347,7 +355,8 @@ def build_ui(app: App):
         for event in (refresh_loras.click, ui.load):  # a page opened later lists the files there now
             event(lambda: gr.update(choices=app.lora_files()), outputs=lora_names, queue=False, api_name=False)
         inputs = [image, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale, preserve,
-                  step_cache, crf, variant, resolution, lora_names, lora_scales, end_image, end_strength]  # fmt: skip
+                  step_cache, crf, variant, resolution, lora_names, lora_scales, end_image, end_strength,
+                  prompt_blend]  # fmt: skip
         outputs = [video, preview, progress, status, download]  # the API's, named by their labels
         buttons = [start_button, end_button]
         start_button.click(start, outputs=buttons, queue=False, api_name=False).then(

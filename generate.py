@@ -6,7 +6,9 @@ kept in both cases, and its JSON says "stopped").
 
 import argparse
 import contextlib
+import dataclasses
 import itertools
+import json
 import logging
 import signal
 import sys
@@ -52,7 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     job = parser.add_argument_group("job")
-    job.add_argument("--image", type=Path, help="the start image (required unless --tensorrt-info)")
+    job.add_argument("--image", type=Path, help="the start image (required unless --tensorrt-info or --from)")
+    job.add_argument("--from", dest="from_job", type=Path, metavar="JOB.json",
+                     help="every setting of an earlier job, from its JSON, with its input image as used; the flags "
+                          "given beside it override single values (default: none)")  # fmt: skip
+    job.add_argument(
+        "--count",
+        type=int,
+        default=1,
+        help="how many videos, with the seeds --seed, --seed + 1, ... (default: %(default)s)",
+    )
     job.add_argument("--end-image", type=Path, help="the last frame to aim at (framepack variant only; default: none)")
     job.add_argument(
         "--end-strength",
@@ -60,7 +71,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.end_strength,
         help="how strongly the video's end holds to --end-image, in [0, 1] (default: %(default)s)",
     )
-    job.add_argument("--prompt", default="", help="what happens in the video (default: empty)")
+    job.add_argument("--prompt", default="",
+                     help="what happens in the video, or a timeline: '[0s: a cat sits] [2s: the cat stands up]' "
+                          "(default: empty)")  # fmt: skip
+    job.add_argument(
+        "--prompt-blend",
+        type=int,
+        default=defaults.prompt_blend,
+        help="sections over which a timeline's prompts fade into each other (default: %(default)s)",
+    )
     job.add_argument("--negative-prompt", default=defaults.negative_prompt,
                      help="what to avoid; used only when --cfg > 1 (default: empty)")  # fmt: skip
     job.add_argument("--seed", type=int, default=defaults.seed, help="random seed (default: %(default)s)")
@@ -125,8 +144,44 @@ def _settings(args: argparse.Namespace):
         teacache_threshold=args.teacache_threshold, magcache_threshold=args.magcache_threshold,
         magcache_max_skips=args.magcache_max_skips, magcache_retention=args.magcache_retention, crf=args.crf,
         loras=tuple(LoraChoice.parse(text) for text in args.lora), end_image=args.end_image,
-        end_strength=args.end_strength,
+        end_strength=args.end_strength, prompt_blend=args.prompt_blend,
     )  # fmt: skip
+
+
+def _jobs(args: argparse.Namespace, settings) -> list:
+    """(settings, paths) of each video `--count` asks for: seeds from `--seed` on; with `--output x.mp4`, the
+    videos after the first are x_2.mp4, x_3.mp4, ..."""
+    from diffusers_helper.media.job_files import JobPaths
+
+    jobs = []
+    for number in range(args.count):
+        if args.output is None:
+            paths = JobPaths.new_job(args.outputs)
+            while paths in [taken for _, taken in jobs]:  # named in the same millisecond, by the same chance
+                paths = JobPaths.new_job(args.outputs)
+        else:
+            name = args.output if number == 0 else args.output.with_name(f"{args.output.stem}_{number + 1}.mp4")
+            paths = JobPaths.for_video(name)
+        jobs.append((dataclasses.replace(settings, seed=settings.seed + number), paths))
+    return jobs
+
+
+def _earlier_job(sidecar: Path) -> dict:
+    """The flags' values that make an earlier job again: its settings and its input image as used, from its JSON;
+    InvalidSettings for a file that is not a job's JSON."""
+    from diffusers_helper.errors import describe_error
+    from diffusers_helper.settings import GenerationSettings, InvalidSettings
+
+    try:
+        record = json.loads(Path(sidecar).read_text(encoding="utf-8"))
+        recorded, image = record["settings"], record["input_image"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise InvalidSettings(f"--from {sidecar}: not a job's JSON ({describe_error(error)})") from error
+    fields = [field.name for field in dataclasses.fields(GenerationSettings) if field.name != "loras"]
+    values = {name: recorded[name] for name in fields if name in recorded}  # the flags' names
+    values["lora"] = [f"{lora['path']}:{lora['scale']}" for lora in recorded.get("loras", [])]
+    values["image"] = Path(sidecar).parent / image
+    return values
 
 
 class Interrupted(KeyboardInterrupt):
@@ -205,6 +260,15 @@ def _failed(event) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.from_job is not None:
+        from diffusers_helper.settings import InvalidSettings
+
+        try:
+            parser.set_defaults(**_earlier_job(args.from_job))
+        except InvalidSettings as error:
+            print(f"error: {error}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        args = parser.parse_args(argv)  # the flags given override the job's values
     if args.tensorrt_info:
         from diffusers_helper.frontend.startup import print_tensorrt_info
 
@@ -215,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("diffusers_helper").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from diffusers_helper.frontend.startup import model_settings, plan_for, quiet_libraries, runtime_for
     from diffusers_helper.media.images import load_input_image
-    from diffusers_helper.media.job_files import JobPaths, ensure_writable_dir
+    from diffusers_helper.media.job_files import ensure_writable_dir
     from diffusers_helper.models.lora import read_lora
     from diffusers_helper.settings import InvalidSettings
 
@@ -228,9 +292,12 @@ def main(argv: list[str] | None = None) -> int:
         image = load_input_image(args.image)
         if settings.end_image is not None:  # the file now, before the models load
             load_input_image(settings.end_image, "end image")
-        paths = JobPaths.for_video(args.output) if args.output else JobPaths.new_job(args.outputs)
-        ensure_writable_dir(paths.video.parent)
-        paths.check(args.overwrite, input_image=args.image)
+        if args.count < 1:
+            raise InvalidSettings(f"--count must be 1 or more, got {args.count}")
+        jobs = _jobs(args, settings)
+        for _, paths in jobs:
+            ensure_writable_dir(paths.video.parent)
+            paths.check(args.overwrite, input_image=args.image)
         plan = plan_for(models)
         runtime = runtime_for(models)
     except InvalidSettings as error:
@@ -240,13 +307,13 @@ def main(argv: list[str] | None = None) -> int:
     stop, received = threading.Event(), []
     try:
         with _stop_on_signals(stop, received):
-            return _load_and_run(args, models, settings, image, paths, plan, runtime, stop, received)
+            return _load_and_run(args, models, jobs, image, plan, runtime, stop, received)
     except Interrupted as interrupted:
         print(f"stopped at once ({interrupted}); the video so far is kept", file=sys.stderr)
         return EXIT_STOPPED[interrupted.signum]
 
 
-def _load_and_run(args, models, settings, image, paths, plan, runtime, stop: threading.Event, received: list) -> int:
+def _load_and_run(args, models, jobs, image, plan, runtime, stop: threading.Event, received: list) -> int:
     from diffusers_helper.frontend.startup import load_engine
     from diffusers_helper.models.components import ModelsUnavailable
 
@@ -256,7 +323,11 @@ def _load_and_run(args, models, settings, image, paths, plan, runtime, stop: thr
     except ModelsUnavailable as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILURE
-    code = None if stop.is_set() else _run(engine, image, settings, paths, stop, args.overwrite)
+    code = EXIT_OK
+    for settings, paths in jobs:  # one after the other; a failed or stopped job ends the run
+        code = None if stop.is_set() else _run(engine, image, settings, paths, stop, args.overwrite)
+        if code != EXIT_OK:
+            break
     for line in runtime.report() if runtime else []:
         print(f"tensorrt: {line}", file=sys.stderr)
     if engine.models.blocks() is not None:

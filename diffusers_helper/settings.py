@@ -113,6 +113,7 @@ class GenerationSettings:
     loras: tuple[LoraChoice, ...] = ()  # fused into the transformer for this job, in this order
     end_image: Path | None = None  # the last frame the end-to-start variant aims at
     end_strength: float = 1.0  # how strongly the video's end holds to the end image
+    prompt_blend: int = 0  # sections over which a prompt timeline's text conditions fade at each change
 
     def __post_init__(self) -> None:
         if self.end_image is not None:
@@ -130,6 +131,7 @@ class GenerationSettings:
         _check_range("magcache_retention", self.magcache_retention, 0, 1)
         _check_range("crf", self.crf, 0, 51)
         _check_range("end_strength", self.end_strength, 0, 1)
+        _check_range("prompt_blend", self.prompt_blend, 0, 20)
         if self.variant not in VARIANTS:
             raise InvalidSettings(f"variant must be one of {', '.join(VARIANTS)}, got {self.variant!r}")
         if self.end_image is not None and self.variant == "f1":
@@ -139,6 +141,9 @@ class GenerationSettings:
             )
         for name in ("prompt", "negative_prompt"):
             _check_text(name, getattr(self, name))
+        from .pipeline.timeline import parse_timeline  # it reads settings: imported when one is checked
+
+        parse_timeline(self.prompt, self.seconds)
         if self.step_cache not in STEP_CACHES:
             raise InvalidSettings(f"step_cache must be one of {', '.join(STEP_CACHES)}, got {self.step_cache!r}")
         if not 0 <= self.seed < 2**63:

@@ -223,6 +223,21 @@ def test_a_job_with_an_end_image_records_it_and_its_strength(app_url, app_dir, i
     assert Path(record["settings"]["end_image"]).name == "end.png"
 
 
+def test_a_timeline_job_from_the_page_records_each_sections_prompt_and_a_bad_one_is_one_line(app_url, app_dir,
+                                                                                             image_file):  # fmt: skip
+    client = Client(app_url, verbose=False)
+    timeline = "[0s: a cat sits] [1s: the cat jumps]"
+    arguments = [timeline, *with_seconds(2.0, steps=1)[1:], [], "", None, 1.0, 1]
+    _, _, progress, _, _ = client.predict(handle_file(str(image_file)), *arguments, api_name="/generate")
+    assert text(progress).startswith("done: 73 frames")
+    (record,) = [record for record in records(app_dir / "outputs") if record["settings"]["prompt"] == timeline]
+    assert record["settings"]["prompt_blend"] == 1
+    assert [prompt["text"] for prompt in record["section_prompts"]] == ["the cat jumps", "a cat sits"]
+    bad = ["[0s: a] [9s: b]", *ARGUMENTS[1:]]
+    progress = text(client.predict(handle_file(str(image_file)), *bad, api_name="/generate")[2])
+    assert progress == "error: prompt timeline: [9s: b] starts past the video's end (1s)"
+
+
 def test_bad_lora_picks_get_one_line_messages(app_url, image_file):
     client = Client(app_url, verbose=False)
     cases = [

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import av
+import numpy as np
 import pytest
 import torch
 
@@ -36,6 +37,8 @@ def run_main(capsys, *args):
         (["--magcache-max-skips", "11"], "error: magcache_max_skips must be in [1, 10], got 11"),
         (["--magcache-retention", "-0.1"], "error: magcache_retention must be in [0, 1], got -0.1"),
         (["--end-strength", "2"], "error: end_strength must be in [0, 1], got 2.0"),
+        (["--prompt-blend", "21"], "error: prompt_blend must be in [0, 20], got 21"),
+        (["--prompt", "[0s: a] [2s-7s: b]"], "error: prompt timeline: [2s-7s: b] must end after it starts, by 5s"),
         (
             ["--variant", "f1", "--end-image", "e.png"],
             "error: --end-image needs the framepack variant: F1 generates "
@@ -357,3 +360,58 @@ def test_a_prompt_that_is_not_utf8_is_bad_input_before_anything_is_written(capsy
     name = flag.removeprefix("--").replace("-", "_")
     assert code == 2 and err == f"error: {name} is not valid UTF-8 text: it holds the byte 0xff at character 6\n"
     assert list(tmp_path.iterdir()) == []
+
+
+def _frames(path) -> np.ndarray:
+    with av.open(str(path)) as container:
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
+
+
+def test_a_job_rerun_from_its_json_makes_the_same_video_and_flags_override_single_values(capsys, image_file,
+                                                                                          tmp_path):  # fmt: skip
+    """--from takes every setting of an earlier job (a timeline, a LoRA, the end image included) and its input image
+    as used; a flag beside it overrides that one value."""
+    from PIL import Image
+
+    from diffusers_helper.media.images import example_image
+    from tests.support.lora_files import TINY_LAYERS, random_layers, write_peft
+
+    lora = write_peft(tmp_path / "style.safetensors", random_layers(TINY_LAYERS, 4, 1))
+    Image.fromarray(example_image(200, 160)).save(tmp_path / "end.png")
+    first = tmp_path / "first.mp4"
+    code, err = run_main(capsys, "--preset", "tiny", "--image", image_file, "--output", first, "--seconds", "0.8",
+                         "--latent-window", "3", "--steps", "2", "--seed", "7", "--cfg-rescale", "0.3",
+                         "--prompt", "[0s: a cat] [0.4s: a dog]", "--prompt-blend", "1", "--lora", f"{lora}:0.5",
+                         "--end-image", tmp_path / "end.png", "--end-strength", "0.7")  # fmt: skip
+    assert code == 0, err
+    again = tmp_path / "again.mp4"
+    code, err = run_main(capsys, "--preset", "tiny", "--from", first.with_suffix(".json"), "--output", again)
+    assert code == 0, err
+    recorded = [json.loads(path.with_suffix(".json").read_text()) for path in (first, again)]
+    assert recorded[0]["settings"] == recorded[1]["settings"] and recorded[0]["loras"] == recorded[1]["loras"]
+    assert np.array_equal(_frames(first), _frames(again))
+    other = tmp_path / "other.mp4"
+    code, err = run_main(capsys, "--preset", "tiny", "--from", first.with_suffix(".json"), "--output", other,
+                         "--seed", "8")  # fmt: skip
+    assert code == 0, err
+    settings = json.loads(other.with_suffix(".json").read_text())["settings"]
+    assert settings == {**recorded[0]["settings"], "seed": 8}
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"settings": {}}'])
+def test_from_a_file_that_is_not_a_jobs_json_is_one_line(capsys, tmp_path, content):
+    (tmp_path / "job.json").write_text(content)
+    code, err = run_main(capsys, "--preset", "tiny", "--from", tmp_path / "job.json")
+    assert code == 2 and err.startswith(f"error: --from {tmp_path / 'job.json'}: not a job's JSON (")
+    assert err.count("\n") == 1
+
+
+def test_count_makes_videos_with_the_next_seeds(capsys, image_file, tmp_path):
+    output = tmp_path / "x.mp4"
+    code, err = run_main(capsys, "--preset", "tiny", "--image", image_file, "--output", output, "--seconds", "0.4",
+                         "--latent-window", "3", "--steps", "1", "--count", "2", "--seed", "5")  # fmt: skip
+    assert code == 0, err
+    seeds = [json.loads((tmp_path / name).read_text())["settings"]["seed"] for name in ("x.json", "x_2.json")]
+    assert seeds == [5, 6] and not np.array_equal(_frames(output), _frames(tmp_path / "x_2.mp4"))
+    code, err = run_main(capsys, "--preset", "tiny", "--image", image_file, "--count", "0")
+    assert code == 2 and err == "error: --count must be 1 or more, got 0\n"

@@ -5,7 +5,9 @@ the uint8 bucket image through its processor, as in FramePack. This module decid
 results together.
 """
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -13,6 +15,7 @@ from diffusers import HunyuanVideoFramepackPipeline
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video_framepack import DEFAULT_PROMPT_TEMPLATE
 
 from ..models.components import Components
+from .timeline import SectionPrompt
 
 PROMPT_TEMPLATE: str = DEFAULT_PROMPT_TEMPLATE["template"]
 MAX_PROMPT_TOKENS = 256  # LLaMA tokens after the template's preamble
@@ -33,6 +36,21 @@ class TextConditions:
         }
 
 
+def blend_text(previous: TextConditions, text: TextConditions, weight: float) -> TextConditions:
+    """`weight` of the way from one prompt's conditions to another's (a timeline's fade): the shorter prompt's tokens
+    padded with zeros to the longer's count."""
+    length = max(previous.embeds.shape[1], text.embeds.shape[1])
+
+    def padded(embeds: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.pad(embeds, (0, 0, 0, length - embeds.shape[1]))
+
+    return TextConditions(
+        embeds=torch.lerp(padded(previous.embeds), padded(text.embeds), weight),
+        mask=text.mask.new_ones(1, length),
+        pooled=torch.lerp(previous.pooled, text.pooled, weight),
+    )
+
+
 @dataclass(frozen=True)
 class Conditions:
     positive: TextConditions
@@ -40,6 +58,14 @@ class Conditions:
     image_embeds: torch.Tensor  # (1, siglip tokens, siglip dim)
     start_latent: torch.Tensor  # (1, 16, 1, h / 8, w / 8), float32
     end_latent: torch.Tensor | None = None  # the end image's, scaled by the end strength (end-to-start order only)
+    prompts: dict[str, TextConditions] = field(default_factory=dict)  # every prompt of a timeline, by its text
+
+    def for_section(self, prompt: SectionPrompt) -> "Conditions":
+        """The conditions of a section of a prompt timeline."""
+        text = self.prompts[prompt.text]
+        if prompt.previous is not None:
+            text = blend_text(self.prompts[prompt.previous], text, prompt.weight)
+        return dataclasses.replace(self, positive=text)
 
 
 def encoding_pipeline(components: Components, scheduler: object) -> HunyuanVideoFramepackPipeline:
@@ -107,7 +133,7 @@ def encode_image(pipe: HunyuanVideoFramepackPipeline, image: np.ndarray, device:
 def encode_conditions(
     pipe: HunyuanVideoFramepackPipeline,
     image: np.ndarray,
-    prompt: str,
+    prompts: Sequence[str],
     negative_prompt: str | None,
     device: torch.device,
     dtype: torch.dtype,
@@ -115,7 +141,8 @@ def encode_conditions(
     end_image: np.ndarray | None = None,
     end_strength: float = 1.0,
 ) -> Conditions:
-    """Everything the sampler needs besides noise; `negative_prompt` None means no real CFG.
+    """Everything the sampler needs besides noise; `negative_prompt` None means no real CFG. Each of `prompts` (a
+    timeline's distinct texts; the first is the positive prompt) is encoded once.
 
     The start latent is a sample of the VAE's posterior, drawn from its own generator so that the sections' noise
     is the seed's stream from its first number, as in FramePack. An end image (as FramePack-Studio's end frame) is
@@ -123,7 +150,7 @@ def encode_conditions(
     the start image's.
     """
     posterior_generator = torch.Generator("cpu").manual_seed(seed)
-    positive = encode_text(pipe, prompt, device, dtype)
+    encoded = {prompt: encode_text(pipe, prompt, device, dtype) for prompt in dict.fromkeys(prompts)}
     negative = None if negative_prompt is None else encode_text(pipe, negative_prompt, device, dtype)
     image_embeds = encode_image(pipe, image, device, dtype)
     start_latent = pipe.prepare_image_latents(
@@ -135,4 +162,4 @@ def encode_conditions(
         end_latent = end_strength * pipe.prepare_image_latents(
             image_to_tensor(end_image), dtype=torch.float32, device=device, generator=posterior_generator
         )
-    return Conditions(positive, negative, image_embeds, start_latent, end_latent)
+    return Conditions(encoded[prompts[0]], negative, image_embeds, start_latent, end_latent, encoded)

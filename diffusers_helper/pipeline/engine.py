@@ -5,6 +5,7 @@ progress. A stop request (a threading.Event) is honoured between steps: the unfi
 the video so far stays on disk.
 """
 
+import dataclasses
 import logging
 import threading
 import time
@@ -49,6 +50,7 @@ from .events import (
 from .sampling import Guidance, make_scheduler, sample_section
 from .schedule import Schedule, framepack_schedule
 from .sections import ORDERS, Section, SectionOrder, Video
+from .timeline import is_timeline, parse_timeline, section_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -200,19 +202,27 @@ class FramePackEngine:
         record.update(width=width, height=height, sections=settings.sections, sections_done=0)
         self._write_record(files, record)
 
-        overflow = prompt_overflow(self.pipe, settings.prompt)
-        if overflow:
-            logger.warning("%s", overflow)
-            yield Notice(overflow)
+        order = ORDERS[settings.variant]
+        sections = order.plan(settings.sections)
+        timeline = parse_timeline(settings.prompt, settings.seconds)
+        prompts = section_prompts(timeline, [order.first_frame(s, settings.latent_window) for s in sections],
+                                  settings.prompt_blend)  # fmt: skip
+        if is_timeline(settings.prompt):
+            record["section_prompts"] = [dataclasses.asdict(prompt) for prompt in prompts]
+        for part in timeline:
+            overflow = prompt_overflow(self.pipe, part.text)
+            if overflow:
+                logger.warning("%s", overflow)
+                yield Notice(overflow)
         negative_prompt = settings.negative_prompt if settings.cfg > 1 else None
         transformer_dtype = self.components.transformer.dtype
-        conditions = encode_conditions(self.pipe, image, settings.prompt, negative_prompt, self.plan.device,
-                                       transformer_dtype, settings.seed, end_image, settings.end_strength)  # fmt: skip
+        conditions = encode_conditions(self.pipe, image, [part.text for part in timeline], negative_prompt,
+                                       self.plan.device, transformer_dtype, settings.seed, end_image,
+                                       settings.end_strength)  # fmt: skip
         self.models.placement.release_encoders()
         if not self.models.loras.is_applied(loras):
             yield StageStarted(APPLYING_LORAS)
             self.models.loras.apply(loras)
-        order = ORDERS[settings.variant]
         schedule = framepack_schedule(settings.steps, settings.latent_window, *conditions.start_latent.shape[3:])
         record["schedule"] = schedule.to_dict()
         noise_generator = torch.Generator("cpu").manual_seed(settings.seed)  # FramePack's stream of section noise
@@ -220,10 +230,11 @@ class FramePackEngine:
         video = None
         for cache in (self.teacache, self.magcache):
             cache.computed = cache.skipped = 0
-        for section in order.plan(settings.sections):
+        for section in sections:
             yield StageStarted(SAMPLING, section.index + 1, section.count)
+            section_conditions = conditions.for_section(prompts[section.index])
             latents = yield from self._sample(
-                order, section, history, conditions, settings, schedule, noise_generator, stop
+                order, section, history, section_conditions, settings, schedule, noise_generator, stop
             )
             if latents is None:
                 break

@@ -84,6 +84,10 @@ class InvertedAntiDrifting:
         paddings = list(reversed(range(count))) if count <= 4 else [3] + [2] * (count - 3) + [1, 0]
         return [Section(index, count, padding) for index, padding in enumerate(paddings)]
 
+    def first_frame(self, section: Section, window: int) -> int:
+        """Where the section starts in the finished video: the first one generated is the video's end."""
+        return (section.count - 1 - section.index) * window * 4
+
     def initial_history(self, start_latent: torch.Tensor) -> torch.Tensor:
         return start_latent.new_zeros(*start_latent.shape[:2], sum(HISTORY_SIZES), *start_latent.shape[3:])
 
@@ -143,6 +147,10 @@ class Vanilla:
 
     def plan(self, count: int) -> list[Section]:
         return [Section(index, count, 0) for index in range(count)]
+
+    def first_frame(self, section: Section, window: int) -> int:
+        """Where the section starts in the finished video (after the start frame)."""
+        return section.index * window * 4 + 1
 
     def initial_history(self, start_latent: torch.Tensor) -> torch.Tensor:
         zeros = start_latent.new_zeros(*start_latent.shape[:2], sum(HISTORY_SIZES), *start_latent.shape[3:])
