@@ -275,7 +275,8 @@ def build_ui(app: App):
                     info="How strongly the video's end holds to the end image (the framepack model only).",
                     visible=app.models.variant == "framepack",
                 )  # fmt: skip
-                prompt = gr.Textbox(label="Prompt", value="", info=TIMELINE_HELP)
+                prompt = gr.Textbox(label="Prompt", value="")
+                gr.Markdown(TIMELINE_HELP)
                 prompt_blend = gr.Slider(
                     label="Prompt blend (sections)", minimum=0, maximum=20, step=1, value=defaults.prompt_blend,
                     info="For a timeline: over how many sections each new prompt fades in.",
