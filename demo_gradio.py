@@ -26,6 +26,7 @@ TIMELINE_HELP = (
     "One prompt for the whole video, or a timeline from 0s, as the video plays: "
     "[0s: a cat sits] [2s: the cat stands up] [4s-6s: the cat walks away]"
 )
+MAX_VIDEOS = 20  # the app's "Number of videos"
 STEP_CACHE_CHOICES = {"TeaCache": "teacache", "MagCache": "magcache", "Off": "off"}  # label: settings value
 INVERTED_ORDER_NOTE = (
     "Note that the ending actions will be generated before the starting actions due to the inverted sampling. "
@@ -39,6 +40,23 @@ def progress_html(fraction: float, text: str, notices: list[str] = ()) -> str:
         f'<progress value="{fraction * 100:.0f}" max="100" style="width:100%"></progress>'
         f"<div>{html.escape(text)}</div>{notes}"
     )
+
+
+def completed(event) -> bool:
+    """Whether a job's last event says it made its whole video."""
+    from diffusers_helper.pipeline.events import Finished
+
+    return isinstance(event, Finished) and not event.stopped
+
+
+def recorded_loras(folder: Path, available: list[str], loras: tuple) -> tuple[list[str], str, list[str]]:
+    """An earlier job's LoRAs as the page's picks (names in the folder, their scales as text) and the names of those
+    the folder no longer has."""
+    names = [lora.path.relative_to(folder).as_posix() if lora.path.is_relative_to(folder) else lora.path.name
+             for lora in loras]  # fmt: skip
+    found = [(name, lora.scale) for name, lora in zip(names, loras, strict=True) if name in available]
+    scales = ", ".join(f"{scale:g}" for _, scale in found) if any(scale != 1 for _, scale in found) else ""
+    return [name for name, _ in found], scales, [name for name in names if name not in available]
 
 
 def lora_choices(folder: Path, available: list[str], names: list[str] | None, scales: str | None) -> tuple:
@@ -198,7 +216,7 @@ def build_ui(app: App):
 
     from diffusers_helper.frontend.progress import ProgressText
     from diffusers_helper.media.images import load_input_image
-    from diffusers_helper.media.job_files import JobPaths
+    from diffusers_helper.media.job_files import JobPaths, read_job
     from diffusers_helper.pipeline.events import Failed, Finished, SectionFinished, StepProgress
     from diffusers_helper.settings import QUICK_PROMPTS, VARIANTS, GenerationSettings, InvalidSettings
 
@@ -220,11 +238,17 @@ def build_ui(app: App):
 
     def generate(image_path, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale,
                  preserve, step_cache, crf, variant, resolution, lora_names=None, lora_scales="",
-                 end_image_path=None, end_strength=1.0, prompt_blend=0, request: gr.Request = None):  # fmt: skip
+                 end_image_path=None, end_strength=1.0, prompt_blend=0, extend_path=None, extend_only_new=False,
+                 count=1, request: gr.Request = None):  # fmt: skip
         try:
-            if not image_path:
-                raise InvalidSettings("upload a start image first")
-            image = load_input_image(Path(image_path))
+            if image_path and extend_path:
+                raise InvalidSettings("a video to extend gives the job its start frame: clear the start image or the "
+                                      "video")  # fmt: skip
+            if not image_path and not extend_path:
+                raise InvalidSettings("upload a start image (or a video to extend) first")
+            image = load_input_image(Path(image_path)) if image_path else None
+            if not 1 <= int(count) <= MAX_VIDEOS:
+                raise InvalidSettings(f"number of videos must be in [1, {MAX_VIDEOS}], got {count}")
             settings = GenerationSettings(
                 prompt=prompt, negative_prompt=negative_prompt, seed=int(seed), seconds=float(seconds),
                 steps=int(steps), cfg=float(cfg), distilled_cfg=float(distilled_cfg), cfg_rescale=float(rescale),
@@ -232,35 +256,71 @@ def build_ui(app: App):
                 crf=int(crf), loras=lora_choices(app.loras, app.lora_files(), lora_names, lora_scales),
                 end_image=Path(end_image_path) if end_image_path and variant == "framepack" else None,
                 end_strength=float(end_strength), prompt_blend=int(prompt_blend),
+                extend=Path(extend_path) if extend_path else None, extend_only_new=bool(extend_only_new),
             )  # fmt: skip
             models = app.models_for(settings, float(preserve))
         except InvalidSettings as error:
             yield None, None, progress_html(0, f"error: {error}"), app.status(), gr.update()
             return
-        paths = JobPaths.new_job(app.outputs)
-        progress = ProgressText(settings.sections, settings.steps)
         video = preview = None
-        yield video, preview, progress_html(0, progress.text()), app.status(), gr.update(visible=False)
+        yield video, preview, progress_html(0, "starting"), app.status(), gr.update(visible=False)
         stop = app.stop_event(request.session_hash)
         try:
-            for event in app.runner.run(lambda: app.job(image, settings, models, paths, stop), stop):
-                progress.update(event)
-                if isinstance(event, StepProgress):
-                    preview = event.preview
-                elif isinstance(event, SectionFinished):
-                    video = str(event.video)
-                elif isinstance(event, Finished | Failed):
-                    if isinstance(event, Failed):
-                        logger.warning("job %s failed: %s", paths.video.stem, event.message)
-                    download = gr.update(value=video, visible=video is not None)
-                    fraction = 1 if isinstance(event, Finished) and not event.stopped else progress.fraction
-                    done = progress_html(fraction, progress.final(event), progress.notices)
-                    yield video, preview, done, app.status(), download
+            for number in range(int(count)):  # seeds seed, seed + 1, ...; a stopped or failed one ends the run
+                job = dataclasses.replace(settings, seed=settings.seed + number)
+                which = f"video {number + 1} of {int(count)} · " if int(count) > 1 else ""
+                paths = JobPaths.new_job(app.outputs)
+                progress, ended = ProgressText(job.sections, job.steps), None
+                for event in app.runner.run(lambda j=job, p=paths: app.job(image, j, models, p, stop), stop):
+                    if ended is not None:
+                        continue  # the runner's last ticks: it is left to finish, so the next job is not stopped
+                    progress.update(event)
+                    if isinstance(event, StepProgress):
+                        preview = event.preview
+                    elif isinstance(event, SectionFinished):
+                        video = str(event.video)
+                    elif isinstance(event, Finished | Failed):
+                        if isinstance(event, Failed):
+                            logger.warning("job %s failed: %s", paths.video.stem, event.message)
+                        download = gr.update(value=video, visible=video is not None)
+                        ended = event
+                        done = progress_html(1 if completed(event) else progress.fraction,
+                                             which + progress.final(event), progress.notices)  # fmt: skip
+                        yield video, preview, done, app.status(), download
+                        continue
+                    page = progress_html(progress.fraction, which + progress.text(), progress.notices)
+                    yield video, preview, page, app.status(), gr.update()
+                if not completed(ended):
                     return
-                page = progress_html(progress.fraction, progress.text(), progress.notices)
-                yield video, preview, page, app.status(), gr.update()
         finally:
             app.release(request.session_hash, stop)
+
+    def load_settings(path):
+        """Every control set as an earlier job had it, from its JSON or its MP4 (the JSON beside it, or in the
+        outputs folder by name: an upload is a copy)."""
+        try:
+            job = read_job(Path(path), elsewhere=[app.outputs])
+        except InvalidSettings as error:
+            return [gr.update()] * len(loaded) + [progress_html(0, f"error: {error}")]
+        recorded = job.settings
+        names, scales, missing = recorded_loras(app.loras, app.lora_files(), recorded.loras)
+        values = {
+            image: str(job.image) if job.image and job.image.is_file() else None,
+            end_image: str(recorded.end_image) if recorded.end_image and recorded.end_image.is_file() else None,
+            extend_video: str(recorded.extend) if recorded.extend and recorded.extend.is_file() else None,
+            extend_only_new: recorded.extend_only_new, prompt: recorded.prompt,
+            negative_prompt: recorded.negative_prompt, seed: recorded.seed, seconds: recorded.seconds,
+            steps: recorded.steps, distilled_cfg: recorded.distilled_cfg, window: recorded.latent_window,
+            cfg: recorded.cfg, rescale: recorded.cfg_rescale, step_cache: recorded.step_cache, crf: recorded.crf,
+            variant: recorded.variant, resolution: recorded.resolution, lora_names: names, lora_scales: scales,
+            end_strength: recorded.end_strength, prompt_blend: recorded.prompt_blend,
+        }  # fmt: skip
+        gone = [f"{what} {path} is gone" for what, path, value in (
+            ("the start image", job.image, values[image]), ("the end image", recorded.end_image, values[end_image]),
+            ("the video to extend", recorded.extend, values[extend_video])) if path and value is None]  # fmt: skip
+        gone += [f"LoRA {name} is not in {app.loras}" for name in missing]
+        said = f"settings loaded from {job.sidecar.name}" + "".join(f"; {line}" for line in gone)
+        return [values[control] for control in loaded] + [progress_html(0, said)]
 
     with gr.Blocks(title="FramePack") as ui:
         gr.Markdown("# FramePack\nOne image and a prompt in; a video out, a section at a time.")
@@ -275,6 +335,13 @@ def build_ui(app: App):
                     info="How strongly the video's end holds to the end image (the framepack model only).",
                     visible=app.models.variant == "framepack",
                 )  # fmt: skip
+                with gr.Accordion("Extend a video", open=False):
+                    extend_video = gr.Video(label="Video to extend", sources=["upload"], height=240)
+                    extend_only_new = gr.Checkbox(
+                        label="Only the new frames", value=defaults.extend_only_new,
+                        info="Instead of the video's frames followed by the new ones. F1 continues the video; the "
+                        "framepack model starts at its last frame (and ends at the end image, if given).",
+                    )  # fmt: skip
                 prompt = gr.Textbox(label="Prompt", value="")
                 gr.Markdown(TIMELINE_HELP)
                 prompt_blend = gr.Slider(
@@ -299,6 +366,10 @@ def build_ui(app: App):
                     label="Negative prompt (used when CFG > 1)", value=defaults.negative_prompt
                 )
                 seed = gr.Number(label="Seed", value=defaults.seed, precision=0)
+                count = gr.Slider(
+                    label="Number of videos", minimum=1, maximum=MAX_VIDEOS, step=1, value=1,
+                    info="One after the other, with the seeds seed, seed + 1, ...",
+                )  # fmt: skip
                 seconds = gr.Slider(
                     label="Total video length (seconds)", minimum=1, maximum=120, step=0.1, value=defaults.seconds
                 )
@@ -330,6 +401,13 @@ def build_ui(app: App):
                         info="How strongly each applies, -10 to 10, in the order chosen.",
                     )  # fmt: skip
                     refresh_loras = gr.Button("Refresh the list", size="sm")
+                with gr.Accordion("Load settings", open=False):
+                    settings_file = gr.File(
+                        label="An earlier job's JSON or MP4",
+                        file_types=[".json", ".mp4"],
+                        type="filepath",
+                        elem_id="load-settings",
+                    )
                 with gr.Accordion("Advanced", open=False):
                     window = gr.Slider(
                         label="Latent window size", minimum=1, maximum=33, step=1, value=defaults.latent_window
@@ -357,7 +435,11 @@ def build_ui(app: App):
             event(lambda: gr.update(choices=app.lora_files()), outputs=lora_names, queue=False, api_name=False)
         inputs = [image, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale, preserve,
                   step_cache, crf, variant, resolution, lora_names, lora_scales, end_image, end_strength,
-                  prompt_blend]  # fmt: skip
+                  prompt_blend, extend_video, extend_only_new, count]  # fmt: skip
+        loaded = [image, end_image, extend_video, extend_only_new, prompt, negative_prompt, seed, seconds, steps,
+                  distilled_cfg, window, cfg, rescale, step_cache, crf, variant, resolution, lora_names, lora_scales,
+                  end_strength, prompt_blend]  # fmt: skip
+        settings_file.upload(load_settings, inputs=settings_file, outputs=[*loaded, progress], api_name="load_settings")
         outputs = [video, preview, progress, status, download]  # the API's, named by their labels
         buttons = [start_button, end_button]
         start_button.click(start, outputs=buttons, queue=False, api_name=False).then(

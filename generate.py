@@ -8,7 +8,6 @@ import argparse
 import contextlib
 import dataclasses
 import itertools
-import json
 import logging
 import signal
 import sys
@@ -30,6 +29,7 @@ examples:
   python generate.py --preset tiny --image example.png --prompt "a cat walks" --seconds 2
   python generate.py --image photo.jpg --prompt "The girl dances gracefully." --seconds 5 --enable-tensorrt
   python generate.py --image photo.jpg --prompt "A cat turns." --lora loras/turn.safetensors:0.8 --lora loras/style.safetensors
+  python generate.py --variant f1 --extend outputs/cat.mp4 --prompt "The cat walks away." --seconds 3
 """
 
 
@@ -49,15 +49,24 @@ def build_parser() -> argparse.ArgumentParser:
 
     defaults = GenerationSettings(prompt="")
     parser = OneLineParser(
-        description="Generate a FramePack video from one image and a prompt.",
+        description="Generate a FramePack video from one image and a prompt, or continue a video.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     job = parser.add_argument_group("job")
-    job.add_argument("--image", type=Path, help="the start image (required unless --tensorrt-info or --from)")
+    job.add_argument("--image", type=Path,
+                     help="the start image (required unless --extend, --from or --tensorrt-info)")  # fmt: skip
+    job.add_argument("--extend", type=Path, metavar="VIDEO",
+                     help="continue this video (any video file; resampled to 30 fps and cut to its bucket): the "
+                          "new sections follow its last frames, and the MP4 holds its frames, then the new ones "
+                          "(default: none)")  # fmt: skip
+    job.add_argument(
+        "--extend-only-new", action="store_true", help="with --extend, write only the new frames (default: off)"
+    )
     job.add_argument("--from", dest="from_job", type=Path, metavar="JOB.json",
-                     help="every setting of an earlier job, from its JSON, with its input image as used; the flags "
-                          "given beside it override single values (default: none)")  # fmt: skip
+                     help="every setting of an earlier job, from its JSON (or its MP4, with the JSON beside it), "
+                          "with its input image as used; the flags given beside it override single values "
+                          "(default: none)")  # fmt: skip
     job.add_argument(
         "--count",
         type=int,
@@ -144,7 +153,8 @@ def _settings(args: argparse.Namespace):
         teacache_threshold=args.teacache_threshold, magcache_threshold=args.magcache_threshold,
         magcache_max_skips=args.magcache_max_skips, magcache_retention=args.magcache_retention, crf=args.crf,
         loras=tuple(LoraChoice.parse(text) for text in args.lora), end_image=args.end_image,
-        end_strength=args.end_strength, prompt_blend=args.prompt_blend,
+        end_strength=args.end_strength, prompt_blend=args.prompt_blend, extend=args.extend,
+        extend_only_new=args.extend_only_new,
     )  # fmt: skip
 
 
@@ -166,21 +176,20 @@ def _jobs(args: argparse.Namespace, settings) -> list:
     return jobs
 
 
-def _earlier_job(sidecar: Path) -> dict:
-    """The flags' values that make an earlier job again: its settings and its input image as used, from its JSON;
-    InvalidSettings for a file that is not a job's JSON."""
-    from diffusers_helper.errors import describe_error
-    from diffusers_helper.settings import GenerationSettings, InvalidSettings
+def _earlier_job(path: Path) -> dict:
+    """The flags' values that make an earlier job again (its settings, and its start image as used), from its JSON
+    or its MP4; InvalidSettings for a file that is neither."""
+    from diffusers_helper.media.job_files import read_job
+    from diffusers_helper.settings import InvalidSettings
 
     try:
-        record = json.loads(Path(sidecar).read_text(encoding="utf-8"))
-        recorded, image = record["settings"], record["input_image"]
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
-        raise InvalidSettings(f"--from {sidecar}: not a job's JSON ({describe_error(error)})") from error
-    fields = [field.name for field in dataclasses.fields(GenerationSettings) if field.name != "loras"]
-    values = {name: recorded[name] for name in fields if name in recorded}  # the flags' names
-    values["lora"] = [f"{lora['path']}:{lora['scale']}" for lora in recorded.get("loras", [])]
-    values["image"] = Path(sidecar).parent / image
+        job = read_job(path)
+    except InvalidSettings as error:
+        raise InvalidSettings(f"--from {error}") from error
+    values = {name: value for name, value in job.settings.to_dict().items() if name != "loras"}  # the flags' names
+    values["lora"] = [f"{lora.path}:{lora.scale}" for lora in job.settings.loras]
+    if job.image is not None:
+        values["image"] = job.image
     return values
 
 
@@ -259,7 +268,7 @@ def _failed(event) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = given = parser.parse_args(argv)
     if args.from_job is not None:
         from diffusers_helper.settings import InvalidSettings
 
@@ -269,17 +278,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
         args = parser.parse_args(argv)  # the flags given override the job's values
+    if given.image is not None and given.extend is not None:
+        parser.error("--image and --extend: a video to extend gives the job its start frame; give one of them")
+    if given.image is not None:  # over an earlier extension's video
+        args.extend, args.extend_only_new = None, given.extend_only_new
+    elif args.extend is not None:  # over an earlier job's start image
+        args.image = None
     if args.tensorrt_info:
         from diffusers_helper.frontend.startup import print_tensorrt_info
 
         return print_tensorrt_info()
-    if args.image is None:
-        parser.error("the following arguments are required: --image")
+    if args.image is None and args.extend is None:
+        parser.error("the following arguments are required: --image (or --extend)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers_helper").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from diffusers_helper.frontend.startup import model_settings, plan_for, quiet_libraries, runtime_for
     from diffusers_helper.media.images import load_input_image
     from diffusers_helper.media.job_files import ensure_writable_dir
+    from diffusers_helper.media.video import check_video
     from diffusers_helper.models.lora import read_lora
     from diffusers_helper.settings import InvalidSettings
 
@@ -289,7 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         settings = _settings(args)
         for choice in settings.loras:  # the files now, before the models load; how they fit the model after
             read_lora(choice.path)
-        image = load_input_image(args.image)
+        image = None if args.image is None else load_input_image(args.image)
+        if settings.extend is not None:  # the file now, before the models load; its frames in the job
+            check_video(settings.extend, "the video to extend")
         if settings.end_image is not None:  # the file now, before the models load
             load_input_image(settings.end_image, "end image")
         if args.count < 1:
@@ -297,7 +315,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs = _jobs(args, settings)
         for _, paths in jobs:
             ensure_writable_dir(paths.video.parent)
-            paths.check(args.overwrite, input_image=args.image)
+            paths.check(
+                args.overwrite, inputs=[path for path in (args.image, settings.end_image, settings.extend) if path]
+            )
         plan = plan_for(models)
         runtime = runtime_for(models)
     except InvalidSettings as error:

@@ -114,10 +114,13 @@ class GenerationSettings:
     end_image: Path | None = None  # the last frame the end-to-start variant aims at
     end_strength: float = 1.0  # how strongly the video's end holds to the end image
     prompt_blend: int = 0  # sections over which a prompt timeline's text conditions fade at each change
+    extend: Path | None = None  # a video this job continues (its frames, then the new ones)
+    extend_only_new: bool = False  # write only the new frames of an extension
 
     def __post_init__(self) -> None:
-        if self.end_image is not None:
-            object.__setattr__(self, "end_image", Path(self.end_image))
+        for name in ("end_image", "extend"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, Path(getattr(self, name)))
         _check_range("seconds", self.seconds, 0, 120, low_open=True)
         _check_range("steps", self.steps, 1, 100)
         _check_range("cfg", self.cfg, 1, 32)
@@ -139,6 +142,8 @@ class GenerationSettings:
                 "--end-image needs the framepack variant: F1 generates forward from the start image, with no end "
                 "frame to aim at"
             )
+        if self.extend_only_new and self.extend is None:
+            raise InvalidSettings("--extend-only-new needs --extend: there is no video to leave out")
         for name in ("prompt", "negative_prompt"):
             _check_text(name, getattr(self, name))
         from .pipeline.timeline import parse_timeline  # it reads settings: imported when one is checked

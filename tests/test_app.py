@@ -328,3 +328,56 @@ def test_a_second_sigterm_stops_at_once_without_a_traceback(tmp_path, image_file
     assert "Traceback" not in log and "SIGTERM again: stopping at once" in log
     (record,) = records(outputs)
     assert record["status"] == "stopped"
+
+
+def test_the_page_extends_a_video_and_makes_several_videos_with_the_next_seeds(app_url, app_dir, image_file,
+                                                                               tmp_path):  # fmt: skip
+    from diffusers_helper.media.video import write_mp4
+
+    frames = np.stack([example_image(160, 128)[:, i : i + 128] for i in range(9)])
+    write_mp4(frames, tmp_path / "in.mp4", 30, 0)
+    client = Client(app_url, verbose=False)
+    arguments = ["a cat walks on", "", 500, 1.0, 1, *ARGUMENTS[5:12], "f1", 128]
+    extension = handle_file(str(tmp_path / "in.mp4"))
+    video, _, progress, _, _ = client.predict(None, *arguments, [], "", None, 1.0, 0, extension, False, 2,
+                                              api_name="/generate")  # fmt: skip
+    assert text(progress).startswith("video 2 of 2 · done: 45 frames")  # 9 of the video's, then 36 new
+    made = [record for record in records(app_dir / "outputs") if record["settings"]["prompt"] == "a cat walks on"]
+    assert sorted(record["settings"]["seed"] for record in made) == [500, 501]
+    assert all(record["extend"]["frames"] == 9 and record["frames"] == 45 for record in made)
+    both = text(client.predict(handle_file(str(image_file)), *arguments, [], "", None, 1.0, 0, extension,
+                               False, 1, api_name="/generate")[2])  # fmt: skip
+    assert both == "error: a video to extend gives the job its start frame: clear the start image or the video"
+
+
+def test_load_settings_sets_every_control_from_a_jobs_json_or_its_mp4(app_url, app_dir, image_file):
+    client = Client(app_url, verbose=False)
+    arguments = ["[0s: a fox] [0.5s: the fox sits]", "blurry", 77, 1.0, 1, 9.0, 5, 1.5, 0.2, 6.0, "magcache", 20,
+                 "framepack", 128, ["style.safetensors"], "0.5", None, 1.0, 1]  # fmt: skip
+    video, _, progress, _, _ = client.predict(handle_file(str(image_file)), *arguments, api_name="/generate")
+    assert text(progress).startswith("done"), text(progress)
+    (record,) = [record for record in records(app_dir / "outputs") if record["settings"]["seed"] == 77]
+    job = app_dir / "outputs" / record["video"]
+    for given in (job.with_suffix(".json"), job):
+        values = client.predict(handle_file(str(given)), api_name="/load_settings")
+        (image, end_image, extend, only_new, prompt, negative, seed, seconds, steps, distilled, window, cfg, rescale,
+         step_cache, crf, variant, resolution, loras, scales, end_strength, blend, said) = values  # fmt: skip
+        assert Path(image).read_bytes() == job.with_suffix(".input.png").read_bytes()
+        assert end_image is None and extend is None and only_new is False
+        assert (prompt, negative, seed, seconds, steps, distilled, window, cfg, rescale) == (
+            arguments[0],
+            "blurry",
+            77,
+            1.0,
+            1,
+            9.0,
+            5,
+            1.5,
+            0.2,
+        )
+        assert (step_cache, crf, variant, resolution, loras, scales, blend) == (
+            "magcache", 20, "framepack", 128, ["style.safetensors"], "0.5", 1)  # fmt: skip
+        assert text(said) == f"settings loaded from {job.with_suffix('.json').name}"
+    (app_dir / "notes.json").write_text("{}")
+    said = client.predict(handle_file(str(app_dir / "notes.json")), api_name="/load_settings")[-1]
+    assert text(said).startswith("error: ") and "not a job's JSON" in text(said)

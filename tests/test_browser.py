@@ -74,3 +74,38 @@ def test_closing_the_page_stops_its_job(image_file, tmp_path):
         browser.close()
     (record,) = [json.loads(path.read_text()) for path in outputs.glob("*.json")]
     assert record["status"] == "stopped" and record["sections_done"] < 4
+
+
+def test_load_settings_fills_the_page_and_number_of_videos_makes_that_many(image_file, tmp_path):
+    """An earlier job's JSON, uploaded to Load settings, sets the prompt, seed and length on the page (and the start
+    image); Number of videos 2 then makes two videos with the next seeds."""
+    import json
+
+    from playwright.sync_api import expect, sync_playwright
+
+    import generate
+
+    outputs = tmp_path / "outputs"
+    code = generate.main(["--preset", "tiny", "--image", str(image_file), "--prompt", "a dog runs", "--seed", "5",
+                          "--seconds", "1", "--steps", "1", "--output", str(outputs / "earlier.mp4")])  # fmt: skip
+    assert code == 0
+    with running_app(outputs, tmp_path / "app.log") as app, sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1400})
+        page.goto(app.url)
+        page.get_by_text("Load settings", exact=True).click()
+        page.locator("#load-settings input[type=file]").set_input_files(str(outputs / "earlier.json"))
+        progress = page.locator("#progress-text")
+        expect(progress).to_contain_text("settings loaded from earlier.json", timeout=60_000)
+        expect(page.get_by_label("Prompt", exact=True)).to_have_value("a dog runs")
+        expect(page.get_by_label("Seed")).to_have_value("5")
+        videos = page.get_by_label("number input for Number of videos")
+        videos.fill("2")
+        videos.press("Enter")
+        page.get_by_role("button", name="Start Generation").click()
+        expect(progress).to_contain_text("video 2 of 2 · done", timeout=300_000)
+        browser.close()
+    made = [json.loads(path.read_text()) for path in outputs.glob("*.json") if path.name != "earlier.json"]
+    earlier = json.loads((outputs / "earlier.json").read_text())["settings"]
+    assert sorted(record["settings"]["seed"] for record in made) == [5, 6]
+    assert all(record["settings"] == {**earlier, "seed": record["settings"]["seed"]} for record in made)

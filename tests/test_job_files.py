@@ -52,7 +52,7 @@ def test_an_input_that_would_be_the_saved_input_is_refused(capsys, image_file, t
     shutil.copy(image_file, photo)
     before = photo.read_bytes()
     code, err = in_process(capsys, *TINY_JOB, "--image", photo, "--output", tmp_path / "cat.mp4", *overwrite)
-    assert code == 2 and err.strip().endswith("is the input image; choose another --output")
+    assert code == 2 and err.strip().endswith("is an input of the job; choose another --output")
     assert photo.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["cat.input.png"]
 
 

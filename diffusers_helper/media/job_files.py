@@ -1,11 +1,13 @@
 """Where a job's files go: `<job>.mp4`, `<job>.input.png` (the input as used) and `<job>.json` (every setting)."""
 
+import dataclasses
 import hashlib
 import json
 import os
 import platform
 import random
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +18,8 @@ import torch
 import transformers
 from PIL import Image
 
-from ..settings import InvalidSettings
+from ..errors import describe_error
+from ..settings import GenerationSettings, InvalidSettings, LoraChoice
 from .atomic_files import replacing, temporary_path, write_bytes
 
 
@@ -57,16 +60,16 @@ class JobPaths:
     def existing(self) -> list[Path]:
         return [path for path in self.files if path.exists() or path.is_symlink()]
 
-    def check(self, overwrite: bool, input_image: Path | None = None) -> None:
-        """InvalidSettings unless the job may write its files: none is a directory or the input image, the file
-        system takes their names (and those they are written under first), and none exists unless `overwrite` (an
-        earlier job's files are then replaced as a whole)."""
+    def check(self, overwrite: bool, inputs: Sequence[Path] = ()) -> None:
+        """InvalidSettings unless the job may write its files: none is a directory or one of the job's `inputs` (its
+        image, the video it extends), the file system takes their names (and those they are written under first),
+        and none exists unless `overwrite` (an earlier job's files are then replaced as a whole)."""
         for path in self.files:
             try:
                 if path.is_dir():
                     raise InvalidSettings(f"output {path} is a directory")
-                if input_image is not None and path.exists() and path.samefile(input_image):
-                    raise InvalidSettings(f"output {path} is the input image; choose another --output")
+                if path.exists() and any(Path(given).exists() and path.samefile(given) for given in inputs):
+                    raise InvalidSettings(f"output {path} is an input of the job; choose another --output")
                 _probe(temporary_path(_hidden(path)))
             except OSError as error:
                 raise InvalidSettings(f"output {path} cannot be written ({error.strerror or error})") from error
@@ -143,6 +146,42 @@ def file_sha256(path: Path) -> str:
         while chunk := file.read(1 << 24):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class RecordedJob:
+    """What makes an earlier job again: its settings and its start image as used (None for an extension, whose
+    start frame comes from its video)."""
+
+    settings: GenerationSettings
+    image: Path | None
+    sidecar: Path
+
+
+def read_job(path: Path, elsewhere: Sequence[Path] = ()) -> RecordedJob:
+    """An earlier job from its JSON, or from its MP4 with the JSON beside it. Its files are looked for beside the
+    given one, then in each of `elsewhere` by name (for a copy, such as a browser's upload). InvalidSettings for a
+    file that is no job's, or settings that no longer pass."""
+    path = Path(path)
+    sidecar = _found(path.with_suffix(".json") if path.suffix.lower() == ".mp4" else path, elsewhere)
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+        recorded, image = dict(record["settings"]), record["input_image"]
+        loras = tuple(LoraChoice(Path(lora["path"]), float(lora["scale"])) for lora in record.get("loras", []))
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+        raise InvalidSettings(f"{path}: not a job's JSON ({describe_error(error)})") from error
+    names = {field.name for field in dataclasses.fields(GenerationSettings)} - {"loras"}
+    settings = GenerationSettings(**{name: value for name, value in recorded.items() if name in names}, loras=loras)
+    start = None if settings.extend is not None else _found(sidecar.parent / image, elsewhere)
+    return RecordedJob(settings, start, sidecar)
+
+
+def _found(path: Path, elsewhere: Sequence[Path]) -> Path:
+    """`path` if it exists, else the first file of its name in `elsewhere`, else `path` (for its error to name)."""
+    for candidate in [path, *(Path(folder) / path.name for folder in elsewhere)]:
+        if candidate.is_file():
+            return candidate
+    return path
 
 
 def write_sidecar(path: Path, record: dict) -> None:

@@ -58,6 +58,7 @@ class Conditions:
     image_embeds: torch.Tensor  # (1, siglip tokens, siglip dim)
     start_latent: torch.Tensor  # (1, 16, 1, h / 8, w / 8), float32
     end_latent: torch.Tensor | None = None  # the end image's, scaled by the end strength (end-to-start order only)
+    context_latents: torch.Tensor | None = None  # an extended video's last latents, for the history (F1 only)
     prompts: dict[str, TextConditions] = field(default_factory=dict)  # every prompt of a timeline, by its text
 
     def for_section(self, prompt: SectionPrompt) -> "Conditions":
@@ -109,6 +110,17 @@ def image_to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(image).permute(2, 0, 1).unsqueeze(0).float() / 127.5 - 1.0
 
 
+def encode_video(
+    pipe: HunyuanVideoFramepackPipeline, frames: np.ndarray, device: torch.device, generator: torch.Generator
+) -> torch.Tensor:
+    """uint8 frames (T, H, W, 3) -> a sample of the VAE's posterior (1, 16, (T - 1) / 4 + 1, H / 8, W / 8), float32,
+    scaled as the transformer's latents are (as diffusers' pipeline encodes an image)."""
+    vae = pipe.vae
+    pixels = torch.from_numpy(frames).permute(3, 0, 1, 2).unsqueeze(0).float() / 127.5 - 1.0
+    latents = vae.encode(pixels.to(device=device, dtype=vae.dtype)).latent_dist.sample(generator=generator)
+    return (latents * vae.config.scaling_factor).to(device=device, dtype=torch.float32)
+
+
 def encode_text(
     pipe: HunyuanVideoFramepackPipeline, prompt: str, device: torch.device, dtype: torch.dtype
 ) -> TextConditions:
@@ -140,6 +152,7 @@ def encode_conditions(
     seed: int,
     end_image: np.ndarray | None = None,
     end_strength: float = 1.0,
+    context_frames: np.ndarray | None = None,
 ) -> Conditions:
     """Everything the sampler needs besides noise; `negative_prompt` None means no real CFG. Each of `prompts` (a
     timeline's distinct texts; the first is the positive prompt) is encoded once.
@@ -147,7 +160,7 @@ def encode_conditions(
     The start latent is a sample of the VAE's posterior, drawn from its own generator so that the sections' noise
     is the seed's stream from its first number, as in FramePack. An end image (as FramePack-Studio's end frame) is
     encoded the same way, from the same generator after the start latent, and its SigLIP embedding is averaged with
-    the start image's.
+    the start image's. An extended video's last frames (`context_frames`) are encoded after those.
     """
     posterior_generator = torch.Generator("cpu").manual_seed(seed)
     encoded = {prompt: encode_text(pipe, prompt, device, dtype) for prompt in dict.fromkeys(prompts)}
@@ -162,4 +175,7 @@ def encode_conditions(
         end_latent = end_strength * pipe.prepare_image_latents(
             image_to_tensor(end_image), dtype=torch.float32, device=device, generator=posterior_generator
         )
-    return Conditions(encoded[prompts[0]], negative, image_embeds, start_latent, end_latent, encoded)
+    context_latents = None
+    if context_frames is not None:
+        context_latents = encode_video(pipe, context_frames, device, posterior_generator)
+    return Conditions(encoded[prompts[0]], negative, image_embeds, start_latent, end_latent, context_latents, encoded)

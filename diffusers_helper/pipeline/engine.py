@@ -37,6 +37,7 @@ from .events import (
     APPLYING_LORAS,
     DECODING,
     ENCODING,
+    READING_VIDEO,
     SAMPLING,
     WRITING,
     Event,
@@ -47,6 +48,7 @@ from .events import (
     StageStarted,
     StepProgress,
 )
+from .extension import VideoToExtend, load_video_to_extend
 from .sampling import Guidance, make_scheduler, sample_section
 from .schedule import Schedule, framepack_schedule
 from .sections import ORDERS, Section, SectionOrder, Video
@@ -62,13 +64,13 @@ class GenerationError(RuntimeError):
 class FramePackEngine:
     """Runs jobs, one at a time, on the assembled models of one process."""
 
-    def __init__(self, models: AssembledModels, write_video: VideoWriter = write_mp4) -> None:
+    def __init__(self, models: AssembledModels, write_video: VideoWriter | None = None) -> None:
         self.models = models
         self.components = models.components
         self.plan = models.plan
         self.teacache = models.teacache
         self.magcache = models.magcache
-        self.write_video = write_video
+        self.write_video = write_video or write_mp4
         self.scheduler = make_scheduler()
         logger.info("models: %s", models.describe())
         self.pipe = encoding_pipeline(self.components, self.scheduler)
@@ -77,13 +79,13 @@ class FramePackEngine:
 
     def generate(
         self,
-        image: np.ndarray,
+        image: np.ndarray | None,
         settings: GenerationSettings,
         paths: JobPaths,
         stop: threading.Event | None = None,
         overwrite: bool = False,
     ) -> Iterator[Event]:
-        """Run one job; failures end it with a Failed event, never an exception (the traceback is logged at debug
+        """Run one job from its start image, or (`image` None) from the video its settings extend; failures end it with a Failed event, never an exception (the traceback is logged at debug
         level). An earlier job's files at `paths` are replaced only with `overwrite`, and only once this job has a
         video of its own (until then the earlier job stays as it was). Its LoRAs and output paths are checked before
         anything is written or changed (a bad one fails the job with `bad_input`); LoRAs are fused before sampling
@@ -100,20 +102,31 @@ class FramePackEngine:
             try:
                 loras = self._read_loras(settings)
                 end_image = None if settings.end_image is None else load_input_image(settings.end_image, "end image")
-                self._check_memory(image, settings)
+                extension = None
+                if settings.extend is not None:
+                    if image is not None:
+                        raise InvalidSettings("a video to extend gives the job its start frame: give no start image")
+                    yield StageStarted(READING_VIDEO)
+                    extension = load_video_to_extend(settings.extend, settings.resolution)
+                    image = ORDERS[settings.variant].extension_start(extension.frames)
+                elif image is None:
+                    raise InvalidSettings("a job needs a start image or a video to extend")
+                self._check_memory(image, settings, extension)
                 ensure_writable_dir(paths.video.parent)
-                paths.check(overwrite)
+                paths.check(overwrite, inputs=[path for path in (settings.end_image, settings.extend) if path])
             except InvalidSettings as error:
                 yield Failed(str(error), bad_input=True)
                 return
             files, record = JobFiles(paths), self._record(settings, paths, loras)
             if settings.end_image is not None:
                 record["end_image"] = {"path": str(settings.end_image), "sha256": file_sha256(settings.end_image)}
+            if extension is not None:
+                record["extend"] = extension.record()
             self._job = (files, record)
             try:
                 stop = stop or threading.Event()
                 with self.models.cancel_builds_when(stop.is_set):  # End during an engine build ends the build
-                    yield from self._generate(image, end_image, settings, files, stop, record, loras)
+                    yield from self._generate(image, end_image, extension, settings, files, stop, record, loras)
             except Exception as error:  # the job fails, the process (and any UI) goes on
                 logger.debug("generation failed", exc_info=True)
                 message = _failure_message(error)
@@ -133,10 +146,12 @@ class FramePackEngine:
             files, record = self._job
             self._record_end(files, record, status="stopped")
 
-    def _check_memory(self, image: np.ndarray, settings: GenerationSettings) -> None:
-        """InvalidSettings when the job's bucket and length need more memory than this machine has free."""
+    def _check_memory(self, image: np.ndarray, settings: GenerationSettings, extension: VideoToExtend | None) -> None:
+        """InvalidSettings when the job's bucket and length (with the video it extends) need more memory than this
+        machine has free."""
         height, width = find_nearest_bucket(*image.shape[:2], resolution=settings.resolution)
-        problem = job_memory_problem(self.plan, self.components.vae, height, width, settings.frames,
+        frames = settings.frames + (0 if extension is None else len(extension.frames))
+        problem = job_memory_problem(self.plan, self.components.vae, height, width, frames,
                                      settings.latent_window)  # fmt: skip
         if problem:
             raise InvalidSettings(problem)
@@ -185,6 +200,7 @@ class FramePackEngine:
         self,
         image: np.ndarray,
         end_image: np.ndarray | None,
+        extension: VideoToExtend | None,
         settings: GenerationSettings,
         files: JobFiles,
         stop: threading.Event,
@@ -201,6 +217,9 @@ class FramePackEngine:
         save_image(image, files.writing.image)
         record.update(width=width, height=height, sections=settings.sections, sections_done=0)
         self._write_record(files, record)
+        if extension is not None and extension.notice():
+            logger.info("%s", extension.notice())
+            yield Notice(extension.notice())
 
         order = ORDERS[settings.variant]
         sections = order.plan(settings.sections)
@@ -216,9 +235,11 @@ class FramePackEngine:
                 yield Notice(overflow)
         negative_prompt = settings.negative_prompt if settings.cfg > 1 else None
         transformer_dtype = self.components.transformer.dtype
+        context = order.context_latents(settings.latent_window)
+        context_frames = None if extension is None or not context else extension.tail(context)
         conditions = encode_conditions(self.pipe, image, [part.text for part in timeline], negative_prompt,
                                        self.plan.device, transformer_dtype, settings.seed, end_image,
-                                       settings.end_strength)  # fmt: skip
+                                       settings.end_strength, context_frames)  # fmt: skip
         self.models.placement.release_encoders()
         if not self.models.loras.is_applied(loras):
             yield StageStarted(APPLYING_LORAS)
@@ -226,7 +247,7 @@ class FramePackEngine:
         schedule = framepack_schedule(settings.steps, settings.latent_window, *conditions.start_latent.shape[3:])
         record["schedule"] = schedule.to_dict()
         noise_generator = torch.Generator("cpu").manual_seed(settings.seed)  # FramePack's stream of section noise
-        history = order.initial_history(conditions.start_latent)
+        history = order.initial_history(conditions.start_latent, conditions.context_latents)
         video = None
         for cache in (self.teacache, self.magcache):
             cache.computed = cache.skipped = 0
@@ -241,20 +262,24 @@ class FramePackEngine:
             _check_finite(latents, "sampled latents", section)
             history = order.append(history, latents, conditions.start_latent, section)
             yield StageStarted(DECODING, section.index + 1, section.count)
-            video = self._decode_and_join(order, history, video, section, settings.latent_window)
+            video = self._decode_and_join(order, history, video, section, settings.latent_window,
+                                          extends=conditions.context_latents is not None)  # fmt: skip
             yield StageStarted(WRITING, section.index + 1, section.count)
-            self.write_video(video.frames.numpy(), video_path, FPS, settings.crf)
+            frames = video.frames.numpy()
+            if extension is not None:
+                frames = extension.joined(frames, settings.extend_only_new, order.repeats_extended_frame(section))
+            self.write_video(frames, video_path, FPS, settings.crf)
             files.publish()  # the job has a video: an earlier job's files give way to this one's
-            record.update(sections_done=section.index + 1, frames=len(video.frames))
+            record.update(sections_done=section.index + 1, frames=len(frames))
             self._write_record(files, record)
             logger.info(
                 "section %d/%d done: %d frames, %.1fs elapsed",
                 section.index + 1,
                 section.count,
-                len(video.frames),
+                len(frames),
                 time.perf_counter() - started,
             )
-            yield SectionFinished(section.index + 1, section.count, video_path, len(video.frames))
+            yield SectionFinished(section.index + 1, section.count, video_path, len(frames))
 
         stopped = stop.is_set() and record["sections_done"] < settings.sections
         record.update(
@@ -265,7 +290,7 @@ class FramePackEngine:
         self._record_end(files, record)
         yield Finished(
             video=video_path if video is not None else None,
-            frames=0 if video is None else len(video.frames),
+            frames=record.get("frames", 0),
             sections_done=record["sections_done"],
             sections=settings.sections,
             stopped=stopped,
@@ -320,13 +345,25 @@ class FramePackEngine:
 
     @torch.no_grad()
     def _decode_and_join(
-        self, order: SectionOrder, history: torch.Tensor, video: Video | None, section: Section, window: int
+        self,
+        order: SectionOrder,
+        history: torch.Tensor,
+        video: Video | None,
+        section: Section,
+        window: int,
+        extends: bool = False,
     ) -> Video:
-        """Decode the whole video the first time, afterwards only the newest latents, crossfaded into the rest."""
+        """Decode the whole video the first time, afterwards only the newest latents, crossfaded into the rest. A
+        history that `extends` a video's latents is decoded the first time with the video's last window before the
+        new one, for the new frames to follow on; those of the video's latents are left out (the video has its own
+        frames)."""
         video_latents = order.video_latents(history)
-        latents = video_latents if video is None else order.latents_to_decode(video_latents, section, window)
+        first = video is None and not extends
+        latents = video_latents if first else order.latents_to_decode(video_latents, section, window)
         decoded = self._decode(latents)
         _check_finite(decoded, "decoded pixels", section)
+        if video is None and extends:
+            decoded = decoded[:, :, -window * 4 :]  # the new window's frames
         return order.join(video, decoded, overlap=window * 4 - 3)
 
     def _decode(self, latents: torch.Tensor) -> torch.Tensor:

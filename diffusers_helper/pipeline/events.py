@@ -7,6 +7,7 @@ import numpy as np
 
 WAITING = "waiting for the previous job to stop"
 LOADING = "loading models"
+READING_VIDEO = "reading the video to extend"
 ENCODING = "encoding the prompt and image"
 APPLYING_LORAS = "applying LoRAs"
 SAMPLING = "sampling"

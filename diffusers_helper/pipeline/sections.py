@@ -7,6 +7,7 @@ it: 1 frame at full detail, 2 at 2x and 16 at 4x compression (the clean-x embedd
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 HISTORY_SIZES = (1, 2, 16)  # latent frames seen at 1x, 2x and 4x compression
@@ -88,8 +89,22 @@ class InvertedAntiDrifting:
         """Where the section starts in the finished video: the first one generated is the video's end."""
         return (section.count - 1 - section.index) * window * 4
 
-    def initial_history(self, start_latent: torch.Tensor) -> torch.Tensor:
+    def initial_history(self, start_latent: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Empty: the sections come before any history (an extended video enters only as the start frame)."""
         return start_latent.new_zeros(*start_latent.shape[:2], sum(HISTORY_SIZES), *start_latent.shape[3:])
+
+    def extension_start(self, frames: np.ndarray) -> np.ndarray:
+        """An extension starts where the video ends: its last frame is the start frame (and an end image the end)."""
+        return frames[-1]
+
+    def context_latents(self, window: int) -> int:
+        """How many of an extended video's last latents the history takes: none, it holds only what comes after."""
+        return 0
+
+    def repeats_extended_frame(self, section: Section) -> bool:
+        """Whether the new frames so far begin with the extended video's last frame (then left out): they do once
+        the last section, which ends at the start frame, is in."""
+        return section.is_last
 
     def layout(
         self,
@@ -152,9 +167,23 @@ class Vanilla:
         """Where the section starts in the finished video (after the start frame)."""
         return section.index * window * 4 + 1
 
-    def initial_history(self, start_latent: torch.Tensor) -> torch.Tensor:
+    def initial_history(self, start_latent: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """The start latent, or an extended video's last latents (`context`), after zeros for the 4x history."""
         zeros = start_latent.new_zeros(*start_latent.shape[:2], sum(HISTORY_SIZES), *start_latent.shape[3:])
-        return torch.cat([zeros, start_latent], dim=2)
+        return torch.cat([zeros, start_latent if context is None else context.to(start_latent)], dim=2)
+
+    def extension_start(self, frames: np.ndarray) -> np.ndarray:
+        """The video's first frame is the start frame, as if this order had made the video itself."""
+        return frames[0]
+
+    def context_latents(self, window: int) -> int:
+        """An extended video's last latents go into the history: enough for its 1x, 2x and 4x frames and for one
+        window of decoding context, so the first new frames follow on from the video's."""
+        return max(sum(HISTORY_SIZES), window)
+
+    def repeats_extended_frame(self, section: Section) -> bool:
+        """The new frames only follow the extended video's."""
+        return False
 
     def layout(
         self,
