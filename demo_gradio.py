@@ -239,7 +239,8 @@ def build_ui(app: App):
     def generate(image_path, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale,
                  preserve, step_cache, crf, variant, resolution, lora_names=None, lora_scales="",
                  end_image_path=None, end_strength=1.0, prompt_blend=0, extend_path=None, extend_only_new=False,
-                 count=1, request: gr.Request = None):  # fmt: skip
+                 count=1, teacache_threshold=0.15, magcache_threshold=0.1, magcache_max_skips=2,
+                 magcache_retention=0.25, request: gr.Request = None):  # fmt: skip
         try:
             if image_path and extend_path:
                 raise InvalidSettings("a video to extend gives the job its start frame: clear the start image or the "
@@ -257,6 +258,8 @@ def build_ui(app: App):
                 end_image=Path(end_image_path) if end_image_path and variant == "framepack" else None,
                 end_strength=float(end_strength), prompt_blend=int(prompt_blend),
                 extend=Path(extend_path) if extend_path else None, extend_only_new=bool(extend_only_new),
+                teacache_threshold=float(teacache_threshold), magcache_threshold=float(magcache_threshold),
+                magcache_max_skips=int(magcache_max_skips), magcache_retention=float(magcache_retention),
             )  # fmt: skip
             models = app.models_for(settings, float(preserve))
         except InvalidSettings as error:
@@ -314,6 +317,8 @@ def build_ui(app: App):
             cfg: recorded.cfg, rescale: recorded.cfg_rescale, step_cache: recorded.step_cache, crf: recorded.crf,
             variant: recorded.variant, resolution: recorded.resolution, lora_names: names, lora_scales: scales,
             end_strength: recorded.end_strength, prompt_blend: recorded.prompt_blend,
+            teacache_threshold: recorded.teacache_threshold, magcache_threshold: recorded.magcache_threshold,
+            magcache_max_skips: recorded.magcache_max_skips, magcache_retention: recorded.magcache_retention,
         }  # fmt: skip
         gone = [f"{what} {path} is gone" for what, path, value in (
             ("the start image", job.image, values[image]), ("the end image", recorded.end_image, values[end_image]),
@@ -420,6 +425,22 @@ def build_ui(app: App):
                     resolution = gr.Slider(
                         label="Resolution bucket", minimum=128, maximum=1280, step=16, value=app.resolution
                     )
+                    teacache_threshold = gr.Slider(
+                        label="TeaCache threshold", minimum=0.01, maximum=1, step=0.01,
+                        value=defaults.teacache_threshold, info="Higher skips more steps.",
+                    )  # fmt: skip
+                    magcache_threshold = gr.Slider(
+                        label="MagCache threshold", minimum=0.01, maximum=1, step=0.01,
+                        value=defaults.magcache_threshold, info="Higher skips more steps.",
+                    )  # fmt: skip
+                    magcache_max_skips = gr.Slider(
+                        label="MagCache most skips in a row", minimum=1, maximum=10, step=1,
+                        value=defaults.magcache_max_skips,
+                    )  # fmt: skip
+                    magcache_retention = gr.Slider(
+                        label="MagCache retention", minimum=0, maximum=1, step=0.01, value=defaults.magcache_retention,
+                        info="The fraction of each section's first steps always computed.",
+                    )  # fmt: skip
             with gr.Column():
                 preview = gr.Image(label="Next latents", height=320, interactive=False)
                 video = gr.Video(label="Finished frames", autoplay=True, loop=True, height=512, interactive=False)
@@ -435,10 +456,12 @@ def build_ui(app: App):
             event(lambda: gr.update(choices=app.lora_files()), outputs=lora_names, queue=False, api_name=False)
         inputs = [image, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale, preserve,
                   step_cache, crf, variant, resolution, lora_names, lora_scales, end_image, end_strength,
-                  prompt_blend, extend_video, extend_only_new, count]  # fmt: skip
+                  prompt_blend, extend_video, extend_only_new, count, teacache_threshold, magcache_threshold,
+                  magcache_max_skips, magcache_retention]  # fmt: skip
         loaded = [image, end_image, extend_video, extend_only_new, prompt, negative_prompt, seed, seconds, steps,
                   distilled_cfg, window, cfg, rescale, step_cache, crf, variant, resolution, lora_names, lora_scales,
-                  end_strength, prompt_blend]  # fmt: skip
+                  end_strength, prompt_blend, teacache_threshold, magcache_threshold, magcache_max_skips,
+                  magcache_retention]  # fmt: skip
         settings_file.upload(load_settings, inputs=settings_file, outputs=[*loaded, progress], api_name="load_settings")
         outputs = [video, preview, progress, status, download]  # the API's, named by their labels
         buttons = [start_button, end_button]

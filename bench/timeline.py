@@ -6,11 +6,13 @@ TensorRT engines built while it ran.
     python bench/timeline.py --backend compile --limit 24
     python bench/timeline.py --tensorrt --backend compile --limit 24
     python bench/timeline.py --preset tiny --device cpu --backend eager --steps 2     # a smoke test, no GPU
-Prints one JSON line per job and a Markdown table.
+Prints one JSON line per job and a Markdown table; `--verbose` also the runtime's log, each line with the GPU memory
+in use then (the device's, and PyTorch's reserved and allocated), and the traceback of a fall back.
 """
 
 import argparse
 import json
+import logging
 import statistics
 import sys
 import time
@@ -26,6 +28,19 @@ TIMELINE = (
     "[2.4s: The girl dances gracefully, with clear movements, full of charm, turning around twice.]"
 )
 SECONDS = 3.6  # three sections of the default latent window
+GIB = 1024**3
+
+
+class WithMemory(logging.Handler):
+    """Each log line with the GPU memory in use when it was written."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        memory = (f"device {(total - free) / GIB:.2f} GB, reserved {torch.cuda.memory_reserved() / GIB:.2f}, "
+                  f"allocated {torch.cuda.memory_allocated() / GIB:.2f}")  # fmt: skip
+        print(f"[{memory}] {record.name}: {self.format(record)}", flush=True)
 
 
 def graphs_compiled() -> int:
@@ -79,6 +94,7 @@ def main() -> None:
     parser.add_argument("--tensorrt", action="store_true", help="the transformer's blocks as TensorRT engines")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("/tmp/timeline"))
+    parser.add_argument("--verbose", action="store_true", help="the runtime's log with the GPU memory (CUDA only)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -91,6 +107,11 @@ def main() -> None:
     from diffusers_helper.tensorrt_runtime import TensorRTRuntime
 
     quiet_libraries()
+    if args.verbose:
+        handler = WithMemory()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logging.getLogger("diffusers_helper").addHandler(handler)
+        logging.getLogger("diffusers_helper").setLevel(logging.DEBUG)
     models = ModelSettings(preset=args.preset, device=args.device, gpu_memory_limit_gb=args.limit,
                            backend=args.backend, tensorrt=TensorRTOptions(transformer=args.tensorrt))  # fmt: skip
     runtime = TensorRTRuntime(EngineCache(args.out / "engines")) if args.tensorrt else None

@@ -353,7 +353,8 @@ def test_the_page_extends_a_video_and_makes_several_videos_with_the_next_seeds(a
 def test_load_settings_sets_every_control_from_a_jobs_json_or_its_mp4(app_url, app_dir, image_file):
     client = Client(app_url, verbose=False)
     arguments = ["[0s: a fox] [0.5s: the fox sits]", "blurry", 77, 1.0, 1, 9.0, 5, 1.5, 0.2, 6.0, "magcache", 20,
-                 "framepack", 128, ["style.safetensors"], "0.5", None, 1.0, 1]  # fmt: skip
+                 "framepack", 128, ["style.safetensors"], "0.5", None, 1.0, 1, None, False, 1, 0.15, 0.3, 3,
+                 0.5]  # fmt: skip
     video, _, progress, _, _ = client.predict(handle_file(str(image_file)), *arguments, api_name="/generate")
     assert text(progress).startswith("done"), text(progress)
     (record,) = [record for record in records(app_dir / "outputs") if record["settings"]["seed"] == 77]
@@ -361,7 +362,8 @@ def test_load_settings_sets_every_control_from_a_jobs_json_or_its_mp4(app_url, a
     for given in (job.with_suffix(".json"), job):
         values = client.predict(handle_file(str(given)), api_name="/load_settings")
         (image, end_image, extend, only_new, prompt, negative, seed, seconds, steps, distilled, window, cfg, rescale,
-         step_cache, crf, variant, resolution, loras, scales, end_strength, blend, said) = values  # fmt: skip
+         step_cache, crf, variant, resolution, loras, scales, end_strength, blend, teacache, magcache, skips,
+         retention, said) = values  # fmt: skip
         assert Path(image).read_bytes() == job.with_suffix(".input.png").read_bytes()
         assert end_image is None and extend is None and only_new is False
         assert (prompt, negative, seed, seconds, steps, distilled, window, cfg, rescale) == (
@@ -377,6 +379,7 @@ def test_load_settings_sets_every_control_from_a_jobs_json_or_its_mp4(app_url, a
         )
         assert (step_cache, crf, variant, resolution, loras, scales, blend) == (
             "magcache", 20, "framepack", 128, ["style.safetensors"], "0.5", 1)  # fmt: skip
+        assert (teacache, magcache, skips, retention) == (0.15, 0.3, 3, 0.5)
         assert text(said) == f"settings loaded from {job.with_suffix('.json').name}"
     (app_dir / "notes.json").write_text("{}")
     said = client.predict(handle_file(str(app_dir / "notes.json")), api_name="/load_settings")[-1]
