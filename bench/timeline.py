@@ -1,7 +1,7 @@
 """Does a prompt timeline make the transformer recompile or rebuild? One process, one engine: a one-prompt job,
 then the same job with a 3-part timeline (each section its own prompt, each a different number of tokens), then the
 one-prompt job again. For each job: median seconds per step, its first step, the graphs torch.compile made and the
-TensorRT engines built while it ran.
+TensorRT engines built while it ran, and the GPU's peak memory (the driver's count, engines and builds included).
 
     python bench/timeline.py --backend compile --limit 24
     python bench/timeline.py --tensorrt --backend compile --limit 24
@@ -52,6 +52,7 @@ def graphs_compiled() -> int:
 def run_job(engine, runtime, image, settings, out: Path, name: str) -> dict:
     import torch
 
+    from diffusers_helper.acceleration.measure import DeviceMemoryPeak
     from diffusers_helper.media.job_files import JobPaths
     from diffusers_helper.pipeline.events import SAMPLING, Failed, StageStarted, StepProgress
 
@@ -61,16 +62,17 @@ def run_job(engine, runtime, image, settings, out: Path, name: str) -> dict:
 
     graphs, builds = graphs_compiled(), _builds(runtime)
     step_times, last = [], None
-    for event in engine.generate(image, settings, JobPaths.for_video(out / f"{name}.mp4"), overwrite=True):
-        synchronize()
-        now = time.perf_counter()
-        if isinstance(event, StageStarted) and event.stage == SAMPLING:
-            last = now
-        elif isinstance(event, StepProgress):
-            step_times.append(now - last)
-            last = now
-        elif isinstance(event, Failed):
-            raise SystemExit(f"{name} failed: {event.message}")
+    with DeviceMemoryPeak() as peak:
+        for event in engine.generate(image, settings, JobPaths.for_video(out / f"{name}.mp4"), overwrite=True):
+            synchronize()
+            now = time.perf_counter()
+            if isinstance(event, StageStarted) and event.stage == SAMPLING:
+                last = now
+            elif isinstance(event, StepProgress):
+                step_times.append(now - last)
+                last = now
+            elif isinstance(event, Failed):
+                raise SystemExit(f"{name} failed: {event.message}")
     return {
         "job": name,
         "steps": len(step_times),
@@ -78,6 +80,7 @@ def run_job(engine, runtime, image, settings, out: Path, name: str) -> dict:
         "s_first_step": round(step_times[0], 3),
         "graphs_compiled": graphs_compiled() - graphs,
         "engines_built": _builds(runtime) - builds,
+        "device_gb_peak": None if peak.gigabytes is None else round(peak.gigabytes, 2),
     }
 
 
@@ -131,11 +134,11 @@ def main() -> None:
         rows.append(row)
     baseline = statistics.mean([rows[0]["s_per_step_median"], rows[2]["s_per_step_median"]])
     print(f"\ntransformer: {engine.models.backends()['transformer']}; {torch.__version__}")
-    print("| job | steps | s/step (median) | first step s | graphs compiled | engines built |")
-    print("|---|---|---|---|---|---|")
+    print("| job | steps | s/step (median) | first step s | graphs compiled | engines built | peak GPU GiB |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print(f"| {row['job']} | {row['steps']} | {row['s_per_step_median']} | {row['s_first_step']} | "
-              f"{row['graphs_compiled']} | {row['engines_built']} |")  # fmt: skip
+              f"{row['graphs_compiled']} | {row['engines_built']} | {row['device_gb_peak']} |")  # fmt: skip
     print(f"timeline / one prompt (mean of both runs): {rows[1]['s_per_step_median'] / baseline:.4f}")
 
 

@@ -321,17 +321,19 @@ class TensorRTRuntime:
         if engine is not None:
             engine, source = self._refit(component, engine, module, args), EngineSource.REFITTED
         else:
-            found = self._load(component, key)
+            found = self._load(component, key, module)
             if found is not None:
                 engine, built_with = found
                 source = EngineSource.LOADED
                 if built_with != key.weights:
+                    self._bring_back(component, module)  # a refit reads the weights where PyTorch runs them
                     engine, source = self._refit(component, engine, module, args), EngineSource.REFITTED
         error = None if engine is None else output_error(_run_engine(engine, args), expected)
         if error is None or error > TOLERANCES[component]:
             if source is EngineSource.REFITTED:
                 logger.warning("TensorRT %s: %s; building the engine again", component,
                                "the refit failed" if error is None else f"the refitted engine is off by {error:.3g}")  # fmt: skip
+            self._bring_back(component, module)  # a build, too
             engine, source = self._build(component, key, module, args), EngineSource.BUILT
             self._park(component, module)  # a build may leave them on the host (the transformer's does): parked
             error = output_error(_run_engine(engine, args), expected)
@@ -422,20 +424,23 @@ class TensorRTRuntime:
         logger.info("TensorRT %s engine refitted in %.1fs", component, status.refit_seconds[-1])
         return refitted
 
-    def _load(self, component: str, key: EngineKey) -> tuple[Callable, str] | None:
+    def _load(self, component: str, key: EngineKey, module: torch.nn.Module) -> tuple[Callable, str] | None:
         """The cached engine and the fingerprint of the weights it was built with, or None (an engine that will not
-        load is removed, to be built again)."""
+        load is removed, to be built again). PyTorch's copy of the weights is parked first, so the engine's copy
+        takes its place on the GPU instead of room beside it."""
         path = self.cache.lookup(key.key)
         if path is None:
             return None
         metadata = self.cache.metadata(key.key) or {}
         status = self.status[component]
         started = time.perf_counter()
+        self._park(component, module)
         try:
             with busy(component, status, "loading engine from the cache", metadata.get("load_seconds")), \
                     tensorrt_errors():  # fmt: skip
                 engine = self.backend.load(path)
         except TensorRTFailure as failure:
+            self._bring_back(component, module)
             logger.debug("TensorRT %s engine %s will not load", component, path, exc_info=True)
             self.cache.remove(key.key, f"it will not load ({failure}); rebuilding")
             return None

@@ -318,6 +318,31 @@ def test_the_pytorch_copy_is_parked_once_the_engine_passes_and_brought_back_for_
     assert runtime.status[COMPONENT].engine == "pytorch" and not runtime.status[COMPONENT].pytorch_weights_on_cpu
 
 
+@pytest.mark.parametrize("cached", ["loads", "will not load", "needs a refit"])
+def test_a_cached_engine_takes_the_place_of_the_pytorch_copy(tmp_path, monkeypatch, cached):
+    """Loading a cached engine beside PyTorch's copy of its weights would hold both on the GPU for a moment, past a
+    small card's room: the copy is parked before the load, and back where PyTorch runs it for a refit or a build."""
+    first, _ = refittable_runtime(tmp_path, monkeypatch)
+    call(first)
+    later, backend = refittable_runtime(tmp_path, monkeypatch, fail="load" if cached == "will not load" else None)
+    log, module = [], seeded_mlp()
+    if cached == "needs a refit":
+        with torch.no_grad():
+            module[2].bias.add_(1.0)
+    parking = RecordingParking(log)
+    later.register(COMPONENT, parking=parking)
+    load, refit, build = backend.load, backend.refit, backend.compile
+    backend.load = lambda path: log.append(("loading", parking.is_parked(module))) or load(path)
+    backend.refit = lambda *args: log.append(("refitting", parking.is_parked(module))) or refit(*args)
+    backend.compile = lambda *args: log.append(("building", parking.is_parked(module))) or build(*args)
+    actual, expected = call(later, module)
+    assert torch.equal(actual, expected) and later.status[COMPONENT].engine == "tensorrt"
+    assert log[0] == ("park", module) and ("loading", True) in log
+    moved = {"loads": [], "will not load": [("building", False)], "needs a refit": [("refitting", False)]}[cached]
+    assert [entry for entry in log if entry[0] in ("building", "refitting")] == moved
+    assert parking.is_parked(module)  # the engine serves: PyTorch's copy waits on the host
+
+
 @pytest.mark.parametrize("how", ["another module's failure", "its own failure"])
 def test_a_dropped_engine_frees_its_memory_at_once(tmp_path, how):
     """Torch-TensorRT's compiled modules refer to themselves (a graph module's graph refers back to it), so an engine

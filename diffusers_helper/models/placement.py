@@ -56,10 +56,11 @@ MIN_GPU_MEMORY_GB = 6.0  # FramePack's smallest card
 GIB = 1024**3
 GROUP_OFFLOADING_HOOK = "group_offloading"  # the name diffusers' own group offloading registers its hooks under
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-# What the transformer's TensorRT engines need on the GPU beyond the weights PyTorch hands them: their runtime's own
-# memory beside the weights, and a stretch's build (the builder's copy of its weights and its workspace) on top
-# (docs/benchmarks.md). A plan for engines keeps it free of resident weights.
+# What the transformer's TensorRT engines need on the GPU beyond the weights PyTorch hands them (docs/benchmarks.md):
+# room for a stretch's build (the builder's copy of its weights and its workspace), kept free of resident weights, and
+# each engine's own memory beside its weights, counted with the resident blocks it runs (an engine runs two).
 TENSORRT_ENGINES_GB = 2.5
+TENSORRT_ENGINE_GB_PER_BLOCK = 0.12
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,11 @@ class MemoryPlan:
     def resident_bytes(self) -> int:
         """GPU memory the streaming transformer may keep for resident weights."""
         return int(max(self.budget_gb - self.preserve_gb - self.engines_gb, 0.0) * GIB)
+
+    def block_overhead_bytes(self) -> int:
+        """What each resident transformer block takes on the GPU beyond its weights: its share of its engine's own
+        memory where the plan is for engines, else nothing."""
+        return int(TENSORRT_ENGINE_GB_PER_BLOCK * GIB) if self.engines_gb else 0
 
     def describe(self) -> str:
         if self.device.type == "cpu":
@@ -316,7 +322,8 @@ def transformer_layout(transformer: torch.nn.Module, plan: MemoryPlan) -> tuple[
     the plan's room lasts."""
     blocks = transformer_blocks(transformer)
     rest = _bytes(transformer) - sum(_bytes(block) for block in blocks)
-    count = resident_block_count(plan.resident_bytes() - rest, [_bytes(block) for block in blocks])
+    overhead = plan.block_overhead_bytes()
+    count = resident_block_count(plan.resident_bytes() - rest, [_bytes(block) + overhead for block in blocks])
     return blocks[:count], blocks[count:]
 
 
