@@ -46,9 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="what the cache holds: component, input shapes, size, last use; rejections")
     prune = commands.add_parser("prune", help="remove engines (an engine another process is using stays)")
     which = prune.add_mutually_exclusive_group(required=True)
-    which.add_argument("--all", action="store_true", help="every engine, and the records of rejected engines")
-    which.add_argument("--unused-days", type=float, metavar="DAYS", help="engines not used for this many days")
-    which.add_argument("--max-gb", type=float, metavar="GB", help="least recently used first, until the cache fits")
+    which.add_argument("--all", action="store_true",
+                       help="every engine, the records of rejected engines, and torch.compile's code")  # fmt: skip
+    which.add_argument("--unused-days", type=float, metavar="DAYS",
+                       help="engines and torch.compile's code not used for this many days")  # fmt: skip
+    which.add_argument("--max-gb", type=float, metavar="GB",
+                       help="engines, least recently used first, until they fit")  # fmt: skip
     prune.add_argument("--component", help="only this component's engines (e.g. transformer)")
     return parser
 
@@ -67,6 +70,7 @@ def _speeds(cache):
 
 def list_engines() -> int:
     """What the cache holds, most recently used first; reading it changes nothing."""
+    from diffusers_helper.acceleration.compiled_blocks import COMPILED_CODE_DIR, compiled_code_files
     from diffusers_helper.acceleration.speed_policy import engine_speedups
 
     cache = _cache()
@@ -82,6 +86,10 @@ def list_engines() -> int:
               f"{record['rejected']} (`prune --all` lets it be built again)")  # fmt: skip
     for key, problem in cache.unreadable():
         print(f"{key}  {problem}: a later run rebuilds it (`prune --all` removes it now)")
+    code = compiled_code_files(cache.directory / COMPILED_CODE_DIR)
+    if code:
+        print(f"{cache.directory / COMPILED_CODE_DIR}: torch.compile's code, {len(code)} file(s), "
+              f"{_gb(sum(path.stat().st_size for path in code))}")  # fmt: skip
     return EXIT_OK
 
 
@@ -99,7 +107,10 @@ def _engine_line(record: dict, speedups: dict[str, float]) -> str:
 
 def prune_engines(args: argparse.Namespace) -> int:
     """Remove the engines asked for, the lock files they leave and, with no component named, entries whose record
-    cannot be read; `--all` also forgets rejections and the engines' measured speeds."""
+    cannot be read and torch.compile's code (all of it, or what was unused for the days given); `--all` also forgets
+    rejections and the engines' measured speeds."""
+    from diffusers_helper.acceleration.compiled_blocks import COMPILED_CODE_DIR, prune_compiled_code
+
     cache = _cache()
     records = [r for r in cache.describe() if args.component in (None, r.get("component"))]
     if args.all:
@@ -138,6 +149,11 @@ def prune_engines(args: argparse.Namespace) -> int:
             if forgotten:
                 print(f"forgot {forgotten} measured engine speed(s): engines will be timed again")
             cache.prune_locks()
+        if args.component is None and args.max_gb is None:
+            unused = None if args.all else args.unused_days * 86400
+            files, freed = prune_compiled_code(cache.directory / COMPILED_CODE_DIR, unused)
+            if files:
+                print(f"removed {files} file(s) of torch.compile's code, {_gb(freed)}")
     except OSError as error:
         print(f"error: cannot prune {cache.directory}: {error.strerror or error}", file=sys.stderr)
         return EXIT_FAILURE

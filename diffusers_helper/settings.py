@@ -17,6 +17,7 @@ DEVICES = ("auto", "cpu", "cuda")
 # How the transformer's blocks run when they are not a TensorRT engine: torch.compile where it is measured faster
 # (auto; on a GPU), always compiled, or PyTorch eager.
 BACKENDS = ("auto", "compile", "eager")
+ATTENTION_CHOICES = ("sdpa", "auto", "cudnn", "flash", "flash3", "sage")  # acceleration/attention.py
 # A TensorRT engine serves only at this speed-up over PyTorch or more (unless --tensorrt-always): one that only ties
 # costs its build, its loads (minutes at full size) and its checks for nothing.
 MIN_TENSORRT_SPEEDUP = 1.05
@@ -207,6 +208,7 @@ class ModelSettings:
     # GB of GPU memory the plan keeps free for activations and streaming: it decides what stays on the GPU
     gpu_memory_preservation: float = 6.0
     backend: str = "auto"
+    attention: str = "sdpa"  # the blocks' attention kernel (see acceleration/attention.py)
     fp8: bool = False  # the blocks' matrix multiplications in FP8 (see acceleration/fp8.py)
 
     def __post_init__(self) -> None:
@@ -216,6 +218,8 @@ class ModelSettings:
             raise InvalidSettings(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.backend not in BACKENDS:
             raise InvalidSettings(f"backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise InvalidSettings(f"attention must be one of {', '.join(ATTENTION_CHOICES)}, got {self.attention!r}")
         if self.fp8 and self.tensorrt.transformer:
             raise InvalidSettings(
                 "--fp8 runs the blocks through torch.compile, and --tensorrt-transformer through TensorRT; pick one"

@@ -5,13 +5,18 @@ about our fallback (a wrong or failing compile)."""
 import dataclasses
 import itertools
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from diffusers_helper.acceleration import compiled_blocks
-from diffusers_helper.acceleration.compiled_blocks import COMPILE_HOOK, CompiledBlocks
+from diffusers_helper.acceleration.compiled_blocks import COMPILE_HOOK, COMPILED_CODE_DIR, CompiledBlocks
+from diffusers_helper.acceleration.engine_cache import CACHE_DIR_VARIABLE
 from diffusers_helper.acceleration.speed_records import SPEED_RECORDS_FILE, SpeedRecords
 from diffusers_helper.media.images import example_image
 from diffusers_helper.media.job_files import JobPaths
@@ -212,3 +217,21 @@ def test_under_the_tensorrt_stack_the_blocks_compile_wherever_the_stack_runs_in_
     report = models.backends()["transformer"]
     assert report.startswith("PyTorch (its engine measured 0.50x the speed of PyTorch (torch.compile)")
     assert report.endswith("; blocks: torch.compile")
+
+
+@pytest.mark.subprocess
+def test_a_fresh_process_loads_the_compiled_code_from_the_engine_cache(tmp_path):
+    """Inductor's caches live in the engine cache directory, not the system's temporary one (cleared by a reboot):
+    a second process compiles nothing and loads every graph the first one compiled."""
+    environment = {key: value for key, value in os.environ.items() if key != "TORCHINDUCTOR_CACHE_DIR"}
+    environment[CACHE_DIR_VARIABLE] = str(tmp_path / "cache")
+    runs = []
+    for _ in range(2):
+        run = subprocess.run([sys.executable, "-m", "tests.support.compile_worker"], cwd=Path(__file__).parent.parent,
+                             env=environment, capture_output=True, text=True, timeout=900)  # fmt: skip
+        assert run.returncode == 0, run.stderr[-2000:]
+        runs.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["misses"] > 0 and first["blocks"] == second["blocks"] == "torch.compile"
+    assert second == {**first, "hits": first["misses"], "misses": 0}
+    assert any((tmp_path / "cache" / COMPILED_CODE_DIR).rglob("*"))

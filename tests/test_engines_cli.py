@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import engines
+from diffusers_helper.acceleration.compiled_blocks import COMPILED_CODE_DIR
 from diffusers_helper.acceleration.engine_cache import CACHE_DIR_VARIABLE, EngineCache
 from diffusers_helper.acceleration.speed_policy import speed_key
 from diffusers_helper.acceleration.speed_records import SPEED_RECORDS_FILE, SpeedRecord, SpeedRecords
@@ -144,3 +145,24 @@ def test_an_engine_in_use_by_another_process_is_not_pruned(filled_cache):
 def test_a_record_the_tools_write_is_json(filled_cache):
     record = json.loads((filled_cache.directory / f"{'a' * 32}.json").read_text())
     assert record["component"] == "transformer" and record["bytes"] == 4096
+
+
+def test_torch_compiles_code_is_listed_and_pruned_with_the_engines(filled_cache, capsys):
+    code = filled_cache.directory / COMPILED_CODE_DIR
+    (code / "fxgraph" / "ab").mkdir(parents=True)
+    old, new = code / "fxgraph" / "ab" / "old-graph", code / "triton" / "new-kernel"
+    new.parent.mkdir()
+    old.write_bytes(b"x" * 1000)
+    new.write_bytes(b"y" * 3000)
+    long_ago = time.time() - 40 * 86400
+    os.utime(old, (long_ago, long_ago))
+    assert engines.main(["list"]) == 0
+    assert "torch.compile's code, 2 file(s)" in capsys.readouterr().out
+    for kept in (["--max-gb", "100"], ["--all", "--component", "transformer"]):  # engines only
+        assert engines.main(["prune", *kept]) == 0
+        assert old.exists() and new.exists()
+    assert engines.main(["prune", "--unused-days", "30"]) == 0
+    assert "removed 1 file(s) of torch.compile's code" in capsys.readouterr().out
+    assert not (code / "fxgraph").exists() and new.exists()  # the old file and the folders it left empty
+    assert engines.main(["prune", "--all"]) == 0
+    assert not new.exists() and not code.exists()

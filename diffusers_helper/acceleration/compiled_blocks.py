@@ -13,12 +13,20 @@ error at most TOLERANCE). Under `auto` both are also timed there, and the faster
 measurement is remembered (speed_records) per GPU, torch version, block class and shape, so a later process that
 found eager faster does not compile at all. A compile that fails (no Triton, an Inductor error, too many recompiles)
 or is wrong costs one warning and leaves every block eager for the rest of the process.
+
+Inductor's own on-disk caches (its compiled graphs, their autograd wrappers and Triton kernels, each keyed by
+Inductor by the graph, the torch version, the device and its settings) live in the engine cache directory
+(`keep_compiled_code`) rather than the system's temporary one, so a fresh process after a reboot or a cleared
+temporary directory loads the compiled code instead of compiling cold, and `engines.py prune` clears it with the
+engines.
 """
 
 import importlib.util
 import logging
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -35,6 +43,46 @@ TOLERANCE = 0.02  # bf16 blocks differ from eager by well under 1% when compiled
 COMPILE_HOOK = "compiled_block"
 TIMED_RUNS = 3
 RECOMPILE_LIMIT = 64  # graphs per block class: one per latent shape (and, for FP8, text length) a process meets
+
+
+COMPILED_CODE_DIR = "compiled_code"  # in the engine cache directory
+INDUCTOR_CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"  # Inductor reads it whenever it looks for its caches
+
+
+def keep_compiled_code(cache_dir: Path) -> Path:
+    """Inductor's caches in `cache_dir`'s compiled-code folder, unless the user chose their own folder; returns the
+    folder in use. Call before the blocks compile. (Inductor writes its default folder into the variable once it has
+    looked for it, so only another value is the user's.)"""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir as inductor_default
+
+    chosen = os.environ.get(INDUCTOR_CACHE_VARIABLE)
+    if chosen and os.path.abspath(chosen) != os.path.abspath(inductor_default()):
+        return Path(chosen)
+    directory = cache_dir / COMPILED_CODE_DIR
+    os.environ[INDUCTOR_CACHE_VARIABLE] = str(directory)
+    return directory
+
+
+def compiled_code_files(directory: Path) -> list[Path]:
+    """The files of a compiled-code folder (none where it does not exist)."""
+    return [path for path in directory.rglob("*") if path.is_file()] if directory.is_dir() else []
+
+
+def prune_compiled_code(directory: Path, unused_seconds: float | None = None) -> tuple[int, int]:
+    """Remove the compiled-code folder's files, or only those not written or read for `unused_seconds`; returns
+    (files, bytes) removed. A process using a removed file compiles that graph again."""
+    cutoff = None if unused_seconds is None else time.time() - unused_seconds
+    removed = freed = 0
+    for path in compiled_code_files(directory):
+        stat = path.stat()
+        if cutoff is None or max(stat.st_mtime, stat.st_atime) < cutoff:
+            path.unlink(missing_ok=True)
+            removed, freed = removed + 1, freed + stat.st_size
+    folders = [path for path in directory.rglob("*") if path.is_dir()] + [directory] if directory.is_dir() else []
+    for folder in sorted(folders, reverse=True):
+        if not any(folder.iterdir()):  # deepest first, so a folder emptied of folders goes too
+            folder.rmdir()
+    return removed, freed
 
 
 def compile_unavailable(device: torch.device) -> str | None:

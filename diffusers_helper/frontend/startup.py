@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from ..settings import (
+    ATTENTION_CHOICES,
     BACKENDS,
     DEVICES,
     MIN_TENSORRT_SPEEDUP,
@@ -72,6 +73,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "timed against: auto = torch.compile where it measured faster than PyTorch on this GPU (measured once, "
         "remembered beside the engine cache; PyTorch on the CPU), compile = always torch.compile, eager = plain "
         "PyTorch (default: %(default)s)",
+    )
+    models.add_argument(
+        "--attention",
+        choices=ATTENTION_CHOICES,
+        default="sdpa",
+        help="the transformer's attention kernel: sdpa = PyTorch's, as FramePack runs it (FramePack's exact video); "
+        "auto = the fastest installed kernel that matches it on this GPU (measured once per size, remembered "
+        "beside the engine cache); cudnn, flash (flash-attn), flash3 (FlashAttention 3), sage (SageAttention 2, "
+        "8-bit: a slightly different video); see docs/attention.md (default: %(default)s)",
     )
     models.add_argument(
         "--fp8",
@@ -172,7 +182,7 @@ def model_settings(args: argparse.Namespace) -> ModelSettings:
     settings = ModelSettings(
         variant=args.variant, preset=args.preset, models_dir=args.models, device=args.device, tensorrt=tensorrt,
         gpu_memory_limit_gb=args.gpu_memory_limit, gpu_memory_preservation=args.gpu_memory_preservation,
-        backend=args.backend, fp8=args.fp8,
+        backend=args.backend, attention=args.attention, fp8=args.fp8,
     )  # fmt: skip
     if tensorrt.enabled or settings.backend != "eager":  # engines and measured speeds live in the cache directory
         default_cache_dir()
@@ -192,6 +202,7 @@ def runtime_for(settings: ModelSettings) -> "TensorRTRuntime | None":
 def plan_for(settings: ModelSettings, free_gb: float | None = None) -> "MemoryPlan":
     """The memory plan for these models; InvalidSettings when it cannot work (a bad limit, the full-size preset
     without a GPU, whose float32 weights would need about 90 GB of RAM)."""
+    from ..acceleration.attention import check_attention
     from ..models.placement import plan_memory
 
     # Growing segments instead of fixed blocks: activations of many sizes then leave no unusable gaps, which
@@ -201,6 +212,7 @@ def plan_for(settings: ModelSettings, free_gb: float | None = None) -> "MemoryPl
                        tensorrt_transformer=settings.tensorrt.enabled and settings.tensorrt.transformer)  # fmt: skip
     if settings.preset == "full-random" and plan.device.type == "cpu":
         raise InvalidSettings("the full-random preset needs a CUDA GPU; on the CPU use --preset tiny")
+    check_attention(settings.attention, plan.device)
     return plan
 
 

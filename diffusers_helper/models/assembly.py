@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
-from ..acceleration.compiled_blocks import CompiledBlocks, compile_unavailable
+from ..acceleration.attention import AttentionKernels
+from ..acceleration.compiled_blocks import CompiledBlocks, compile_unavailable, keep_compiled_code
 from ..acceleration.engine_cache import default_cache_dir
 from ..acceleration.fp8 import fp8_bytes, fp8_unavailable, quantize_block_fp8
 from ..acceleration.speed_records import SPEED_RECORDS_FILE, SpeedRecords
@@ -77,6 +78,7 @@ class AssembledModels:
     compiled: CompiledBlocks | None = None
     fp8: str | None = None  # what `--fp8` made of the block weights, for the report
     engine_blocks: int = 0  # how many transformer blocks, from the first, the TensorRT stack runs
+    attention: AttentionKernels | None = None
 
     def describe(self) -> str:
         """One line for people: which models, from where, on what device, in which dtypes, what streams."""
@@ -96,6 +98,8 @@ class AssembledModels:
         """What each model runs on, and why (for the sidecar and status displays)."""
         names = ("text_encoder", "text_encoder_2", "image_encoder", "vae_encoder", "vae_decoder", "transformer")
         report = dict.fromkeys(names, "PyTorch")
+        if self.attention is not None:
+            report["attention"] = self.attention.describe()
         if self.compiled is not None:
             report["transformer"] = self.compiled.describe()
         if self.fp8 is not None:
@@ -135,12 +139,15 @@ def assemble(
     engine_blocks = 0 if stack is None else len(stack.stack.blocks)
     if compiled is not None and engine_blocks < len(transformer_blocks(components.transformer)):
         compiled.install(components.transformer, first=engine_blocks)
+    attention = AttentionKernels(settings.attention, plan.device, SpeedRecords(default_cache_dir() / SPEED_RECORDS_FILE)
+                                 if settings.attention == "auto" else None)  # fmt: skip
+    attention.install(components.transformer, first=engine_blocks)
     placement = place_components(components, plan)
     teacache = apply_teacache(components.transformer)
     magcache = apply_magcache(components.transformer, MAG_RATIOS[components.variant])
     loras = FusedLoras(components.transformer, FP8_REFUSES_LORAS if in_fp8 else None)
     return AssembledModels(components, plan, placement, teacache, magcache, settings, runtime, loras, compiled, fp8,
-                           engine_blocks)  # fmt: skip
+                           engine_blocks, attention)  # fmt: skip
 
 
 FP8_APPLIED = "FP8 block linears (torchao, row-wise scales)"
@@ -179,6 +186,7 @@ def compiled_blocks(
             logger.warning("%s; the transformer blocks run in PyTorch", unavailable)
         return None
     weights = "float8" if fp8 else str(transformer.dtype).removeprefix("torch.")
+    keep_compiled_code(default_cache_dir())
     return CompiledBlocks(settings.backend, SpeedRecords(default_cache_dir() / SPEED_RECORDS_FILE), weights)
 
 
