@@ -5,18 +5,16 @@ kept in both cases, and its JSON says "stopped").
 """
 
 import argparse
-import contextlib
 import dataclasses
 import itertools
 import logging
-import signal
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
+from diffusers_helper.frontend.signals import EXIT_STOPPED, Interrupted, stop_on_signals
+
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
-EXIT_STOPPED = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as shells report it
 EPILOG = """exit codes:
   0    the video is complete
   1    the job failed (models could not load, generation failed); the message says why
@@ -141,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _settings(args: argparse.Namespace):
+def job_settings(args: argparse.Namespace):
     from diffusers_helper.frontend.startup import default_resolution
     from diffusers_helper.settings import GenerationSettings, LoraChoice
 
@@ -158,7 +156,7 @@ def _settings(args: argparse.Namespace):
     )  # fmt: skip
 
 
-def _jobs(args: argparse.Namespace, settings) -> list:
+def numbered_jobs(args: argparse.Namespace, settings) -> list:
     """(settings, paths) of each video `--count` asks for: seeds from `--seed` on; with `--output x.mp4`, the
     videos after the first are x_2.mp4, x_3.mp4, ..."""
     from diffusers_helper.media.job_files import JobPaths
@@ -176,7 +174,7 @@ def _jobs(args: argparse.Namespace, settings) -> list:
     return jobs
 
 
-def _earlier_job(path: Path) -> dict:
+def earlier_job(path: Path) -> dict:
     """The flags' values that make an earlier job again (its settings, and its start image as used), from its JSON
     or its MP4; InvalidSettings for a file that is neither."""
     from diffusers_helper.media.job_files import read_job
@@ -191,35 +189,6 @@ def _earlier_job(path: Path) -> dict:
     if job.image is not None:
         values["image"] = job.image
     return values
-
-
-class Interrupted(KeyboardInterrupt):
-    """A second stop request: the job ends at once (its JSON says "stopped", the video so far is kept)."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-@contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event, received: list[int]) -> Iterator[None]:
-    """The first Ctrl-C or SIGTERM stops after the current step and keeps the video so far; a second stops at once.
-    The handlers are this function's only while the job runs."""
-
-    def handler(signum, frame):
-        if stop.is_set():
-            raise Interrupted(signum)
-        received.append(signum)
-        name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-        print(f"\n{name}: stopping after the current step (again to stop at once)", file=sys.stderr)
-        stop.set()
-
-    previous = {signum: signal.signal(signum, handler) for signum in EXIT_STOPPED}
-    try:
-        yield
-    finally:
-        for signum, earlier in previous.items():
-            signal.signal(signum, earlier)
 
 
 def _run(engine, image, settings, paths, stop: threading.Event, overwrite: bool) -> int | None:
@@ -273,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         from diffusers_helper.settings import InvalidSettings
 
         try:
-            parser.set_defaults(**_earlier_job(args.from_job))
+            parser.set_defaults(**earlier_job(args.from_job))
         except InvalidSettings as error:
             print(f"error: {error}", file=sys.stderr)
             return EXIT_BAD_INPUT
@@ -302,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_libraries()
     try:
         models = model_settings(args)
-        settings = _settings(args)
+        settings = job_settings(args)
         for choice in settings.loras:  # the files now, before the models load; how they fit the model after
             read_lora(choice.path)
         image = None if args.image is None else load_input_image(args.image)
@@ -312,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             load_input_image(settings.end_image, "end image")
         if args.count < 1:
             raise InvalidSettings(f"--count must be 1 or more, got {args.count}")
-        jobs = _jobs(args, settings)
+        jobs = numbered_jobs(args, settings)
         for _, paths in jobs:
             ensure_writable_dir(paths.video.parent)
             paths.check(
@@ -326,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stop, received = threading.Event(), []
     try:
-        with _stop_on_signals(stop, received):
+        with stop_on_signals(stop, received):
             return _load_and_run(args, models, jobs, image, plan, runtime, stop, received)
     except Interrupted as interrupted:
         print(f"stopped at once ({interrupted}); the video so far is kept", file=sys.stderr)

@@ -84,6 +84,15 @@ class StepTimer:
                 "first_step_s": round(self.times[0], 3)}  # fmt: skip
 
 
+def load_inputs(work: Path, device: torch.device, dtype: torch.dtype) -> dict:
+    """The section's inputs on the device, the encoders' outputs in the transformer's dtype (as both apps hand
+    them over); the latents stay float32, as FramePack keeps its history."""
+    inputs = {name: value.to(device) for name, value in torch.load(work / "inputs.pt").items()}
+    for name in ("prompt_embeds", "prompt_poolers", "image_embeddings"):
+        inputs[name] = inputs[name].to(dtype)
+    return inputs
+
+
 def limit_gpu(limit: float | None) -> None:
     if limit is not None:
         total = torch.cuda.get_device_properties(0).total_memory
@@ -123,7 +132,7 @@ def run_framepack(args: argparse.Namespace) -> dict:
         memory.move_model_to_device_with_memory_preservation(transformer, device, FRAMEPACK_PRESERVED_GB)
     else:
         transformer.to(device)
-    inputs = {name: value.to(device) for name, value in torch.load(args.work / "inputs.pt").items()}
+    inputs = load_inputs(args.work, device, dtype)
     timer = StepTimer()
     torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
     latents = sample_hunyuan(
@@ -162,7 +171,7 @@ def run_product(args: argparse.Namespace) -> dict:
         args.work / "transformer" / args.preset, torch_dtype=plan.transformer_dtype
     )
     models = assemble(dataclasses.replace(components, transformer=transformer.eval()), plan, settings)
-    inputs = {name: value.to(plan.device) for name, value in torch.load(args.work / "inputs.pt").items()}
+    inputs = load_inputs(args.work, plan.device, plan.transformer_dtype)
     text = TextConditions(inputs["prompt_embeds"], inputs["prompt_embeds_mask"].to(plan.transformer_dtype),
                           inputs["prompt_poolers"])  # fmt: skip
     conditions = Conditions(text, None, inputs["image_embeddings"], inputs["clean_latents"][:, :, :1].float())

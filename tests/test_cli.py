@@ -79,10 +79,10 @@ def test_unknown_variant_and_preset_are_one_line_errors(capsys, image_file):
 )
 def test_step_cache_flags_old_and_new(flags, step_cache):
     """--teacache/--no-teacache keep working beside --step-cache; MagCache's parameters reach the settings."""
-    settings = generate._settings(generate.build_parser().parse_args(["--preset", "tiny", *flags]))
+    settings = generate.job_settings(generate.build_parser().parse_args(["--preset", "tiny", *flags]))
     assert settings.step_cache == step_cache
     magcache = ["--magcache-threshold", "0.2", "--magcache-max-skips", "3", "--magcache-retention", "0.3"]
-    settings = generate._settings(generate.build_parser().parse_args([*flags, *magcache]))
+    settings = generate.job_settings(generate.build_parser().parse_args([*flags, *magcache]))
     assert (settings.magcache_threshold, settings.magcache_max_skips, settings.magcache_retention) == (0.2, 3, 0.3)
 
 

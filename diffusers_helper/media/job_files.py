@@ -166,14 +166,30 @@ def read_job(path: Path, elsewhere: Sequence[Path] = ()) -> RecordedJob:
     sidecar = _found(path.with_suffix(".json") if path.suffix.lower() == ".mp4" else path, elsewhere)
     try:
         record = json.loads(sidecar.read_text(encoding="utf-8"))
-        recorded, image = dict(record["settings"]), record["input_image"]
-        loras = tuple(LoraChoice(Path(lora["path"]), float(lora["scale"])) for lora in record.get("loras", []))
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as error:
+    except (OSError, UnicodeDecodeError, ValueError) as error:
         raise InvalidSettings(f"{path}: not a job's JSON ({describe_error(error)})") from error
-    names = {field.name for field in dataclasses.fields(GenerationSettings)} - {"loras"}
-    settings = GenerationSettings(**{name: value for name, value in recorded.items() if name in names}, loras=loras)
+    settings, image = settings_from_record(record, str(path))
     start = None if settings.extend is not None else _found(sidecar.parent / image, elsewhere)
     return RecordedJob(settings, start, sidecar)
+
+
+def settings_from_record(record: object, where: str) -> tuple[GenerationSettings, str | None]:
+    """A sidecar-shaped record's settings and its start image as written; InvalidSettings, naming `where`, for a
+    record that is no job's, or settings that no longer pass."""
+    try:
+        recorded, image = dict(record["settings"]), record.get("input_image")
+        loras = tuple(LoraChoice(Path(lora["path"]), float(lora["scale"])) for lora in record.get("loras", []))
+    except (AttributeError, ValueError, KeyError, TypeError) as error:
+        raise InvalidSettings(f"{where}: not a job's JSON ({describe_error(error)})") from error
+    names = {field.name for field in dataclasses.fields(GenerationSettings)} - {"loras"}
+    try:
+        settings = GenerationSettings(**{name: value for name, value in recorded.items() if name in names},
+                                      loras=loras)  # fmt: skip
+    except TypeError as error:  # a setting every job has is missing
+        raise InvalidSettings(f"{where}: not a job's JSON ({describe_error(error)})") from error
+    except InvalidSettings as error:
+        raise InvalidSettings(f"{where}: {error}") from error
+    return settings, image
 
 
 def _found(path: Path, elsewhere: Sequence[Path]) -> Path:
