@@ -7,6 +7,9 @@ Exit codes: 0 done, 1 a job failed or the store could not be used, 2 bad input, 
 import argparse
 import json
 import logging
+import os
+import signal
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -42,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("list", help="every job: id, state, prompt, progress, video")
     run = commands.add_parser("run", help="run the queued jobs, one after the other")
     run.add_argument("--watch", action="store_true", help="keep waiting for new jobs once the queue is empty")
+    run.add_argument("--workers", type=int, help="worker processes, each loading its own models and claiming jobs "
+                     "from the store (default: one per --devices entry, else 1)")  # fmt: skip
+    run.add_argument("--devices", type=device_list, metavar="0,1",
+                     help="the GPUs the workers run on, in turn (each worker sees one, by CUDA_VISIBLE_DEVICES)")  # fmt: skip
+    run.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)  # a worker that --workers started
     add_model_arguments(run)
     for name, text in (("cancel", "cancel a queued job, or stop a running one after its current step"),
                        ("retry", "queue a stopped, failed or cancelled job again")):  # fmt: skip
@@ -51,6 +59,50 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("file", type=Path)
     return parser
+
+
+def device_list(text: str) -> list[str]:
+    devices = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in devices):
+        raise argparse.ArgumentTypeError(f"GPU numbers separated by commas, e.g. 0,1; got {text!r}")
+    return devices
+
+
+def run_workers(args: argparse.Namespace, argv: list[str]) -> int:
+    """`run` in worker processes of their own, each on its GPU (round robin over --devices), the store shared:
+    Ctrl-C and SIGTERM reach each worker once (the first stops its job after the current step, a second at once)."""
+    from diffusers_helper.frontend.startup import model_settings
+
+    devices = args.devices or []
+    count = args.workers if args.workers is not None else max(len(devices), 1)
+    if count < 1:
+        print(f"error: --workers must be 1 or more, got {count}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    model_settings(args)  # bad model flags are one line here, not one per worker
+    command = [sys.executable, str(Path(__file__).resolve()), *argv, "--in-process"]
+    children = []
+    for number in range(count):
+        environment = dict(os.environ)
+        if devices:
+            environment["CUDA_VISIBLE_DEVICES"] = devices[number % len(devices)]
+        children.append(subprocess.Popen(command, env=environment, start_new_session=True))
+
+    def forward(signum, frame) -> None:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+    previous = {signum: signal.signal(signum, forward) for signum in EXIT_STOPPED}
+    try:
+        codes = [child.wait() for child in children]
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    stopped = [code for code in codes if code in EXIT_STOPPED.values()]
+    if stopped:
+        return stopped[0]
+    failed = [code for code in codes if code != EXIT_OK]
+    return (failed[0] if failed[0] > 0 else EXIT_FAILURE) if failed else EXIT_OK  # < 0: a worker killed by a signal
 
 
 def queue_from_flags(store, flags: list[str]) -> int:
@@ -182,7 +234,9 @@ def main(argv: list[str] | None = None) -> int:
             store.retry(args.id)
             print(f"job {args.id} queued again")
             return EXIT_OK
-        return run_jobs(store, args)
+        if args.in_process or (args.workers in (None, 1) and not args.devices):
+            return run_jobs(store, args)
+        return run_workers(args, sys.argv[1:] if argv is None else argv)
     except JobStoreError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_FAILURE

@@ -110,20 +110,19 @@ def test_a_worker_killed_mid_job_leaves_every_job_in_one_state_and_the_next_run_
 
 
 @pytest.mark.subprocess
-def test_two_workers_run_twenty_jobs_each_exactly_once(tmp_path, image_file):
+def test_run_with_two_workers_runs_twenty_jobs_each_exactly_once(tmp_path, image_file):
     store = tmp_path / "jobs.sqlite3"
     lines = [json.dumps({"settings": {"prompt": f"job {n}", "seconds": 0.5, "steps": 1, "resolution": 128,
                                       "seed": n}, "input_image": str(image_file), "loras": [],
                          "outputs": str(tmp_path / "out")}) for n in range(20)]  # fmt: skip
     (tmp_path / "twenty.jsonl").write_text("\n".join(lines) + "\n")
     assert jobs_cli(store, "add", "--file", str(tmp_path / "twenty.jsonl")).returncode == 0
-    command = [sys.executable, "jobs.py", "--jobs-db", str(store), "run", "--preset", "tiny"]
-    workers = [subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-               for _ in range(2)]  # fmt: skip
-    outputs = [worker.communicate(timeout=900)[0] for worker in workers]
-    assert all(worker.returncode == 0 for worker in workers)
-    ran = [int(line.split()[1]) for output in outputs for line in output.splitlines() if line.endswith(".mp4")]
+    run = jobs_cli(store, "run", "--workers", "2", "--preset", "tiny", timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    ran = [int(line.split()[1]) for line in run.stdout.splitlines() if line.endswith(".mp4")]
     assert sorted(ran) == list(range(1, 21))  # each job once, by one worker or the other
+    workers = {job.worker for job in JobStore(store).jobs()}
+    assert len(workers) <= 2 and all(worker.split(":")[-1].isdigit() for worker in workers)
     finished = JobStore(store).jobs()
     assert all(job.state is JobState.DONE for job in finished) and len({job.video for job in finished}) == 20
 
@@ -154,3 +153,15 @@ def test_add_from_an_earlier_jobs_json_takes_its_settings_and_the_flags_given(tm
     [job] = JobStore(store).jobs()
     assert (job.settings["settings"]["prompt"], job.settings["settings"]["seed"]) == ("as before", 9)
     assert job.settings["input_image"] == str((tmp_path / "earlier.input.png").resolve())
+
+
+def test_bad_workers_or_devices_are_one_line(tmp_path, capsys):
+    store = ["--jobs-db", str(tmp_path / "jobs.sqlite3")]
+    with pytest.raises(SystemExit) as exit_code:
+        jobs.main([*store, "run", "--devices", "0,x"])
+    assert exit_code.value.code == 2
+    assert (
+        capsys.readouterr().err == "error: argument --devices: GPU numbers separated by commas, e.g. 0,1; got '0,x'\n"
+    )
+    assert jobs.main([*store, "run", "--workers", "0"]) == 2
+    assert capsys.readouterr().err == "error: --workers must be 1 or more, got 0\n"
