@@ -4,6 +4,7 @@ after a worker was killed mid-job (kill -9): every job in exactly one state, non
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -165,3 +166,40 @@ def test_bad_workers_or_devices_are_one_line(tmp_path, capsys):
     )
     assert jobs.main([*store, "run", "--workers", "0"]) == 2
     assert capsys.readouterr().err == "error: --workers must be 1 or more, got 0\n"
+
+
+@pytest.mark.subprocess
+@pytest.mark.parametrize("moment", ["mp4", "store"])
+def test_a_worker_killed_during_the_mp4_write_or_a_store_write_loses_nothing(tmp_path, image_file, moment):
+    """Killed halfway through a section's MP4 (the published video is the section before, whole) or inside a store
+    transaction (rolled back, the database intact): the next run marks the job stopped with that video, runs the
+    rest once, and writes over nothing."""
+    import av
+
+    store = tmp_path / "jobs.sqlite3"
+    jobs_cli(store, "add", *LONG_JOB, "--image", str(image_file), "--outputs", str(tmp_path / "out"))
+    jobs_cli(store, "add", *JOB, "--image", str(image_file), "--outputs", str(tmp_path / "out"))
+    marker = tmp_path / "holding"
+    worker = subprocess.Popen([sys.executable, "-m", "tests.support.queue_worker", str(store), str(marker), moment],
+                              cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        while not marker.exists():
+            assert worker.poll() is None, "the worker ended before it held still"
+            time.sleep(0.2)
+    finally:
+        os.kill(worker.pid, signal.SIGKILL)
+        worker.wait()
+    assert sqlite3.connect(store).execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    killed = JobStore(store).get(1)
+    assert killed.state is JobState.RUNNING and killed.sections_done == 1  # the uncommitted progress is gone
+    video = killed.video
+    recorded = json.loads(video.with_suffix(".json").read_text())
+    with av.open(str(video)) as container:
+        assert sum(1 for _ in container.decode(video=0)) == recorded["frames"]  # whole and playable
+    kept = video.read_bytes()
+    again = jobs_cli(store, "run", "--preset", "tiny")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count("job 2:") == 1 and "job 1:" not in again.stdout  # none ran twice
+    first, second = JobStore(store).get(1), JobStore(store).get(2)
+    assert first.state is JobState.STOPPED and first.video == video and video.read_bytes() == kept
+    assert second.state is JobState.DONE and second.video != video
