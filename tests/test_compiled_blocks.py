@@ -87,6 +87,29 @@ def test_the_status_says_compiling_while_a_graph_compiles_and_only_then(tiny_roo
     assert engine.models.backends()["transformer"] == "torch.compile"
 
 
+def test_a_graph_compiled_before_is_said_to_load_from_the_cache(tiny_root, tmp_path, monkeypatch):
+    """The compiled-code folder lists the graphs compiled there: a later process's status says it loads their code
+    instead of compiling (Inductor finds it in the same folder); pruning the folder forgets both."""
+    seen = []
+
+    def watching(function, **options):
+        def run(*args, **kwargs):
+            seen.append(engine.models.backends()["transformer"])
+            return function(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(compiled_blocks.torch, "compile", watching)
+    for expected in ("compiling with torch.compile (new input shapes)... ",
+                     "loading torch.compile's code from the cache (compiled before here)... "):  # fmt: skip
+        engine = tiny_engine(tiny_root, "eager")
+        engine.models.compiled = CompiledBlocks("compile", code=tmp_path / COMPILED_CODE_DIR)
+        engine.models.compiled.install(engine.models.components.transformer)
+        seen.clear()
+        frames(engine, tmp_path)
+        assert seen[0].startswith(expected) and engine.models.backends()["transformer"] == "torch.compile"
+
+
 def test_the_compiled_blocks_read_the_weights_as_they_are_now(tiny_root, tmp_path):
     """A LoRA is fused in place: compiled code that froze the weights would give the old output."""
     engine = tiny_engine(tiny_root, "compile")

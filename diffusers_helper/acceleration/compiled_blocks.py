@@ -22,6 +22,7 @@ engines.
 """
 
 import importlib.util
+import json
 import logging
 import os
 import time
@@ -46,6 +47,7 @@ RECOMPILE_LIMIT = 64  # graphs per block class: one per latent shape (and, for F
 
 
 COMPILED_CODE_DIR = "compiled_code"  # in the engine cache directory
+COMPILED_GRAPHS_FILE = "graphs_compiled.txt"  # in it: a line per graph compiled there
 INDUCTOR_CACHE_VARIABLE = "TORCHINDUCTOR_CACHE_DIR"  # Inductor reads it whenever it looks for its caches
 
 
@@ -96,13 +98,17 @@ class CompiledBlocks:
     """The compiled forwards of the transformer's block classes, and which of them serve: always once checked
     (`compile`), or where measured faster (`auto`)."""
 
-    def __init__(self, mode: str, speeds: SpeedRecords | None = None, weights: str = "bfloat16") -> None:
+    def __init__(
+        self, mode: str, speeds: SpeedRecords | None = None, weights: str = "bfloat16", code: Path | None = None
+    ) -> None:
         self.mode = mode
         self.speeds = speeds  # None: what is measured is kept for this process only
         self.weights = weights  # part of what a measurement is remembered by: FP8 blocks time differently
+        self.code = code  # the compiled-code folder, whose list of graphs says which were compiled before
         self.failure: str | None = None
         self.measurements: list[SpeedRecord] = []  # eager as the baseline, torch.compile as the candidate
         self.compiling_since: float | None = None  # while a call with inputs new to its block class compiles
+        self.loading = False  # ... and whether its code was compiled before, so Inductor loads it instead
         self._seen: set[tuple] = set()  # graph keys already compiled
         self._compiled: dict[type, Callable] = {}
         self._decisions: dict[tuple, str] = {}
@@ -122,7 +128,7 @@ class CompiledBlocks:
             return eager(*args, **kwargs)
         graph = self._graph_key(module, args)
         if graph not in self._seen:  # a new latent shape: its graphs compile anew
-            self.compiling_since = time.perf_counter()
+            self._compiling(graph, args[0].device)
         try:
             output = self._run_compiled(module, args, kwargs)
         except Exception as error:  # a recompile can fail like the first compile
@@ -130,8 +136,35 @@ class CompiledBlocks:
             return eager(*args, **kwargs)
         finally:
             self.compiling_since = None
-        self._seen.add(graph)
+        if graph not in self._seen:
+            self._seen.add(graph)
+            self._note_compiled(graph, args[0].device)
         return output
+
+    def _compiling(self, graph: tuple, device: torch.device) -> None:
+        self.compiling_since = time.perf_counter()
+        self.loading = self._graph_name(graph, device) in self._compiled_before()
+
+    def _graph_name(self, graph: tuple, device: torch.device) -> str:
+        block, *shapes = graph
+        return json.dumps([f"{block.__module__}.{block.__qualname__}", shapes, self.weights, torch.__version__,
+                           gpu_identity(device)])  # fmt: skip
+
+    def _compiled_before(self) -> set[str]:
+        record = None if self.code is None else self.code / COMPILED_GRAPHS_FILE
+        return set(record.read_text().splitlines()) if record is not None and record.is_file() else set()
+
+    def _note_compiled(self, graph: tuple, device: torch.device) -> None:
+        """The graph in the compiled-code folder's list, so a later process says it loads rather than compiles."""
+        name = self._graph_name(graph, device)
+        if self.code is None or name in self._compiled_before():
+            return
+        try:
+            self.code.mkdir(parents=True, exist_ok=True)
+            with (self.code / COMPILED_GRAPHS_FILE).open("a") as record:
+                record.write(name + "\n")
+        except OSError as error:
+            logger.debug("could not note the compiled graph in %s: %s", self.code, error)
 
     @staticmethod
     def _graph_key(module: torch.nn.Module, args: tuple) -> tuple:
@@ -166,9 +199,11 @@ class CompiledBlocks:
         def run_compiled():
             return self._run_compiled(module, args, kwargs)
 
-        logger.info("compiling %s with torch.compile (first use at this shape; this can take a minute)",
-                    shape[0].__name__)  # fmt: skip
-        self.compiling_since = time.perf_counter()
+        graph = self._graph_key(module, args)
+        self._compiling(graph, args[0].device)
+        logger.info("%s %s with torch.compile (first use at this shape%s)",
+                    "loading" if self.loading else "compiling", shape[0].__name__,
+                    ": its code from the cache" if self.loading else "; this can take a minute")  # fmt: skip
         try:
             error = output_error(run_compiled(), run_eager())
         except Exception as failure:
@@ -176,6 +211,8 @@ class CompiledBlocks:
             return "eager"
         finally:
             self.compiling_since = None
+        self._seen.add(graph)
+        self._note_compiled(graph, args[0].device)
         if error > TOLERANCE:
             self._fail(f"its output differs from PyTorch's by {error:.1%} (allowed: {TOLERANCE:.0%})")
             return "eager"
@@ -223,6 +260,8 @@ class CompiledBlocks:
             return f"PyTorch (torch.compile failed: {self.failure})"
         if self.compiling_since is not None:
             elapsed = time.perf_counter() - self.compiling_since
+            if self.loading:
+                return f"loading torch.compile's code from the cache (compiled before here)... {elapsed:.0f}s"
             return f"compiling with torch.compile (new input shapes)... {elapsed:.0f}s"
         chosen = set(self._decisions.values())
         if not chosen:

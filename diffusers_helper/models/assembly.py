@@ -186,8 +186,8 @@ def compiled_blocks(
             logger.warning("%s; the transformer blocks run in PyTorch", unavailable)
         return None
     weights = "float8" if fp8 else str(transformer.dtype).removeprefix("torch.")
-    keep_compiled_code(default_cache_dir())
-    return CompiledBlocks(settings.backend, SpeedRecords(default_cache_dir() / SPEED_RECORDS_FILE), weights)
+    code = keep_compiled_code(default_cache_dir())
+    return CompiledBlocks(settings.backend, SpeedRecords(default_cache_dir() / SPEED_RECORDS_FILE), weights, code)
 
 
 def requested_components(options: TensorRTOptions) -> list[str]:
