@@ -136,6 +136,20 @@ def test_auto_serves_the_fastest_kernel_that_matches_sdpa_and_remembers_it(timed
     assert "cudnn" not in later.calls  # remembered: only SDPA's reference and the wrong one's check ran
 
 
+def test_auto_leaves_out_a_kernel_that_fails_here(timed, caplog):
+    kernels = timed({"sdpa": 1.0, "sage": 0.2, "cudnn": 0.5})
+    runs = kernels.kernels()
+    failing = runs["sage"]
+
+    def sage(query, key, value):
+        failing(query, key, value)
+        raise RuntimeError("SageAttention: head size 16 is not supported")
+
+    choice = AttentionKernels("auto", torch.device("cpu"), None, {**runs, "sage": sage})
+    assert choice.choose(Block(), torch.zeros(1, 64, 8), torch.zeros(1, 8, 8)) == "cudnn"
+    assert "sage attention failed at 256 tokens (RuntimeError: SageAttention: head size 16" in caplog.text
+
+
 def test_auto_keeps_sdpa_where_nothing_is_faster(timed, tmp_path):
     kernels = timed({"sdpa": 1.0, "cudnn": 1.5})
     choice = AttentionKernels("auto", torch.device("cpu"), None, kernels.kernels())

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
 
+from ..errors import describe_error
 from ..models.transformer_blocks import transformer_blocks
 from ..settings import ATTENTION_CHOICES, InvalidSettings
 from .engine_keys import gpu_identity
@@ -150,7 +151,12 @@ class AttentionKernels:
                 continue
             record = self._remembered(name, shape)
             if record is None:
-                error = output_error(self.kernels[name](query, key, value), expected)
+                try:
+                    error = output_error(self.kernels[name](query, key, value), expected)
+                except Exception as failure:  # an optional package's kernel that cannot take this size or GPU
+                    logger.warning("%s attention failed at %d tokens (%s): not used", name, tokens,
+                                   describe_error(failure))  # fmt: skip
+                    continue
                 if error > ATTENTION_BACKENDS[name].tolerance:
                     logger.info("%s attention is off by %.3g against SDPA at %d tokens: not used", name, error, tokens)
                     continue
