@@ -156,6 +156,30 @@ def job_settings(args: argparse.Namespace):
     )  # fmt: skip
 
 
+def checked_inputs(args: argparse.Namespace, settings):
+    """The job's files read now, before any model loads (the start image, returned; LoRAs, the video to extend, the
+    end image), and the output paths checked; InvalidSettings names the first that will not do."""
+    from diffusers_helper.media.images import load_input_image
+    from diffusers_helper.media.job_files import ensure_writable_dir
+    from diffusers_helper.media.video import check_video
+    from diffusers_helper.models.lora import read_lora
+    from diffusers_helper.settings import InvalidSettings
+
+    for choice in settings.loras:  # how they fit the model is checked once it is loaded
+        read_lora(choice.path)
+    image = None if args.image is None else load_input_image(args.image)
+    if settings.extend is not None:  # its frames are read in the job
+        check_video(settings.extend, "the video to extend")
+    if settings.end_image is not None:
+        load_input_image(settings.end_image, "end image")
+    if args.count < 1:
+        raise InvalidSettings(f"--count must be 1 or more, got {args.count}")
+    for _, paths in numbered_jobs(args, settings):
+        ensure_writable_dir(paths.video.parent)
+        paths.check(args.overwrite, inputs=[path for path in (args.image, settings.end_image, settings.extend) if path])
+    return image
+
+
 def numbered_jobs(args: argparse.Namespace, settings) -> list:
     """(settings, paths) of each video `--count` asks for: seeds from `--seed` on; with `--output x.mp4`, the
     videos after the first are x_2.mp4, x_3.mp4, ..."""
@@ -262,31 +286,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers_helper").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from diffusers_helper.frontend.startup import model_settings, plan_for, quiet_libraries, runtime_for
-    from diffusers_helper.media.images import load_input_image
-    from diffusers_helper.media.job_files import ensure_writable_dir
-    from diffusers_helper.media.video import check_video
-    from diffusers_helper.models.lora import read_lora
     from diffusers_helper.settings import InvalidSettings
 
     quiet_libraries()
     try:
         models = model_settings(args)
         settings = job_settings(args)
-        for choice in settings.loras:  # the files now, before the models load; how they fit the model after
-            read_lora(choice.path)
-        image = None if args.image is None else load_input_image(args.image)
-        if settings.extend is not None:  # the file now, before the models load; its frames in the job
-            check_video(settings.extend, "the video to extend")
-        if settings.end_image is not None:  # the file now, before the models load
-            load_input_image(settings.end_image, "end image")
-        if args.count < 1:
-            raise InvalidSettings(f"--count must be 1 or more, got {args.count}")
+        image = checked_inputs(args, settings)
         jobs = numbered_jobs(args, settings)
-        for _, paths in jobs:
-            ensure_writable_dir(paths.video.parent)
-            paths.check(
-                args.overwrite, inputs=[path for path in (args.image, settings.end_image, settings.extend) if path]
-            )
         plan = plan_for(models)
         runtime = runtime_for(models)
     except InvalidSettings as error:

@@ -109,7 +109,6 @@ def queue_from_flags(store, flags: list[str]) -> int:
     """`add` with generate.py's job flags: the same validation, the same defaults."""
     import generate
     from diffusers_helper.jobs.worker import job_record
-    from diffusers_helper.media.images import load_input_image
 
     parser = generate.build_parser()
     args = parser.parse_args(flags)
@@ -119,13 +118,10 @@ def queue_from_flags(store, flags: list[str]) -> int:
     if args.image is None and args.extend is None:
         print("error: the following arguments are required: --image (or --extend)", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.count < 1:
-        print(f"error: --count must be 1 or more, got {args.count}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.image is not None:
-        load_input_image(args.image)  # a bad image is refused now, not when its turn comes
+    settings = generate.job_settings(args)
+    generate.checked_inputs(args, settings)  # as generate.py checks them: refused now, not when its turn comes
     ids = []
-    for settings, paths in generate.numbered_jobs(args, generate.job_settings(args)):
+    for settings, paths in generate.numbered_jobs(args, settings):
         record = job_record(settings, args.image)
         if args.output is not None:
             record["output"] = str(paths.video.resolve())

@@ -63,18 +63,25 @@ def test_a_compiled_job_makes_the_eager_video_and_says_so(tiny_root, tmp_path):
     assert all(COMPILE_HOOK in block._diffusers_hook.hooks for block in blocks(engine))
 
 
-def test_the_status_says_compiling_while_a_graph_compiles_and_only_then(tiny_root, tmp_path, monkeypatch):
-    """The first call compiles; the same shapes again or a prompt of another length compile nothing."""
-    engine, seen = tiny_engine(tiny_root, "compile"), []
+def statuses_at_each_compiled_call(monkeypatch, status) -> list[str]:
+    """What `status()` says at each call of compiled code, from now on."""
+    seen = []
 
     def watching(function, **options):
         def run(*args, **kwargs):
-            seen.append(engine.models.backends()["transformer"])
+            seen.append(status())
             return function(*args, **kwargs)
 
         return run
 
     monkeypatch.setattr(compiled_blocks.torch, "compile", watching)
+    return seen
+
+
+def test_the_status_says_compiling_while_a_graph_compiles_and_only_then(tiny_root, tmp_path, monkeypatch):
+    """The first call compiles; the same shapes again or a prompt of another length compile nothing."""
+    engine = tiny_engine(tiny_root, "compile")
+    seen = statuses_at_each_compiled_call(monkeypatch, lambda: engine.models.backends()["transformer"])
     compiling = "compiling with torch.compile (new input shapes)... "
     longer = dataclasses.replace(SETTINGS, prompt="a cat walks slowly across a sunny garden")
     frames(engine, tmp_path)
@@ -89,17 +96,8 @@ def test_the_status_says_compiling_while_a_graph_compiles_and_only_then(tiny_roo
 
 def test_a_graph_compiled_before_is_said_to_load_from_the_cache(tiny_root, tmp_path, monkeypatch):
     """The compiled-code folder lists the graphs compiled there: a later process's status says it loads their code
-    instead of compiling (Inductor finds it in the same folder); pruning the folder forgets both."""
-    seen = []
-
-    def watching(function, **options):
-        def run(*args, **kwargs):
-            seen.append(engine.models.backends()["transformer"])
-            return function(*args, **kwargs)
-
-        return run
-
-    monkeypatch.setattr(compiled_blocks.torch, "compile", watching)
+    instead of compiling (Inductor finds it in the same folder)."""
+    seen = statuses_at_each_compiled_call(monkeypatch, lambda: engine.models.backends()["transformer"])
     for expected in ("compiling with torch.compile (new input shapes)... ",
                      "loading torch.compile's code from the cache (compiled before here)... "):  # fmt: skip
         engine = tiny_engine(tiny_root, "eager")
