@@ -1,4 +1,4 @@
-"""A job queue that survives restarts: add jobs, list them, run them, cancel, retry, export and import.
+"""A job queue that survives restarts: add jobs, list them, run them, cancel, retry, reorder, export and import.
 
 Exit codes: 0 done, 1 a job failed or the store could not be used, 2 bad input, 130/143 stopped by Ctrl-C/SIGTERM
 (the running job stops after its current step and keeps its video so far; the rest stay queued).
@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                        ("retry", "queue a stopped, failed or cancelled job again")):  # fmt: skip
         command = commands.add_parser(name, help=text)
         command.add_argument("id", type=int)
+    move = commands.add_parser("move", help="move a queued job earlier (or, negative, later) in the queue")
+    move.add_argument("id", type=int)
+    move.add_argument("places", type=int, help="how many places earlier; negative: later")
     for name, text in (("export", "write every job to a JSONL file"), ("import", "queue the jobs of a JSONL file")):
         command = commands.add_parser(name, help=text)
         command.add_argument("file", type=Path)
@@ -226,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
             state = store.cancel(args.id)
             print(f"job {args.id}: " + ("cancelled" if state.value == "cancelled" else "stops after its current step"))
             return EXIT_OK
+        if args.command == "move":
+            store.move(args.id, args.places)
+            return list_jobs(store)
         if args.command == "retry":
             store.retry(args.id)
             print(f"job {args.id} queued again")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from diffusers_helper.jobs import store as store_module
-from diffusers_helper.jobs.store import JobState, JobStore, JobStoreError
+from diffusers_helper.jobs.store import JobRefused, JobState, JobStore, JobStoreError
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -49,14 +49,14 @@ def test_cancel_retry_and_move_change_only_what_they_may(store, tmp_path):
     assert store.cancel(running.id) is JobState.RUNNING and store.get(running.id).cancel_requested
     assert not store.progress(running.id, 1, 2)  # its worker is told to stop
     store.finish(running.id, JobState.CANCELLED)
-    with pytest.raises(JobStoreError, match=f"^job {running.id} is cancelled: only a queued or running job can be"):
+    with pytest.raises(JobRefused, match=f"^job {running.id} is cancelled: only a queued or running job can be"):
         store.cancel(running.id)
-    with pytest.raises(JobStoreError, match=f"^job {ids[2]} is queued: only a stopped, failed or cancelled job"):
+    with pytest.raises(JobRefused, match=f"^job {ids[2]} is queued: only a stopped, failed or cancelled job"):
         store.retry(ids[2])
     store.retry(ids[3])
     queued = [job.id for job in store.jobs() if job.state is JobState.QUEUED]
     assert queued == [ids[2], ids[1], ids[3]]  # the retried job at the end
-    with pytest.raises(JobStoreError, match="^there is no job 99 in"):
+    with pytest.raises(JobRefused, match="^there is no job 99 in"):
         store.retry(99)
 
 

@@ -63,6 +63,12 @@ def test_a_jsonl_file_is_queued_whole_or_not_at_all_and_export_imports_back(tmp_
     assert [job.settings["settings"] for job in JobStore(other).jobs()] == [
         job.settings["settings"] for job in JobStore(store).jobs()
     ]
+    assert jobs.main(["--jobs-db", str(other), "move", "2", "1"]) == 0  # one place earlier: first
+    assert [job.id for job in JobStore(other).jobs()] == [2, 1]
+    assert jobs.main(["--jobs-db", str(other), "cancel", "2"]) == 0
+    capsys.readouterr()
+    assert jobs.main(["--jobs-db", str(other), "move", "2", "1"]) == 2
+    assert capsys.readouterr().err == "error: job 2 is cancelled: only a queued job can be moved\n"
     assert jobs.main(["--jobs-db", str(tmp_path), "list"]) == 1  # a directory is no database
     assert capsys.readouterr().err.startswith("error: the jobs database")
 

@@ -62,8 +62,12 @@ MIGRATIONS = (
 )
 
 
-class JobStoreError(InvalidSettings):
+class JobStoreError(RuntimeError):
     """The store cannot be used (not a database, locked, from a newer version), said in one line."""
+
+
+class JobRefused(InvalidSettings):
+    """A change the job's state does not allow, or a job that is not there, said in one line."""
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,7 @@ class JobStore:
     def get(self, job_id: int) -> Job:
         rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if not rows:
-            raise JobStoreError(f"there is no job {job_id} in {self.path}")
+            raise JobRefused(f"there is no job {job_id} in {self.path}")
         return Job.from_row(rows[0])
 
     def jobs(self) -> list[Job]:
@@ -264,14 +268,14 @@ class JobStore:
             if job.state is JobState.RUNNING:
                 db.execute("UPDATE jobs SET cancel_requested = 1, updated_at = ? WHERE id = ?", (time.time(), job_id))
                 return JobState.RUNNING
-            raise JobStoreError(f"job {job_id} is {job.state.value}: only a queued or running job can be cancelled")
+            raise JobRefused(f"job {job_id} is {job.state.value}: only a queued or running job can be cancelled")
 
     def retry(self, job_id: int) -> None:
         """A stopped, failed or cancelled job goes back to the end of the queue."""
         with self._transaction() as db:
             job = self._locked_get(db, job_id)
             if job.state not in RETRYABLE:
-                raise JobStoreError(f"job {job_id} is {job.state.value}: only a stopped, failed or cancelled job can "
+                raise JobRefused(f"job {job_id} is {job.state.value}: only a stopped, failed or cancelled job can "
                                     "be retried")  # fmt: skip
             last = db.execute("SELECT COALESCE(MAX(position), 0) FROM jobs").fetchone()[0]
             db.execute(
@@ -285,7 +289,7 @@ class JobStore:
         with self._transaction() as db:
             job = self._locked_get(db, job_id)
             if job.state is not JobState.QUEUED:
-                raise JobStoreError(f"job {job_id} is {job.state.value}: only a queued job can be moved")
+                raise JobRefused(f"job {job_id} is {job.state.value}: only a queued job can be moved")
             queue = [row["id"] for row in db.execute("SELECT id FROM jobs WHERE state = 'queued' ORDER BY position")]
             index = queue.index(job_id)
             queue.pop(index)
@@ -297,5 +301,5 @@ class JobStore:
     def _locked_get(self, db: sqlite3.Connection, job_id: int) -> Job:
         row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         if row is None:
-            raise JobStoreError(f"there is no job {job_id} in {self.path}")
+            raise JobRefused(f"there is no job {job_id} in {self.path}")
         return Job.from_row(row)
