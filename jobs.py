@@ -108,10 +108,12 @@ def run_workers(args: argparse.Namespace, argv: list[str]) -> int:
     return (failed[0] if failed[0] > 0 else EXIT_FAILURE) if failed else EXIT_OK  # < 0: a worker killed by a signal
 
 
-def queue_from_flags(store, flags: list[str]) -> int:
-    """`add` with generate.py's job flags: the same validation, the same defaults."""
+def jobs_from_flags(flags: list[str]) -> list[tuple[dict, Path]]:
+    """`add` with generate.py's job flags, checked as generate.py checks them (InvalidSettings): each job's record
+    and outputs folder."""
     import generate
     from diffusers_helper.jobs.worker import job_record
+    from diffusers_helper.settings import InvalidSettings
 
     parser = generate.build_parser()
     args = parser.parse_args(flags)
@@ -119,22 +121,20 @@ def queue_from_flags(store, flags: list[str]) -> int:
         parser.set_defaults(**generate.earlier_job(args.from_job))
         args = parser.parse_args(flags)
     if args.image is None and args.extend is None:
-        print("error: the following arguments are required: --image (or --extend)", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise InvalidSettings("the following arguments are required: --image (or --extend)")
     settings = generate.job_settings(args)
-    generate.checked_inputs(args, settings)  # as generate.py checks them: refused now, not when its turn comes
-    ids = []
+    generate.checked_inputs(args, settings)  # refused now, not when its turn comes
+    jobs = []
     for settings, paths in generate.numbered_jobs(args, settings):
         record = job_record(settings, args.image)
         if args.output is not None:
             record["output"] = str(paths.video.resolve())
-        ids.append(store.add(record, args.outputs))
-    print(f"queued job {ids[0]}" if len(ids) == 1 else f"queued jobs {ids[0]}-{ids[-1]}")
-    return EXIT_OK
+        jobs.append((record, args.outputs))
+    return jobs
 
 
-def queue_from_file(store, path: Path) -> int:
-    """Every line's job, checked before any is queued (a bad line queues none of them)."""
+def jobs_from_file(path: Path) -> list[tuple[dict, Path]]:
+    """Every line's job of a JSONL file, each checked (InvalidSettings names the first bad line)."""
     from diffusers_helper.media.job_files import settings_from_record
     from diffusers_helper.settings import OUTPUTS_DIR, InvalidSettings
 
@@ -142,7 +142,7 @@ def queue_from_file(store, path: Path) -> int:
         lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
         raise InvalidSettings(f"cannot read {path}: {getattr(error, 'strerror', None) or error}") from error
-    records = []
+    jobs = []
     for number, line in enumerate(lines, start=1):
         where = f"{path}, line {number}"
         try:
@@ -150,9 +150,15 @@ def queue_from_file(store, path: Path) -> int:
         except ValueError as error:
             raise InvalidSettings(f"{where}: not JSON ({error})") from error
         settings_from_record(record, where)
-        records.append(record)
-    ids = [store.add(record, Path(record.get("outputs") or OUTPUTS_DIR)) for record in records]
-    print(f"queued {len(ids)} job(s)" + (f": {ids[0]}-{ids[-1]}" if ids else ""))
+        jobs.append((record, Path(record.get("outputs") or OUTPUTS_DIR)))
+    return jobs
+
+
+def queue(store, jobs: list[tuple[dict, Path]]) -> int:
+    ids = [store.add(record, outputs) for record, outputs in jobs]
+    print(
+        "queued no jobs" if not ids else f"queued job {ids[0]}" if len(ids) == 1 else f"queued jobs {ids[0]}-{ids[-1]}"
+    )
     return EXIT_OK
 
 
@@ -216,11 +222,10 @@ def main(argv: list[str] | None = None) -> int:
     if rest and args.command != "add":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
+        if args.command in ("add", "import"):  # every job checked before the store is opened (or made)
+            jobs = jobs_from_file(args.file) if args.file else jobs_from_flags(rest)
+            return queue(JobStore(args.jobs_db), jobs)
         store = JobStore(args.jobs_db)
-        if args.command == "add":
-            return queue_from_file(store, args.file) if args.file else queue_from_flags(store, rest)
-        if args.command == "import":
-            return queue_from_file(store, args.file)
         if args.command == "list":
             return list_jobs(store)
         if args.command == "export":
