@@ -235,10 +235,6 @@ def child(args: argparse.Namespace, side: str, path: str, limit: float | None) -
     return row
 
 
-def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual - expected).norm() / expected.norm()).item()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--framepack", type=Path, required=True, help="a checkout of lllyasviel/FramePack")
@@ -271,6 +267,8 @@ def main() -> None:
     for limit in limits:
         rows.append(child(args, "framepack", "framepack", limit))
         rows += [child(args, "product", path, limit) for path in args.paths]
+    from diffusers_helper.acceleration.measure import relative_error
+
     reference = torch.load(args.work / f"{rows[0]['tag']}.pt")
     print("\n| run | limit | s/step (median) | first step s | vs FramePack at the limit | latents' relative error |")
     print("|---|---|---|---|---|---|")
