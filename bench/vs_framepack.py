@@ -13,7 +13,9 @@ the section's noise. FramePack's side runs `sample_hunyuan` (UniPC) on its `Huny
 below 60 GB (its high-VRAM rule) it installs `DynamicSwapInstaller` and moves the transformer with
 `move_model_to_device_with_memory_preservation` (6 GB preserved), its free-memory count seeing the limit. The
 product's side runs its own sampler on the transformer as its memory plan places it at that limit, eager, compiled
-(`--backend compile`) or with `--fp8`. Each run is a fresh process. Prints one JSON line per run and a Markdown
+(`--backend compile`) or with `--fp8`, its attention kernel from `--attention`; FramePack's own code uses
+SageAttention wherever the `sageattention` package can be imported, so keep it off the path for its SDPA step. Each
+run is a fresh process. Prints one JSON line per run and a Markdown
 table: seconds per step (median, the first step apart), the ratio to FramePack at the same limit, and the relative
 error of the section's latents against FramePack's resident ones.
 """
@@ -143,7 +145,9 @@ def run_framepack(args: argparse.Namespace) -> dict:
         negative_prompt_poolers=inputs["prompt_poolers"], device=device, dtype=dtype, callback=timer.step, **inputs,
     )  # fmt: skip
     torch.save(latents.float().cpu(), args.result)
-    return {"side": "FramePack", "path": "low-VRAM" if low_vram else "resident", **timer.report()}
+    attention = "sage" if importlib.util.find_spec("sageattention") else "sdpa"  # its code uses it where installed
+    return {"side": "FramePack", "path": "low-VRAM" if low_vram else "resident", "attention": attention,
+            **timer.report()}  # fmt: skip
 
 
 def run_product(args: argparse.Namespace) -> dict:
@@ -165,7 +169,8 @@ def run_product(args: argparse.Namespace) -> dict:
     plan = plan_memory(args.device, limit_gb=args.limit)
     apply_limit(plan)
     backend = "eager" if args.path == "eager" else "compile"  # FP8 blocks run compiled
-    settings = ModelSettings(preset="tiny", device=args.device, backend=backend, fp8=args.path == "fp8")
+    settings = ModelSettings(preset="tiny", device=args.device, backend=backend, fp8=args.path == "fp8",
+                             attention=args.attention)  # fmt: skip
     components = load_components("framepack", ensure_tiny_models(), plan.dtypes())  # encoders unused: inputs given
     transformer = HunyuanVideoFramepackTransformer3DModel.from_pretrained(
         args.work / "transformer" / args.preset, torch_dtype=plan.transformer_dtype
@@ -193,7 +198,9 @@ def run_product(args: argparse.Namespace) -> dict:
             latents = done.value
             break
     torch.save(latents.float().cpu(), args.result)
-    return {"side": "product", "path": args.path, "transformer": models.backends()["transformer"], **timer.report()}
+    backends = models.backends()
+    return {"side": "product", "path": args.path, "transformer": backends["transformer"],
+            "attention": backends.get("attention"), **timer.report()}  # fmt: skip
 
 
 def prepare(args: argparse.Namespace) -> None:
@@ -218,15 +225,18 @@ def prepare(args: argparse.Namespace) -> None:
 
 
 def child(args: argparse.Namespace, side: str, path: str, limit: float | None) -> dict:
-    tag = f"{side}-{path}-{'resident' if limit is None else f'{limit:g}gb'}"
+    attention = "" if side == "framepack" or args.attention == "sdpa" else f"-{args.attention}"
+    tag = f"{side}-{path}{attention}-{'resident' if limit is None else f'{limit:g}gb'}"
     command = [sys.executable, __file__, "--role", side, "--path", path, "--framepack", str(args.framepack),
-               "--preset", args.preset,
+               "--preset", args.preset, "--attention", args.attention,
                "--device", args.device, "--steps", str(args.steps), "--height", str(args.height), "--width",
                str(args.width), "--work", str(args.work), "--result", str(args.work / f"{tag}.pt")]  # fmt: skip
     if limit is not None:
         command += ["--limit", str(limit)]
     environment = dict(os.environ)
-    environment["PYTHONPATH"] = "" if side == "framepack" else str(REPO)  # its diffusers_helper, or ours
+    inherited = [entry for entry in environment.get("PYTHONPATH", "").split(os.pathsep) if entry and Path(entry) != REPO]
+    own = [] if side == "framepack" else [str(REPO)]  # its diffusers_helper, or ours
+    environment["PYTHONPATH"] = os.pathsep.join(own + inherited)
     run = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=args.work)
     if run.returncode != 0:
         raise SystemExit(f"{tag} failed:\n{run.stderr[-3000:]}")
@@ -242,6 +252,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--limits", nargs="+", default=["none"], help="GB, or none for the whole GPU")
     parser.add_argument("--paths", nargs="+", choices=("eager", "compile", "fp8"), default=["eager", "compile", "fp8"])
+    parser.add_argument("--attention", default="sdpa", help="the product's attention kernel (see --attention)")
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--height", type=int, default=544)
     parser.add_argument("--width", type=int, default=704)
@@ -259,7 +270,7 @@ def main() -> None:
         return
     if not (args.framepack / "diffusers_helper" / "models" / "hunyuan_video_packed.py").is_file():
         raise SystemExit(f"{args.framepack} is not a checkout of lllyasviel/FramePack")
-    args.work = args.work.resolve()
+    args.work, args.framepack = args.work.resolve(), args.framepack.resolve()
     args.work.mkdir(parents=True, exist_ok=True)
     prepare(args)
     limits = [None if limit == "none" else float(limit) for limit in args.limits]
@@ -278,7 +289,8 @@ def main() -> None:
             baseline = row["s_per_step"]
         error = relative_error(torch.load(args.work / f"{row['tag']}.pt"), reference)
         limit = "none" if row["limit"] is None else f"{row['limit']:g} GB"
-        print(f"| {row['side']} {row['path']} | {limit} | {row['s_per_step']} | {row['first_step_s']} | "
+        name = f"{row['side']} {row['path']} ({row['attention']})"
+        print(f"| {name} | {limit} | {row['s_per_step']} | {row['first_step_s']} | "
               f"{baseline / row['s_per_step']:.2f}x | {error:.2e} |")  # fmt: skip
 
 
