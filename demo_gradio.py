@@ -3,7 +3,7 @@
     python demo_gradio.py --preset tiny          # offline, on the CPU
     python demo_gradio.py --enable-tensorrt      # real models (see README.md)
 
-Jobs queue (one generation at a time); each page sees its own progress, queue position and End button.
+Jobs go into the job store shared with jobs.py; each page follows its own, and its End stops only its own.
 """
 
 import argparse
@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -84,7 +85,7 @@ def lora_choices(folder: Path, available: list[str], names: list[str] | None, sc
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffusers_helper.frontend.startup import OneLineParser, add_model_arguments
+    from diffusers_helper.frontend.startup import OneLineParser, add_model_arguments, device_list
     from diffusers_helper.settings import OUTPUTS_DIR
 
     parser = OneLineParser(description="The FramePack app.")
@@ -95,16 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--outputs", type=Path, default=OUTPUTS_DIR, help="where videos go; the only folder served")
     parser.add_argument("--loras", type=Path, help="folder of LoRA .safetensors files offered on the page "
                         "(default: loras/ in the checkout)")  # fmt: skip
+    parser.add_argument("--jobs-db", type=Path, help="the job store, shared with jobs.py (default: jobs.sqlite3 in "
+                        "--outputs)")  # fmt: skip
+    parser.add_argument("--workers", type=int, default=1, help="processes running the queue: this app's own and "
+                        "N-1 more, each loading its own models (default: 1)")  # fmt: skip
+    parser.add_argument("--devices", type=device_list, metavar="0,1", help="the GPUs of the further workers, in "
+                        "turn (this app's own runs on --device)")  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="debug logging, with tracebacks")
     add_model_arguments(parser)
     return parser
 
 
 class App:
-    """The engine behind the page: one per process, running one job at a time and switching the loaded variant when
-    a job asks for another."""
+    """The engine behind the page: one per process. Jobs go into the job store; its worker thread runs them one at a
+    time, switching the loaded variant when a job asks for another, and each page follows its own."""
 
     def __init__(self, args: argparse.Namespace) -> None:
+        from diffusers_helper.frontend.queue import AppWorker, LiveJobs
         from diffusers_helper.frontend.startup import (
             default_resolution,
             load_engine,
@@ -112,13 +120,15 @@ class App:
             plan_for,
             runtime_for,
         )
-        from diffusers_helper.frontend.worker import JobRunner
+        from diffusers_helper.jobs.store import JobStore
         from diffusers_helper.settings import LORAS_DIR, InvalidSettings
 
         if args.loras is not None and not args.loras.is_dir():
             raise InvalidSettings(f"LoRA folder not found: {args.loras}")
         self.outputs = args.outputs
         self.loras = args.loras or LORAS_DIR
+        self.store_path = args.jobs_db or Path(args.outputs) / "jobs.sqlite3"
+        JobStore(self.store_path).close()  # a bad or locked store is one line now, not when the first job comes
         self.models = model_settings(args)
         self.runtime = runtime_for(self.models)
         self._plan_for, self._load_engine = plan_for, load_engine
@@ -126,8 +136,22 @@ class App:
         self.free_gb = plan.budget_gb  # measured once, before the models take their share
         self.engine = load_engine(self.models, plan, self.runtime)
         self.resolution = default_resolution(self.models.preset)
-        self.runner = JobRunner()
-        self._stops: dict[str, threading.Event] = {}  # each page's (session's) current or next job
+        self.live = LiveJobs()
+        self.worker = AppWorker(self, self.store_path, self.live)
+        self._owned: dict[str, list[int]] = {}  # each page's (session's) jobs, for its End button
+        self.workers: list[subprocess.Popen] = []  # the queue's further worker processes
+        self.worker.start()
+
+    def start_workers(self, count: int, devices: list[str] | None, flags: list[str]) -> None:
+        """`count` more worker processes on the same store (`jobs.py run --watch` with the app's model flags), on
+        `devices` in turn."""
+        command = [sys.executable, str(Path(__file__).resolve().parent / "jobs.py"), "--jobs-db",
+                   str(self.store_path), "run", "--watch", "--in-process", *flags]  # fmt: skip
+        for number in range(count):
+            environment = dict(os.environ)
+            if devices:
+                environment["CUDA_VISIBLE_DEVICES"] = devices[number % len(devices)]
+            self.workers.append(subprocess.Popen(command, env=environment, start_new_session=True))  # our signals alone
 
     def lora_files(self) -> list[str]:
         """The LoRA files in the folder now, by their paths inside it."""
@@ -135,32 +159,75 @@ class App:
             return []
         return sorted(path.relative_to(self.loras).as_posix() for path in self.loras.rglob("*.safetensors"))
 
-    def stop_event(self, session: str) -> threading.Event:
-        """The stop event of the session's next or running job: End sets it, and so does closing the page."""
-        return self._stops.setdefault(session, threading.Event())
+    def store(self):
+        """A connection to the job store for the calling thread (a page's handlers run on several); a context
+        manager that closes it."""
+        from diffusers_helper.jobs.store import JobStore
 
-    def release(self, session: str, stop: threading.Event) -> None:
-        """A job is over: the session's next job gets a fresh event."""
-        if self._stops.get(session) is stop:
-            del self._stops[session]
+        return JobStore(self.store_path)
 
-    def forget(self, session: str) -> None:
-        """The page is gone: its running job stops at the next step."""
-        stop = self._stops.pop(session, None)
-        if stop is not None:
-            stop.set()
+    def records(self, settings, image_path: Path | None, preserve_gb: float, count: int) -> list[dict]:
+        """The store's records of a page's `count` jobs (seeds seed, seed + 1, ...), their uploads copied next to the
+        outputs so a job that waits past the upload's life still finds them."""
+        from diffusers_helper.errors import describe_error
+        from diffusers_helper.frontend.queue import INPUTS_FOLDER, kept_input
+        from diffusers_helper.jobs.worker import job_record
+        from diffusers_helper.settings import InvalidSettings
+
+        kept = Path(self.outputs) / INPUTS_FOLDER
+        try:
+            copies = {name: kept_input(getattr(settings, name), kept) for name in ("end_image", "extend")
+                      if getattr(settings, name) is not None}  # fmt: skip
+            image = kept_input(image_path, kept) if image_path else None
+        except OSError as error:
+            raise InvalidSettings(
+                f"cannot keep a copy of the job's files in {kept}: {describe_error(error)}"
+            ) from error
+        settings = dataclasses.replace(settings, **copies)
+        records = []
+        for number in range(count):
+            record = job_record(dataclasses.replace(settings, seed=settings.seed + number), image)
+            record["models"] = {"gpu_memory_preservation": preserve_gb}
+            records.append(record)
+        return records
+
+    def submit(self, session: str, records: list[dict]) -> list[tuple[int, object]]:
+        """Queue a page's jobs; each one's id and live feed."""
+        with self.store() as store:
+            followed = [self.live.add(lambda r=record: store.add(r, self.outputs)) for record in records]
+        self._owned.setdefault(session, []).extend(job_id for job_id, _ in followed)
+        return followed
+
+    def end(self, session: str) -> None:
+        """The page's End: each of its jobs that still waits is cancelled, and the running one stops after its
+        current step (keeping its video so far)."""
+        from diffusers_helper.jobs.store import JobRefused
+
+        with self.store() as store:
+            for job_id in self._owned.pop(session, []):
+                self.worker.cancel_running(job_id)
+                try:
+                    store.cancel(job_id)
+                except JobRefused:
+                    pass  # over already
 
     def stop_all(self) -> None:
-        """Every job, running or waiting, stops at its next step."""
-        for stop in list(self._stops.values()):
-            stop.set()
+        """The running job stops at its next step; the queued ones stay queued for the next start."""
+        self.worker.stop.set()
 
     def shutdown(self, timeout: float = 60.0) -> None:
-        """Stop every job, wait for the running one to end at a step, and if it cannot, record it as stopped."""
+        """Stop the worker, wait for the running job to end at a step, and if it cannot, record it as stopped."""
         self.stop_all()
+        for process in self.workers:
+            process.terminate()  # SIGTERM: each stops its running job after the current step
         logger.info("waiting up to %.0f s for the running job to stop", timeout)
-        if not self.runner.join(timeout) and self.engine is not None:
+        if not self.worker.join(timeout) and self.engine is not None:
             self.engine.record_interruption()
+        for process in self.workers:
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                process.kill()  # its job is marked stopped when the queue next starts
 
     def models_for(self, settings, preserve_gb: float):
         """The model settings a job needs: its variant, and the page's "GPU memory to preserve" (which decides where
@@ -215,26 +282,71 @@ def build_ui(app: App):
     import gradio as gr
 
     from diffusers_helper.frontend.progress import ProgressText
+    from diffusers_helper.frontend.queue import INPUTS_FOLDER, caption, follow, thumbnail
+    from diffusers_helper.jobs.store import FINISHED, Job, JobRefused, JobState
     from diffusers_helper.media.images import load_input_image
-    from diffusers_helper.media.job_files import JobPaths, read_job
+    from diffusers_helper.media.job_files import read_job, settings_from_record
     from diffusers_helper.pipeline.events import Failed, Finished, SectionFinished, StepProgress
     from diffusers_helper.settings import QUICK_PROMPTS, VARIANTS, GenerationSettings, InvalidSettings
 
     defaults = GenerationSettings(prompt="")
+    thumbnails = Path(app.outputs) / INPUTS_FOLDER
 
-    def start(request: gr.Request) -> tuple:
-        app.stop_event(request.session_hash)  # End pressed while the job waits in the queue reaches it
+    def start() -> tuple:
         return gr.update(interactive=False), gr.update(interactive=True)
 
     def idle() -> tuple:
         return gr.update(interactive=True), gr.update(interactive=False)
 
     def end(request: gr.Request) -> dict:
-        app.stop_event(request.session_hash).set()
+        app.end(request.session_hash)
         return gr.update(interactive=False)
 
-    def forget(request: gr.Request) -> None:
-        app.forget(request.session_hash)
+    def page_jobs(image_path, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale,
+                  preserve, step_cache, crf, variant, resolution, lora_names, lora_scales, end_image_path,
+                  end_strength, prompt_blend, extend_path, extend_only_new, count, teacache_threshold,
+                  magcache_threshold, magcache_max_skips, magcache_retention) -> tuple:  # fmt: skip
+        """The page's controls as a job's settings and the store's records of its `count` jobs; InvalidSettings in
+        one line for anything a job cannot run with."""
+        if image_path and extend_path:
+            raise InvalidSettings("a video to extend gives the job its start frame: clear the start image or the "
+                                  "video")  # fmt: skip
+        if not image_path and not extend_path:
+            raise InvalidSettings("upload a start image (or a video to extend) first")
+        if image_path:
+            load_input_image(Path(image_path))  # a bad upload is refused now, not when its turn comes
+        if not 1 <= int(count) <= MAX_VIDEOS:
+            raise InvalidSettings(f"number of videos must be in [1, {MAX_VIDEOS}], got {count}")
+        settings = GenerationSettings(
+            prompt=prompt, negative_prompt=negative_prompt, seed=int(seed), seconds=float(seconds),
+            steps=int(steps), cfg=float(cfg), distilled_cfg=float(distilled_cfg), cfg_rescale=float(rescale),
+            latent_window=int(window), variant=variant, resolution=int(resolution), step_cache=step_cache,
+            crf=int(crf), loras=lora_choices(app.loras, app.lora_files(), lora_names, lora_scales),
+            end_image=Path(end_image_path) if end_image_path and variant == "framepack" else None,
+            end_strength=float(end_strength), prompt_blend=int(prompt_blend),
+            extend=Path(extend_path) if extend_path else None, extend_only_new=bool(extend_only_new),
+            teacache_threshold=float(teacache_threshold), magcache_threshold=float(magcache_threshold),
+            magcache_max_skips=int(magcache_max_skips), magcache_retention=float(magcache_retention),
+        )  # fmt: skip
+        app.models_for(settings, float(preserve))
+        image = Path(image_path) if image_path else None
+        return settings, app.records(settings, image, float(preserve), int(count))
+
+    def row_text(job: Job) -> str:
+        """What a page says of its job from the store: where it waits, how far another worker has got, how it
+        ended where this page did not see it run."""
+        if job.state is JobState.QUEUED:
+            with app.store() as store:
+                ahead = store.ahead(job.id)
+            return f"job {job.id}: waiting in the queue, " + (f"{ahead} job(s) ahead" if ahead else "next")
+        if job.state is JobState.RUNNING:
+            total = f"{job.sections_done} of {job.sections_total} sections" if job.sections_total else "starting"
+            return f"job {job.id}: running on {job.worker}, {total}"
+        return f"job {job.id}: {job.state.value}" + (f": {job.error}" if job.error else "")
+
+    def job_row(job_id: int) -> Job:
+        with app.store() as store:
+            return store.get(job_id)
 
     def generate(image_path, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale,
                  preserve, step_cache, crf, variant, resolution, lora_names=None, lora_scales="",
@@ -242,73 +354,121 @@ def build_ui(app: App):
                  count=1, teacache_threshold=0.15, magcache_threshold=0.1, magcache_max_skips=2,
                  magcache_retention=0.25, request: gr.Request = None):  # fmt: skip
         try:
-            if image_path and extend_path:
-                raise InvalidSettings("a video to extend gives the job its start frame: clear the start image or the "
-                                      "video")  # fmt: skip
-            if not image_path and not extend_path:
-                raise InvalidSettings("upload a start image (or a video to extend) first")
-            image = load_input_image(Path(image_path)) if image_path else None
-            if not 1 <= int(count) <= MAX_VIDEOS:
-                raise InvalidSettings(f"number of videos must be in [1, {MAX_VIDEOS}], got {count}")
-            settings = GenerationSettings(
-                prompt=prompt, negative_prompt=negative_prompt, seed=int(seed), seconds=float(seconds),
-                steps=int(steps), cfg=float(cfg), distilled_cfg=float(distilled_cfg), cfg_rescale=float(rescale),
-                latent_window=int(window), variant=variant, resolution=int(resolution), step_cache=step_cache,
-                crf=int(crf), loras=lora_choices(app.loras, app.lora_files(), lora_names, lora_scales),
-                end_image=Path(end_image_path) if end_image_path and variant == "framepack" else None,
-                end_strength=float(end_strength), prompt_blend=int(prompt_blend),
-                extend=Path(extend_path) if extend_path else None, extend_only_new=bool(extend_only_new),
-                teacache_threshold=float(teacache_threshold), magcache_threshold=float(magcache_threshold),
-                magcache_max_skips=int(magcache_max_skips), magcache_retention=float(magcache_retention),
-            )  # fmt: skip
-            models = app.models_for(settings, float(preserve))
+            settings, records = page_jobs(image_path, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale, preserve,
+                    step_cache, crf, variant, resolution, lora_names, lora_scales, end_image_path, end_strength,
+                    prompt_blend, extend_path, extend_only_new, count, teacache_threshold, magcache_threshold,
+                    magcache_max_skips, magcache_retention)  # fmt: skip
         except InvalidSettings as error:
             yield None, None, progress_html(0, f"error: {error}"), app.status(), gr.update()
             return
         video = preview = None
-        yield video, preview, progress_html(0, "starting"), app.status(), gr.update(visible=False)
-        stop = app.stop_event(request.session_hash)
-        try:
-            for number in range(int(count)):  # seeds seed, seed + 1, ...; a stopped or failed one ends the run
-                job = dataclasses.replace(settings, seed=settings.seed + number)
-                which = f"video {number + 1} of {int(count)} · " if int(count) > 1 else ""
-                paths = JobPaths.new_job(app.outputs)
-                progress, ended = ProgressText(job.sections, job.steps), None
-                for event in app.runner.run(lambda j=job, p=paths: app.job(image, j, models, p, stop), stop):
-                    if ended is not None:
-                        continue  # the runner's last ticks: it is left to finish, so the next job is not stopped
-                    progress.update(event)
-                    if isinstance(event, StepProgress):
-                        preview = event.preview
-                    elif isinstance(event, SectionFinished):
-                        video = str(event.video)
-                    elif isinstance(event, Finished | Failed):
-                        if isinstance(event, Failed):
-                            logger.warning("job %s failed: %s", paths.video.stem, event.message)
-                        download = gr.update(value=video, visible=video is not None)
-                        ended = event
-                        done = progress_html(1 if completed(event) else progress.fraction,
-                                             which + progress.final(event), progress.notices)  # fmt: skip
-                        yield video, preview, done, app.status(), download
-                        continue
-                    page = progress_html(progress.fraction, which + progress.text(), progress.notices)
-                    yield video, preview, page, app.status(), gr.update()
-                if not completed(ended):
-                    return
-        finally:
-            app.release(request.session_hash, stop)
+        yield video, preview, progress_html(0, "queued"), app.status(), gr.update(visible=False)
+        followed = app.submit(request.session_hash, records)
+        for number, (job_id, feed) in enumerate(followed):  # one after the other, as the queue runs them
+            which = f"video {number + 1} of {len(followed)} · " if len(followed) > 1 else ""
+            progress = ProgressText(settings.sections, settings.steps)
+            for item in follow(feed, lambda j=job_id: job_row(j), app.worker.worker):
+                if isinstance(item, Job):
+                    if item.state in FINISHED and item.video is not None and Path(item.video).is_file():
+                        video = str(item.video)
+                    fraction = 1.0 if item.state is JobState.DONE else progress.fraction
+                    yield video, preview, progress_html(fraction, which + row_text(item)), app.status(), gr.update(
+                        value=video, visible=video is not None and item.state in FINISHED)  # fmt: skip
+                    continue
+                progress.update(item)
+                if isinstance(item, StepProgress):
+                    preview = item.preview
+                elif isinstance(item, SectionFinished):
+                    video = str(item.video)
+                elif isinstance(item, Finished | Failed):
+                    if isinstance(item, Failed):
+                        logger.warning("job %s failed: %s", job_id, item.message)
+                    done = progress_html(1 if completed(item) else progress.fraction,
+                                         which + progress.final(item), progress.notices)  # fmt: skip
+                    yield video, preview, done, app.status(), gr.update(value=video, visible=video is not None)
+                    continue
+                page = progress_html(progress.fraction, which + progress.text(), progress.notices)
+                yield video, preview, page, app.status(), gr.update()
 
-    def load_settings(path):
-        """Every control set as an earlier job had it, from its JSON or its MP4 (the JSON beside it, or in the
-        outputs folder by name: an upload is a copy)."""
+    def add_to_queue(image_path, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale,
+                 preserve, step_cache, crf, variant, resolution, lora_names=None, lora_scales="",
+                 end_image_path=None, end_strength=1.0, prompt_blend=0, extend_path=None, extend_only_new=False,
+                 count=1, teacache_threshold=0.15, magcache_threshold=0.1, magcache_max_skips=2,
+                 magcache_retention=0.25):  # fmt: skip
+        """Queue the page's jobs without following them: their progress is in the queue below."""
         try:
-            job = read_job(Path(path), elsewhere=[app.outputs])
+            _, records = page_jobs(image_path, prompt, negative_prompt, seed, seconds, steps, distilled_cfg, window, cfg, rescale, preserve,
+                    step_cache, crf, variant, resolution, lora_names, lora_scales, end_image_path, end_strength,
+                    prompt_blend, extend_path, extend_only_new, count, teacache_threshold, magcache_threshold,
+                    magcache_max_skips, magcache_retention)  # fmt: skip
         except InvalidSettings as error:
-            return [gr.update()] * len(loaded) + [progress_html(0, f"error: {error}")]
-        recorded = job.settings
+            return progress_html(0, f"error: {error}")
+        followed = app.submit("", records)
+        ids = [job_id for job_id, _ in followed]
+        return progress_html(0, f"queued job {ids[0]}" if len(ids) == 1 else f"queued jobs {ids[0]}-{ids[-1]}")
+
+    def queue_view() -> tuple[list, list[int], list, list[int]]:
+        """The queue (running first, then the order it runs in) and the history, newest first, as thumbnails with a
+        line each."""
+        with app.store() as store:
+            jobs = store.jobs()
+        waiting = [job for job in jobs if job.state not in FINISHED]
+        finished = [job for job in jobs if job.state in FINISHED]
+        running = sum(job.state is JobState.RUNNING for job in waiting)
+        items = [(str(thumbnail(job, thumbnails)), caption(job, max(0, index - running) + running))
+                 for index, job in enumerate(waiting)]  # fmt: skip
+        history = [(str(thumbnail(job, thumbnails)), caption(job)) for job in finished]
+        return items, [job.id for job in waiting], history, [job.id for job in finished]
+
+    def refresh(shown):
+        """The queue's view, sent to the page only when it changed."""
+        items, ids, history, history_ids = queue_view()
+        if (items, history) == shown:
+            return gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip()
+        return items, ids, history, history_ids, (items, history)
+
+    def jobs() -> list[dict]:
+        """Every job in the store: id, state, prompt, sections done, video, error (running and queued first)."""
+        with app.store() as store:
+            return [{"id": job.id, "state": job.state.value, "prompt": job.settings.get("settings", {}).get("prompt"),
+                     "sections_done": job.sections_done, "sections_total": job.sections_total,
+                     "video": str(job.video) if job.video else None, "error": job.error}
+                    for job in store.jobs()]  # fmt: skip
+
+    def chosen_job(ids: list[int], event: gr.SelectData):
+        job_id = ids[event.index] if event.index < len(ids) else None
+        if job_id is None:
+            return gr.update(), gr.update()
+        job = job_row(job_id)
+        video = str(job.video) if job.video and Path(job.video).is_file() and Path(job.video).resolve(
+            ).is_relative_to(Path(app.outputs).resolve()) else None  # fmt: skip
+        return job_id, video
+
+    def act(what: str, job_id, places: int = 0) -> str:
+        """A queue button on the chosen job: one line saying what happened, or why not."""
+        if job_id is None:
+            return "choose a job in the queue or the history first"
+        job_id = int(job_id)
+        try:
+            with app.store() as store:
+                if what == "cancel":
+                    app.worker.cancel_running(job_id)
+                    state = store.cancel(job_id)
+                    return f"job {job_id} " + ("cancelled" if state is JobState.CANCELLED else
+                                               "stops after its current step")  # fmt: skip
+                if what == "retry":
+                    store.retry(job_id)
+                    return f"job {job_id} queued again"
+                store.move(job_id, places)
+                return f"job {job_id} moved " + ("up" if places > 0 else "down")
+        except JobRefused as error:
+            return f"error: {error}"
+
+    def settings_values(recorded, start_image: Path | None, said: str) -> list:
+        """Every control set as a job had it, and a line saying where from and what is gone."""
         names, scales, missing = recorded_loras(app.loras, app.lora_files(), recorded.loras)
         values = {
-            image: str(job.image) if job.image and job.image.is_file() else None,
+            image: str(start_image) if start_image and start_image.is_file() else None,
             end_image: str(recorded.end_image) if recorded.end_image and recorded.end_image.is_file() else None,
             extend_video: str(recorded.extend) if recorded.extend and recorded.extend.is_file() else None,
             extend_only_new: recorded.extend_only_new, prompt: recorded.prompt,
@@ -321,11 +481,30 @@ def build_ui(app: App):
             magcache_max_skips: recorded.magcache_max_skips, magcache_retention: recorded.magcache_retention,
         }  # fmt: skip
         gone = [f"{what} {path} is gone" for what, path, value in (
-            ("the start image", job.image, values[image]), ("the end image", recorded.end_image, values[end_image]),
+            ("the start image", start_image, values[image]), ("the end image", recorded.end_image, values[end_image]),
             ("the video to extend", recorded.extend, values[extend_video])) if path and value is None]  # fmt: skip
         gone += [f"LoRA {name} is not in {app.loras}" for name in missing]
-        said = f"settings loaded from {job.sidecar.name}" + "".join(f"; {line}" for line in gone)
-        return [values[control] for control in loaded] + [progress_html(0, said)]
+        return [values[control] for control in loaded] + [progress_html(0, said + "".join(f"; {g}" for g in gone))]
+
+    def load_settings(path):
+        """Every control set as an earlier job had it, from its JSON or its MP4 (the JSON beside it, or in the
+        outputs folder by name: an upload is a copy)."""
+        try:
+            job = read_job(Path(path), elsewhere=[app.outputs])
+        except InvalidSettings as error:
+            return [gr.update()] * len(loaded) + [progress_html(0, f"error: {error}")]
+        return settings_values(job.settings, job.image, f"settings loaded from {job.sidecar.name}")
+
+    def rerun(job_id):
+        """The chosen job's settings in every control, to run it again as it was or changed."""
+        try:
+            if job_id is None:
+                raise InvalidSettings("choose a job in the queue or the history first")
+            settings, start_image = settings_from_record(job_row(int(job_id)).settings, f"job {int(job_id)}")
+        except InvalidSettings as error:
+            return [gr.update()] * len(loaded) + [progress_html(0, f"error: {error}")]
+        start_image = Path(start_image) if start_image else None
+        return settings_values(settings, start_image, f"settings loaded from job {int(job_id)}")
 
     with gr.Blocks(title="FramePack") as ui:
         gr.Markdown("# FramePack\nOne image and a prompt in; a video out, a section at a time.")
@@ -359,6 +538,7 @@ def build_ui(app: App):
                 )
                 with gr.Row():
                     start_button = gr.Button("Start Generation", variant="primary")
+                    queue_button = gr.Button("Add to queue")
                     end_button = gr.Button("End Generation", interactive=False)
                 step_cache = gr.Radio(
                     label="Step cache",
@@ -448,6 +628,24 @@ def build_ui(app: App):
                 progress = gr.HTML(label="Progress", elem_id="progress-text")
                 download = gr.DownloadButton("Download video", visible=False)
                 status = gr.Markdown(app.status(), label="Status", elem_id="acceleration-status")
+        with gr.Accordion("Queue and history", open=True):
+            gr.Markdown("Every job, this page's and others' (`jobs.py` too), kept across restarts. Click one to "
+                        "choose it.")  # fmt: skip
+            with gr.Row():
+                queue_gallery = gr.Gallery(label="Queue", columns=6, height=240, allow_preview=False,
+                                           elem_id="queue")  # fmt: skip
+                history_gallery = gr.Gallery(label="History", columns=6, height=240, allow_preview=False,
+                                             elem_id="history")  # fmt: skip
+            with gr.Row():
+                chosen = gr.Number(label="Chosen job", precision=0, value=None, elem_id="chosen-job")
+                cancel_job = gr.Button("Cancel", size="sm")
+                retry_job = gr.Button("Retry", size="sm")
+                move_up = gr.Button("Move up", size="sm")
+                move_down = gr.Button("Move down", size="sm")
+                rerun_job = gr.Button("Load its settings", size="sm")
+            queue_message = gr.Markdown(elem_id="queue-message")
+            chosen_video = gr.Video(label="Chosen job's video", height=240, interactive=False)
+        queue_ids, history_ids, shown = gr.State([]), gr.State([]), gr.State(None)
         variant.change(
             lambda chosen: [gr.update(visible=chosen == "framepack")] * 3, inputs=variant,
             outputs=[order_note, end_image, end_strength], api_name=False,
@@ -466,16 +664,43 @@ def build_ui(app: App):
         outputs = [video, preview, progress, status, download]  # the API's, named by their labels
         buttons = [start_button, end_button]
         start_button.click(start, outputs=buttons, queue=False, api_name=False).then(
-            generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_id="gpu"
-        ).then(idle, outputs=buttons, queue=False, api_name=False)
+            generate, inputs=inputs, outputs=outputs, api_name="generate", concurrency_limit=None
+        ).then(idle, outputs=buttons, queue=False, api_name=False)  # every page follows its own job
         end_button.click(end, outputs=[end_button], queue=False, api_name="end")
-        ui.unload(forget)
+        queue_button.click(add_to_queue, inputs=inputs, outputs=progress, api_name="add_to_queue", queue=False)
+        views = [queue_gallery, queue_ids, history_gallery, history_ids, shown]
+        for event in (gr.Timer(2.0).tick, ui.load):
+            event(refresh, inputs=shown, outputs=views, queue=False, api_name=False, show_progress="hidden")
+        queue_gallery.select(chosen_job, inputs=queue_ids, outputs=[chosen, chosen_video], queue=False,
+                             api_name=False)  # fmt: skip
+        history_gallery.select(chosen_job, inputs=history_ids, outputs=[chosen, chosen_video], queue=False,
+                               api_name=False)  # fmt: skip
+        for button, what, places in ((cancel_job, "cancel", 0), (retry_job, "retry", 0), (move_up, "move", 1),
+                                     (move_down, "move", -1)):  # fmt: skip
+            button.click(lambda job_id, w=what, p=places: act(w, job_id, p), inputs=chosen, outputs=queue_message,
+                         queue=False, api_name=False).then(refresh, inputs=gr.State(None), outputs=views,
+                                                           queue=False, api_name=False)  # fmt: skip
+        rerun_job.click(rerun, inputs=chosen, outputs=[*loaded, progress], queue=False, api_name="rerun_job")
+        gr.api(jobs, api_name="jobs")
+
+        def cancel_by_id(job_id: int) -> str:
+            return act("cancel", job_id)
+
+        def retry_by_id(job_id: int) -> str:
+            return act("retry", job_id)
+
+        def move_by_id(job_id: int, places: int) -> str:
+            return act("move", job_id, places)
+
+        for endpoint in (cancel_by_id, retry_by_id, move_by_id):
+            gr.api(endpoint, api_name=endpoint.__name__.replace("_by_id", "_job"))
     return ui
 
 
 class Shutdown:
-    """Ctrl-C and SIGTERM. The first stops every job at its next step at once (the server's close takes seconds, a
-    whole section of a tiny job) and then closes the server; the app exits when the running job has stopped. A second
+    """Ctrl-C and SIGTERM. The first stops the running job at its next step at once (the server's close takes seconds,
+    a whole section of a tiny job; the queued jobs stay queued for the next start) and then closes the server; the app
+    exits when the running job has stopped. A second
     stops at once: the running job is recorded as stopped, keeping the video so far, and the app exits with 128 + the
     signal, as the CLI does (without waiting for the job's thread, which an interpreter's orderly exit would)."""
 
@@ -530,7 +755,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers_helper").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from diffusers_helper.frontend.startup import quiet_libraries
+    from diffusers_helper.frontend.startup import model_flags, quiet_libraries
+    from diffusers_helper.jobs.store import JobStoreError
     from diffusers_helper.media.job_files import ensure_writable_dir
     from diffusers_helper.models.components import ModelsUnavailable
     from diffusers_helper.settings import InvalidSettings
@@ -545,11 +771,14 @@ def main(argv: list[str] | None = None) -> int:
         if problem:
             raise InvalidSettings(problem)
         ensure_writable_dir(args.outputs)
+        if args.workers < 1:
+            raise InvalidSettings(f"--workers must be 1 or more, got {args.workers}")
         app = App(args)
+        app.start_workers(args.workers - 1, args.devices, model_flags(sys.argv[1:] if argv is None else argv))
     except InvalidSettings as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except ModelsUnavailable as error:
+    except (ModelsUnavailable, JobStoreError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     ui = build_ui(app)

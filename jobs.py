@@ -31,7 +31,7 @@ examples:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from diffusers_helper.frontend.startup import OneLineParser, add_model_arguments
+    from diffusers_helper.frontend.startup import OneLineParser, add_model_arguments, device_list
     from diffusers_helper.settings import OUTPUTS_DIR
 
     parser = OneLineParser(description=__doc__.splitlines()[0], epilog=EPILOG,
@@ -62,13 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
         command = commands.add_parser(name, help=text)
         command.add_argument("file", type=Path)
     return parser
-
-
-def device_list(text: str) -> list[str]:
-    devices = [part.strip() for part in text.split(",")]
-    if not all(part.isdigit() for part in devices):
-        raise argparse.ArgumentTypeError(f"GPU numbers separated by commas, e.g. 0,1; got {text!r}")
-    return devices
 
 
 def run_workers(args: argparse.Namespace, argv: list[str]) -> int:

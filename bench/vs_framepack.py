@@ -234,7 +234,9 @@ def child(args: argparse.Namespace, side: str, path: str, limit: float | None) -
     if limit is not None:
         command += ["--limit", str(limit)]
     environment = dict(os.environ)
-    inherited = [entry for entry in environment.get("PYTHONPATH", "").split(os.pathsep) if entry and Path(entry) != REPO]
+    inherited = [
+        entry for entry in environment.get("PYTHONPATH", "").split(os.pathsep) if entry and Path(entry) != REPO
+    ]
     own = [] if side == "framepack" else [str(REPO)]  # its diffusers_helper, or ours
     environment["PYTHONPATH"] = os.pathsep.join(own + inherited)
     run = subprocess.run(command, capture_output=True, text=True, env=environment, cwd=args.work)

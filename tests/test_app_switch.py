@@ -13,8 +13,24 @@ from diffusers_helper.pipeline.events import LOADING, Finished, StageStarted
 from diffusers_helper.settings import GenerationSettings, InvalidSettings
 
 
-def test_switching_variant_frees_the_old_models_before_loading_the_new(tmp_path, tiny_root):
-    app = App(build_parser().parse_args(["--preset", "tiny", "--device", "cpu", "--outputs", str(tmp_path)]))
+@pytest.fixture
+def make_app(tmp_path, tiny_root):
+    """Apps on the tiny preset with their outputs and job store in `tmp_path`, shut down after the test (each runs a
+    queue worker)."""
+    apps = []
+
+    def make(*flags: str) -> App:
+        apps.append(App(build_parser().parse_args(["--preset", "tiny", "--device", "cpu", "--outputs", str(tmp_path),
+                                                   *flags])))  # fmt: skip
+        return apps[-1]
+
+    yield make
+    for app in apps:
+        app.shutdown()
+
+
+def test_switching_variant_frees_the_old_models_before_loading_the_new(tmp_path, make_app):
+    app = make_app()
     old = weakref.ref(app.engine.components.transformer)
     alive_at_load = []
     load = app._load_engine
@@ -34,9 +50,9 @@ def test_switching_variant_frees_the_old_models_before_loading_the_new(tmp_path,
     assert StageStarted(LOADING) not in events and len(alive_at_load) == 1  # the same models: nothing loads
 
 
-def test_gpu_memory_to_preserve_is_a_model_setting_of_the_page(tmp_path, tiny_root):
+def test_gpu_memory_to_preserve_is_a_model_setting_of_the_page(make_app):
     """The page's "GPU memory to preserve" reaches the models the job runs on, and is checked like the flag."""
-    app = App(build_parser().parse_args(["--preset", "tiny", "--device", "cpu", "--gpu-memory-preservation", "8"]))
+    app = make_app("--gpu-memory-preservation", "8")
     settings = GenerationSettings(prompt="a cat walks")
     assert app.models.gpu_memory_preservation == 8.0 and app.engine.plan.preserve_gb == 8.0
     assert app.models_for(settings, 10.0).gpu_memory_preservation == 10.0
@@ -44,10 +60,9 @@ def test_gpu_memory_to_preserve_is_a_model_setting_of_the_page(tmp_path, tiny_ro
         app.models_for(settings, 500.0)
 
 
-def test_the_backend_flag_reaches_the_models_and_the_status_names_it(tmp_path, tiny_root):
-    args = ["--preset", "tiny", "--device", "cpu", "--outputs", str(tmp_path), "--backend", "compile"]
-    app = App(build_parser().parse_args(args))
+def test_the_backend_flag_reaches_the_models_and_the_status_names_it(make_app):
+    app = make_app("--backend", "compile")
     assert app.engine.models.settings.backend == "compile"
     assert "**Transformer blocks:** torch.compile (checked on first use)" in app.status()
-    plain = App(build_parser().parse_args(args[:-2]))  # auto: PyTorch on the CPU, nothing to say
+    plain = make_app()  # auto: PyTorch on the CPU, nothing to say
     assert plain.engine.models.compiled is None and "Transformer blocks" not in plain.status()

@@ -52,7 +52,8 @@ def test_upload_prompt_start_watch_the_stages_and_end(image_file, tmp_path):
     assert list((tmp_path / "outputs").glob("*.mp4"))
 
 
-def test_closing_the_page_stops_its_job(image_file, tmp_path):
+def test_closing_the_page_leaves_its_job_to_finish(image_file, tmp_path):
+    """The queue outlives the page: the job of a closed page runs to its end (its video in the history)."""
     import json
 
     from playwright.sync_api import expect, sync_playwright
@@ -67,13 +68,13 @@ def test_closing_the_page_stops_its_job(image_file, tmp_path):
         page.get_by_role("button", name="Start Generation").click()  # 5 s: 4 sections
         expect(page.locator("#progress-text")).to_contain_text("section 1 of 4 · sampling step", timeout=120_000)
         page.close()
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 300
         while not any(json.loads(p.read_text())["status"] != "running" for p in outputs.glob("*.json")):
-            assert time.monotonic() < deadline, "the job of the closed page kept running"
+            assert time.monotonic() < deadline, "the job of the closed page did not finish"
             time.sleep(0.2)
         browser.close()
     (record,) = [json.loads(path.read_text()) for path in outputs.glob("*.json")]
-    assert record["status"] == "stopped" and record["sections_done"] < 4
+    assert record["status"] == "complete" and record["sections_done"] == 4
 
 
 def test_load_settings_fills_the_page_and_number_of_videos_makes_that_many(image_file, tmp_path):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from diffusers_helper.frontend.progress import ProgressText
-from diffusers_helper.frontend.worker import Tick
+from diffusers_helper.frontend.queue import Tick
 from diffusers_helper.pipeline.events import (
     DECODING,
     ENCODING,

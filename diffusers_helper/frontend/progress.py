@@ -21,7 +21,7 @@ from ..pipeline.events import (
     StepProgress,
 )
 from ..settings import FPS
-from .worker import Tick
+from .queue import Tick
 
 
 def _clock(seconds: float) -> str:

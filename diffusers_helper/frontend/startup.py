@@ -113,6 +113,35 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def device_list(text: str) -> list[str]:
+    """`--devices 0,1`: GPU numbers, each worker seeing one (by CUDA_VISIBLE_DEVICES)."""
+    devices = [part.strip() for part in text.split(",")]
+    if not all(part.isdigit() for part in devices):
+        raise argparse.ArgumentTypeError(f"GPU numbers separated by commas, e.g. 0,1; got {text!r}")
+    return devices
+
+
+def model_flags(argv: list[str]) -> list[str]:
+    """The model flags among a command line's (`add_model_arguments`' own), as given: what a worker process that
+    loads the same models is started with."""
+    parser = argparse.ArgumentParser(add_help=False)
+    add_model_arguments(parser)
+    flags, rest = [], list(argv)
+    while rest:
+        token = rest.pop(0)
+        action = parser._option_string_actions.get(token.split("=", 1)[0]) if token.startswith("--") else None
+        if action is None:
+            continue
+        flags.append(token)
+        if action.nargs == 0 or "=" in token:
+            continue
+        while rest and not rest[0].startswith("--"):
+            flags.append(rest.pop(0))
+            if action.nargs is None:
+                break
+    return flags
+
+
 def add_model_source_arguments(models: argparse._ArgumentGroup) -> None:
     """Where the models come from and where they run: shared by every command that loads them."""
     models.add_argument(

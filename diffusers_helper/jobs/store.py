@@ -128,6 +128,12 @@ class JobStore:
     def close(self) -> None:
         self._db.close()
 
+    def __enter__(self) -> "JobStore":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
     def _error(self, error: BaseException) -> JobStoreError:
         text = str(error).lower()
         if "locked" in text or "busy" in text:
@@ -137,6 +143,8 @@ class JobStore:
         return JobStoreError(f"the jobs database {self.path} cannot be used: {describe_error(error)}")
 
     def _migrate(self) -> None:
+        if self._db.execute("PRAGMA user_version").fetchone()[0] == len(MIGRATIONS):
+            return  # up to date: no write lock taken by every reader that opens the store
         with self._transaction():
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version > len(MIGRATIONS):
@@ -196,6 +204,13 @@ class JobStore:
             "CASE WHEN state IN ('running', 'queued') THEN position ELSE -COALESCE(finished_at, updated_at) END"
         )
         return [Job.from_row(row) for row in rows]
+
+    def ahead(self, job_id: int) -> int:
+        """How many jobs run or wait before a queued one."""
+        job = self.get(job_id)
+        rows = self._read("SELECT COUNT(*) FROM jobs WHERE state = 'running' OR (state = 'queued' AND position < ?)",
+                          (job.position,))  # fmt: skip
+        return int(rows[0][0])
 
     # -- a worker's part -----------------------------------------------------------------------------------------
 

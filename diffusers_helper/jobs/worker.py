@@ -8,12 +8,12 @@ stops it after the current step, as End does, keeping its video so far.
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..media.images import load_input_image
 from ..media.job_files import JobPaths, file_sha256, settings_from_record
-from ..pipeline.events import Failed, Finished, SectionFinished, StepProgress
+from ..pipeline.events import Event, Failed, Finished, SectionFinished, StepProgress
 from ..settings import GenerationSettings, InvalidSettings
 from .store import Job, JobState, JobStore
 
@@ -57,6 +57,20 @@ class QueueWorker:
 
     def __init__(self, engine, store: JobStore, worker: str, stop: threading.Event, say: Callable[[str], None]):
         self.engine, self.store, self.worker, self.stop, self.say = engine, store, worker, stop, say
+        self._running: tuple[int, threading.Event] | None = None  # the job being run, and its cancel event
+
+    def cancel_running(self, job_id: int) -> bool:
+        """Stop the job after its current step if it is the one running here (a cancel asked for in the store
+        reaches it at its next step anyway); whether it was."""
+        running = self._running
+        if running is None or running[0] != job_id:
+            return False
+        running[1].set()
+        return True
+
+    def events(self, job: Job, image, settings: GenerationSettings, paths: JobPaths, stop) -> Iterator[Event]:
+        """The engine's events for one job; a front end adds its own part (loading other models, live progress)."""
+        return self.engine.generate(image, settings, paths, stop)
 
     def run(self, watch: bool = False, poll_seconds: float = 2.0) -> list[JobState]:
         """Jobs until the queue is empty (or, with `watch`, until stopped); the states they ended in."""
@@ -88,7 +102,14 @@ class QueueWorker:
         stop = _EitherEvent(self.stop, cancelled)
         output = job.settings.get("output")
         paths = JobPaths.for_video(Path(output)) if output else JobPaths.new_job(job.outputs)
-        for event in self.engine.generate(image, settings, paths, stop):
+        self._running = (job.id, cancelled)
+        try:
+            return self._follow(job, self.events(job, image, settings, paths, stop), cancelled)
+        finally:
+            self._running = None
+
+    def _follow(self, job: Job, events: Iterator[Event], cancelled: threading.Event) -> JobState:
+        for event in events:
             if isinstance(event, StepProgress) and not cancelled.is_set() and self.store.get(job.id).cancel_requested:
                 cancelled.set()
             elif isinstance(event, SectionFinished):

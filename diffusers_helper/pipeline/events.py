@@ -5,7 +5,6 @@ from pathlib import Path
 
 import numpy as np
 
-WAITING = "waiting for the previous job to stop"
 LOADING = "loading models"
 READING_VIDEO = "reading the video to extend"
 ENCODING = "encoding the prompt and image"
