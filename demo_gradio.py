@@ -414,9 +414,7 @@ def build_ui(app: App):
             jobs = store.jobs()
         waiting = [job for job in jobs if job.state not in FINISHED]
         finished = [job for job in jobs if job.state in FINISHED]
-        running = sum(job.state is JobState.RUNNING for job in waiting)
-        items = [(str(thumbnail(job, thumbnails)), caption(job, max(0, index - running) + running))
-                 for index, job in enumerate(waiting)]  # fmt: skip
+        items = [(str(thumbnail(job, thumbnails)), caption(job, ahead)) for ahead, job in enumerate(waiting)]
         history = [(str(thumbnail(job, thumbnails)), caption(job)) for job in finished]
         return items, [job.id for job in waiting], history, [job.id for job in finished]
 
