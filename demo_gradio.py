@@ -667,8 +667,8 @@ def build_ui(app: App):
         end_button.click(end, outputs=[end_button], queue=False, api_name="end")
         queue_button.click(add_to_queue, inputs=inputs, outputs=progress, api_name="add_to_queue", queue=False)
         views = [queue_gallery, queue_ids, history_gallery, history_ids, shown]
-        for event in (gr.Timer(2.0).tick, ui.load):
-            event(refresh, inputs=shown, outputs=views, queue=False, api_name=False, show_progress="hidden")
+        for event, name in ((gr.Timer(2.0).tick, False), (ui.load, "queue_view")):
+            event(refresh, inputs=shown, outputs=views, queue=False, api_name=name, show_progress="hidden")
         queue_gallery.select(chosen_job, inputs=queue_ids, outputs=[chosen, chosen_video], queue=False,
                              api_name=False)  # fmt: skip
         history_gallery.select(chosen_job, inputs=history_ids, outputs=[chosen, chosen_video], queue=False,

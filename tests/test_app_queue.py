@@ -99,6 +99,21 @@ def test_the_queue_is_reordered_cancelled_and_retried_from_the_page(served, imag
     assert all(Path(jobs(client)[job_id]["video"]).is_file() for job_id in ids)
 
 
+def test_the_page_shows_the_queue_and_the_history_as_thumbnails_with_a_line_each(served, image_file):
+    client = Client(served.url, verbose=False)
+    client.predict(handle_file(str(image_file)), *ARGUMENTS, api_name="/generate")  # one in the history
+    with JobGate(served.app, lambda event: isinstance(event, StepProgress)) as gate:
+        client.submit(handle_file(str(image_file)), *ARGUMENTS, api_name="/generate")
+        assert gate.reached.wait(300)
+        client.predict(handle_file(str(image_file)), *ARGUMENTS, api_name="/add_to_queue")
+        waiting, history = client.predict(api_name="/queue_view")  # the galleries (the states stay on the server)
+    running, queued = [item["caption"] for item in waiting]
+    assert " · running, starting · a cat walks" in running and " · queued (1 ahead) · a cat walks" in queued
+    assert " · done · a cat walks" in history[0]["caption"]  # the newest first
+    assert max(Image.open(waiting[0]["image"]).size) == 192  # the start image, made small
+    wait_for(lambda: not [job for job in jobs(client).values() if job["state"] in ("queued", "running")])
+
+
 def test_a_job_is_loaded_back_into_the_controls_to_run_again(served, image_file):
     client = Client(served.url, verbose=False)
     arguments = [*ARGUMENTS]
