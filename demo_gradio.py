@@ -205,11 +205,16 @@ class App:
 
         with self.store() as store:
             for job_id in self._owned.pop(session, []):
-                self.worker.cancel_running(job_id)
                 try:
-                    store.cancel(job_id)
+                    self.cancel(store, job_id)
                 except JobRefused:
                     pass  # over already
+
+    def cancel(self, store, job_id: int):
+        """Cancel a queued job, or stop a running one after its current step (at once where this process runs it);
+        its state after the call (JobRefused for a job that is over)."""
+        self.worker.cancel_running(job_id)
+        return store.cancel(job_id)
 
     def stop_all(self) -> None:
         """The running job stops at its next step; the queued ones stay queued for the next start."""
@@ -450,8 +455,7 @@ def build_ui(app: App):
         try:
             with app.store() as store:
                 if what == "cancel":
-                    app.worker.cancel_running(job_id)
-                    state = store.cancel(job_id)
+                    state = app.cancel(store, job_id)
                     return f"job {job_id} " + ("cancelled" if state is JobState.CANCELLED else
                                                "stops after its current step")  # fmt: skip
                 if what == "retry":

@@ -20,6 +20,7 @@ from PIL import Image, UnidentifiedImageError
 
 from ..jobs.store import FINISHED, Job, JobState, JobStore, this_worker
 from ..jobs.worker import QueueWorker
+from ..media.atomic_files import replacing
 from ..media.job_files import JobPaths, file_sha256
 from ..pipeline.events import Event, Failed
 from ..settings import GenerationSettings
@@ -144,7 +145,8 @@ def kept_input(path: Path, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     copy = folder / f"{file_sha256(path)[:16]}_{path.name}"
     if not copy.is_file():
-        shutil.copyfile(path, copy)
+        with replacing(copy) as temporary:  # a copy cut off midway is never taken for a whole one
+            shutil.copyfile(path, temporary)
     return copy
 
 
