@@ -13,9 +13,10 @@ the section's noise. FramePack's side runs `sample_hunyuan` (UniPC) on its `Huny
 below 60 GB (its high-VRAM rule) it installs `DynamicSwapInstaller` and moves the transformer with
 `move_model_to_device_with_memory_preservation` (6 GB preserved), its free-memory count seeing the limit. The
 product's side runs its own sampler on the transformer as its memory plan places it at that limit, eager, compiled
-(`--backend compile`) or with `--fp8`, its attention kernel from `--attention`; FramePack's own code uses
-SageAttention wherever the `sageattention` package can be imported, so keep it off the path for its SDPA step. Each
-run is a fresh process. Prints one JSON line per run and a Markdown
+(`--backend compile`) or with `--fp8`, its attention kernel from `--attention`. FramePack's own code uses the first of
+SageAttention, FlashAttention and xformers it can import: `--framepack-attention sdpa` (the default) hides all three
+from its process, so its step is PyTorch's SDPA whatever is installed; `installed` lets it choose. Each run is a
+fresh process. Prints one JSON line per run and a Markdown
 table: seconds per step (median, the first step apart), the ratio to FramePack at the same limit, and the relative
 error of the section's latents against FramePack's resident ones.
 """
@@ -40,6 +41,7 @@ FRAMEPACK_PRESERVED_GB = 6  # its default "GPU Inference Preserved Memory"
 DISTILLED_CFG = 10.0
 SEED = 31337
 WINDOW = 9
+FRAMEPACK_ATTENTION_PACKAGES = ("sageattention", "flash_attn", "xformers")  # what its attention tries, in order
 
 
 def section_inputs(height: int, width: int, config: dict, dtype: torch.dtype) -> dict:
@@ -109,6 +111,8 @@ def run_framepack(args: argparse.Namespace) -> dict:
     # absent).
     missing = [name for name in ("torchvision", "cv2") if importlib.util.find_spec(name) is None]
     sys.modules.update({name: types.ModuleType(name) for name in missing})
+    if args.framepack_attention == "sdpa":
+        sys.modules.update(dict.fromkeys(FRAMEPACK_ATTENTION_PACKAGES))  # an import of each raises ImportError
     import diffusers_helper.utils  # noqa: F401  (FramePack's)
 
     for name in missing:
@@ -145,7 +149,7 @@ def run_framepack(args: argparse.Namespace) -> dict:
         negative_prompt_poolers=inputs["prompt_poolers"], device=device, dtype=dtype, callback=timer.step, **inputs,
     )  # fmt: skip
     torch.save(latents.float().cpu(), args.result)
-    attention = "sage" if importlib.util.find_spec("sageattention") else "sdpa"  # its code uses it where installed
+    attention = next((name for name in FRAMEPACK_ATTENTION_PACKAGES if sys.modules.get(name)), "sdpa")
     return {"side": "FramePack", "path": "low-VRAM" if low_vram else "resident", "attention": attention,
             **timer.report()}  # fmt: skip
 
@@ -229,6 +233,7 @@ def child(args: argparse.Namespace, side: str, path: str, limit: float | None) -
     tag = f"{side}-{path}{attention}-{'resident' if limit is None else f'{limit:g}gb'}"
     command = [sys.executable, __file__, "--role", side, "--path", path, "--framepack", str(args.framepack),
                "--preset", args.preset, "--attention", args.attention,
+               "--framepack-attention", args.framepack_attention,
                "--device", args.device, "--steps", str(args.steps), "--height", str(args.height), "--width",
                str(args.width), "--work", str(args.work), "--result", str(args.work / f"{tag}.pt")]  # fmt: skip
     if limit is not None:
@@ -255,6 +260,12 @@ def main() -> None:
     parser.add_argument("--limits", nargs="+", default=["none"], help="GB, or none for the whole GPU")
     parser.add_argument("--paths", nargs="+", choices=("eager", "compile", "fp8"), default=["eager", "compile", "fp8"])
     parser.add_argument("--attention", default="sdpa", help="the product's attention kernel (see --attention)")
+    parser.add_argument(
+        "--framepack-attention",
+        choices=("sdpa", "installed"),
+        default="sdpa",
+        help="FramePack's attention: PyTorch's SDPA, or the first kernel package it finds installed",
+    )
     parser.add_argument("--steps", type=int, default=25)
     parser.add_argument("--height", type=int, default=544)
     parser.add_argument("--width", type=int, default=704)

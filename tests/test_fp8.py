@@ -1,6 +1,7 @@
 """`--fp8`: which linears it quantizes, where it cannot run (one warning, unchanged blocks, said in the report), what it
 refuses (the TensorRT transformer, LoRAs). The quantization itself needs an FP8 GPU: tests/gpu/test_fp8_gpu.py."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -11,7 +12,7 @@ from diffusers_helper.models import assembly
 from diffusers_helper.models.assembly import FP8_APPLIED, assemble, quantize_fp8
 from diffusers_helper.models.components import load_components
 from diffusers_helper.models.lora import FusedLoras, read_lora
-from diffusers_helper.models.placement import GIB, MemoryPlan, plan_memory, tensor_bytes
+from diffusers_helper.models.placement import MemoryPlan, plan_memory, tensor_bytes
 from diffusers_helper.settings import InvalidSettings, ModelSettings, TensorRTOptions
 from tests.support.lora_files import TINY_LAYERS, random_layers, write_peft
 
@@ -44,24 +45,17 @@ def test_without_an_fp8_gpu_the_blocks_stay_bf16_with_one_warning_and_the_report
                if isinstance(m, torch.nn.Linear))  # fmt: skip
 
 
-def test_fp8_serves_a_streaming_plan_only_where_the_whole_fp8_transformer_stays_resident(transformer, monkeypatch):
+def test_fp8_serves_resident_and_streaming_plans_alike(transformer, monkeypatch):
+    """The blocks are quantized for every plan; the plan's layout then counts their FP8 sizes (tests/test_memory.py)."""
     monkeypatch.setattr(assembly, "fp8_unavailable", lambda device: None)
     quantized = []
-    monkeypatch.setattr(assembly, "convert_blocks_on_device", lambda model, device, convert: quantized.append(device))
-    needed = fp8.fp8_bytes(transformer)
-    bf16 = sum(p.numel() * p.element_size() for p in transformer.parameters())
-    assert needed < bf16  # one byte a quantized weight instead of four (float32 here), plus a scale a row
-
-    def plan(budget_bytes: float, offload: bool = True) -> MemoryPlan:
-        return MemoryPlan(torch.device("cpu"), torch.bfloat16, torch.float16, offload, 6.0 + budget_bytes / GIB, 6.0)
-
-    described = quantize_fp8(transformer, ModelSettings(fp8=True), plan(needed - 1))
-    assert described.startswith("float32 (FP8 not available: FP8 blocks are not streamed, and the FP8 transformer")
-    assert not quantized
-    assert quantize_fp8(transformer, ModelSettings(fp8=True), plan(needed)) == FP8_APPLIED
-    assert quantize_fp8(transformer, ModelSettings(fp8=True), plan(0, offload=False)) == FP8_APPLIED
-    assert quantized == [torch.device("cpu")] * 2
-    assert quantize_fp8(transformer, ModelSettings(), plan(0, offload=False)) is None and len(quantized) == 2
+    monkeypatch.setattr(assembly, "convert_blocks_on_device", lambda model, plan, convert: quantized.append(plan))
+    streaming = MemoryPlan(torch.device("cpu"), torch.bfloat16, torch.float16, True, 8.0, 6.0)
+    resident = dataclasses.replace(streaming, offload=False, budget_gb=80.0)
+    assert quantize_fp8(transformer, ModelSettings(fp8=True), streaming) == FP8_APPLIED
+    assert quantize_fp8(transformer, ModelSettings(fp8=True), resident) == FP8_APPLIED
+    assert quantized == [streaming, resident] and streaming.home == torch.device("cpu")
+    assert quantize_fp8(transformer, ModelSettings(), resident) is None and len(quantized) == 2
 
 
 def test_placement_counts_a_tensor_subclass_by_what_it_holds():

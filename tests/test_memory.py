@@ -1,11 +1,13 @@
 """The memory policy: what is resident and what streams, for each GPU memory limit, without a GPU."""
 
+import copy
 import dataclasses
 
 import pytest
 import torch
 from accelerate import init_empty_weights
 
+from diffusers_helper.acceleration.fp8 import fp8_linear_names
 from diffusers_helper.models.full_size_preset import FULL_SIZE
 from diffusers_helper.models.placement import MemoryPlan, Placement, needs_offload, plan_memory, transformer_layout
 from diffusers_helper.models.transformer_blocks import transformer_blocks
@@ -95,6 +97,25 @@ def test_transformer_blocks_resident_for_each_limit(full_size_transformer, limit
     assert kept[0] is full_size_transformer.transformer_blocks[0]  # the step cache reads the first block
     blocks = transformer_blocks(full_size_transformer)
     assert kept + streamed == blocks  # resident from the front, in the order they run
+
+
+# The same with `--fp8`: the blocks' linears hold a byte a weight, so more of them stay (the whole transformer at 24 GB)
+# and the rest streams like bf16 blocks.
+FP8_LAYOUTS = {24: 60, 16: 24, 12: 12, 8: 2, 6: 1}
+
+
+@pytest.mark.parametrize(("limit", "resident"), FP8_LAYOUTS.items())
+def test_fp8_blocks_resident_for_each_limit(full_size_transformer, limit, resident):
+    fp8 = copy.deepcopy(full_size_transformer)
+    modules = dict(fp8.named_modules())
+    for name in fp8_linear_names(fp8):
+        weight = modules[name].weight
+        float8 = torch.empty(weight.shape, dtype=torch.float8_e4m3fn, device="meta")
+        modules[name].weight = torch.nn.Parameter(float8, requires_grad=False)
+    plan = MemoryPlan(torch.device("cuda"), torch.bfloat16, torch.float16, True, limit, 6.0, limit)
+    kept, streamed = transformer_layout(fp8, plan)
+    assert (len(kept), len(streamed)) == (resident, 60 - resident)
+    assert kept + streamed == transformer_blocks(fp8)
 
 
 # The same with the transformer's TensorRT engines: where the transformer streams, the plan keeps room for them, and the

@@ -55,15 +55,6 @@ def fp8_linear_names(transformer: torch.nn.Module) -> list[str]:
     ]
 
 
-def fp8_bytes(transformer: torch.nn.Module) -> int:
-    """The transformer's weight bytes once its chosen linears are FP8: one byte a weight plus a float32 scale a row."""
-    chosen = {f"{name}.weight" for name in fp8_linear_names(transformer)}
-    return sum(
-        parameter.numel() + parameter.shape[0] * 4 if name in chosen else parameter.numel() * parameter.element_size()
-        for name, parameter in transformer.named_parameters()
-    )
-
-
 def quantize_block_fp8(block: torch.nn.Module) -> None:
     """Replace one block's chosen linears' weights by float8 ones, where the block is (the memory policy brings each
     block to the GPU for it: models/placement.py)."""

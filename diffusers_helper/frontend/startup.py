@@ -88,8 +88,8 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="the transformer blocks' matrix multiplications in FP8 (torchao, row-wise scales; modulation, "
         "embedders and output head stay bf16): faster, and the transformer's weights 15.6 GB instead of 24 at full "
-        "size, on GPUs with FP8 (Ada, Hopper, Blackwell); slightly different video; needs torchao and a GPU that "
-        "holds the whole FP8 transformer; no LoRAs (default: off)",
+        "size, streamed like bf16 ones where the GPU holds less, on GPUs with FP8 (Ada, Hopper, Blackwell); "
+        "slightly different video; needs torchao; no LoRAs (default: off)",
     )
     tensorrt = parser.add_argument_group("TensorRT (see docs/tensorrt.md)")
     tensorrt.add_argument(

@@ -25,7 +25,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from ..acceleration.attention import AttentionKernels
 from ..acceleration.compiled_blocks import CompiledBlocks, compile_unavailable, keep_compiled_code
 from ..acceleration.engine_cache import default_cache_dir
-from ..acceleration.fp8 import fp8_bytes, fp8_unavailable, quantize_block_fp8
+from ..acceleration.fp8 import fp8_unavailable, quantize_block_fp8
 from ..acceleration.speed_records import SPEED_RECORDS_FILE, SpeedRecords
 from ..caching.magcache import MAG_RATIOS, MagCache, apply_magcache
 from ..caching.teacache import TeaCache, apply_teacache, modules_read
@@ -42,7 +42,6 @@ from ..tensorrt_runtime import (
 from .components import Components
 from .lora import FusedLoras
 from .placement import (
-    GIB,
     EngineHeldMemory,
     HostParking,
     MemoryPlan,
@@ -160,15 +159,11 @@ def quantize_fp8(transformer: torch.nn.Module, settings: ModelSettings, plan: Me
     if not settings.fp8:
         return None
     unavailable = fp8_unavailable(plan.device)
-    needed, room = fp8_bytes(transformer), plan.resident_bytes()
-    if unavailable is None and plan.offload and needed > room:
-        unavailable = (f"FP8 blocks are not streamed, and the FP8 transformer ({needed / GIB:.1f} GB) does not fit "
-                       f"the {room / GIB:.1f} GB this GPU keeps for resident weights")  # fmt: skip
     if unavailable:
         weights = str(transformer.dtype).removeprefix("torch.")
         logger.warning("%s; the transformer blocks stay %s", unavailable, weights)
         return f"{weights} (FP8 not available: {unavailable})"
-    convert_blocks_on_device(transformer, plan.device, quantize_block_fp8)
+    convert_blocks_on_device(transformer, plan, quantize_block_fp8)
     return FP8_APPLIED
 
 

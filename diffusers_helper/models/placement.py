@@ -15,9 +15,9 @@ FramePack's low-VRAM mode, every large model goes through the GPU in pieces:
   preserve holds (always the first block, which the step cache reads), and streams the rest, each block
   prefetched while the one before it runs. A step the step cache skips calls no streamed block, so it moves no
   weights (models/assembly.py puts the step cache outside the streaming).
-Streamed weights are pinned where they are, so the host holds one copy of them. FP8 blocks (`--fp8`) are never
-streamed: FP8 is used only where the whole FP8 transformer fits what the plan keeps for resident weights, and each
-block is quantized on the GPU as it arrives there. The VAE decodes in tiles wherever room is not guaranteed: on the
+Streamed weights are pinned where they are, so the host holds one copy of them. FP8 blocks (`--fp8`) stream like
+bf16 ones, moving half the bytes: each block is quantized on the GPU and goes back where the plan keeps it, so the
+layout counts the FP8 sizes and the GPU never holds more than one block in both forms. The VAE decodes in tiles wherever room is not guaranteed: on the
 CPU and whenever the plan streams (as FramePack's low-VRAM mode does), so a large bucket never needs a whole decode's
 activations at once; with every weight resident on the GPU (FramePack's high-VRAM mode) it decodes untiled, as
 FramePack does there, and the video stays FramePack's.
@@ -234,13 +234,15 @@ def weight_store(plan: MemoryPlan) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def convert_blocks_on_device(
-    transformer: torch.nn.Module, device: torch.device, convert: Callable[[torch.nn.Module], None]
+    transformer: torch.nn.Module, plan: MemoryPlan, convert: Callable[[torch.nn.Module], None]
 ) -> None:
-    """Bring each transformer block to the device and convert it there (FP8's quantization runs on the GPU), one block
-    at a time, so the GPU never holds the whole transformer in both forms; the rest waits for `place_components`."""
+    """Bring each transformer block to the GPU, convert it there (FP8's quantization runs on the GPU) and send it back
+    where the plan keeps weights, one block at a time, so the GPU never holds more than one block in both forms; the
+    rest waits for `place_components`, which lays the blocks out by their converted sizes."""
     for block in transformer_blocks(transformer):
-        block.to(device)
+        block.to(plan.device)
         convert(block)
+        block.to(plan.home)
 
 
 def place_components(components: Components, plan: MemoryPlan) -> Placement:
@@ -274,25 +276,38 @@ def pin_in_place(modules: list[torch.nn.Module]) -> int:
     """Move the modules' CPU tensors into pinned memory (the streaming copies start from them), one tensor at a time
     so that the host never holds two copies. They are packed into slabs whose sizes are powers of two, the largest
     PIN_SLAB_BYTES, because PyTorch's pinned allocator rounds every allocation up to one. Returns the bytes pinned."""
-    tensors = [
-        t for m in modules for t in [*m.parameters(), *m.buffers()] if t.device.type == "cpu" and not t.is_pinned()
+    places = [
+        place
+        for m in modules
+        for t in [*m.parameters(), *m.buffers()]
+        if t.device.type == "cpu" and not t.is_pinned()
+        for place in _storage_places(t)
     ]
-    sizes = [-(-t.numel() * t.element_size() // 512) * 512 for t in tensors]  # aligned for fast copies
+    sizes = [-(-t.numel() * t.element_size() // 512) * 512 for _, _, t in places]  # aligned for fast copies
     remaining, slab, free = sum(sizes), None, 0
-    for tensor, size in zip(tensors, sizes, strict=True):
+    for (owner, name, tensor), size in zip(places, sizes, strict=True):
         if size > PIN_SLAB_BYTES:
-            tensor.data = tensor.data.pin_memory()
+            pinned = tensor.pin_memory()
         else:
             if size > free:
                 capacity = min(PIN_SLAB_BYTES, 1 << (remaining - 1).bit_length())
                 slab, free = torch.empty(capacity, dtype=torch.uint8, pin_memory=True), capacity
             start = slab.numel() - free
-            view = slab[start : start + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
-            view.copy_(tensor.data)
-            tensor.data = view
+            pinned = slab[start : start + tensor.numel() * tensor.element_size()].view(tensor.dtype).view(tensor.shape)
+            pinned.copy_(tensor)
             free -= size
+        setattr(owner, name, pinned)
         remaining -= size
     return sum(sizes)
+
+
+def _storage_places(tensor: torch.Tensor) -> list[tuple[torch.Tensor, str, torch.Tensor]]:
+    """Where a tensor's bytes are held, as (owner, attribute, plain tensor): its own data, or, for a tensor subclass
+    (torchao's FP8 weights), each inner tensor, set on the subclass in place as diffusers' group offloading does."""
+    if is_traceable_wrapper_subclass(tensor):
+        names, _ = tensor.__tensor_flatten__()
+        return [(tensor, name, getattr(tensor, name)) for name in names]
+    return [(tensor, "data", tensor.data)]
 
 
 def _bytes(module: torch.nn.Module) -> int:
@@ -362,9 +377,19 @@ def stream_transformer(transformer: torch.nn.Module, plan: MemoryPlan, placement
         for index, block in enumerate(streamed)
     ]
     for index, (block, group) in enumerate(zip(streamed, groups, strict=True)):
+        share_pinned_host_copies(group)
         hook = GroupOffloadingHook(group, config=config)
         hook.next_group = groups[index + 1] if index + 1 < len(groups) else None
         HookRegistry.check_if_exists_or_initialize(block).register_hook(hook, GROUP_OFFLOADING_HOOK)
+
+
+def share_pinned_host_copies(group: ModuleGroup) -> None:
+    """The host copy a streamed group keeps of each tensor subclass (torchao's FP8 weights) is the pinned memory the
+    tensor already has, in an object of its own: diffusers' own copy of one already on the host is either the
+    tensor itself, which bringing it to the GPU then changes in place (diffusers issue 14433), or a second one."""
+    for tensor in group.cpu_param_dict:
+        if is_traceable_wrapper_subclass(tensor):
+            group.cpu_param_dict[tensor] = tensor.detach()
 
 
 class EngineHeldMemory:
