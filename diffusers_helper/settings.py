@@ -210,6 +210,7 @@ class ModelSettings:
     backend: str = "auto"
     attention: str = "sdpa"  # the blocks' attention kernel (see acceleration/attention.py)
     fp8: bool = False  # the blocks' matrix multiplications in FP8 (see acceleration/fp8.py)
+    gpus: int = 1  # processes (one per GPU) the transformer's passes split over (see parallel/context_parallel.py)
 
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
@@ -223,6 +224,12 @@ class ModelSettings:
         if self.fp8 and self.tensorrt.transformer:
             raise InvalidSettings(
                 "--fp8 runs the blocks through torch.compile, and --tensorrt-transformer through TensorRT; pick one"
+            )
+        if not (isinstance(self.gpus, int) and self.gpus >= 1):
+            raise InvalidSettings(f"--gpus must be a whole number of at least 1, got {self.gpus!r}")
+        if self.gpus > 1 and self.tensorrt.transformer:
+            raise InvalidSettings(
+                "--gpus splits each pass of the transformer over GPUs, and a TensorRT engine takes a whole pass; pick one"
             )
         if self.preset is not None and self.preset not in PRESETS:
             raise InvalidSettings(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")

@@ -9,6 +9,7 @@ StateManager, which diffusers' `cache_context()` points at the pass's context.
 """
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from diffusers.hooks import HookRegistry, ModelHook
@@ -39,6 +40,8 @@ class StepCache(ABC):
         self.state = StateManager(self.state_class)
         self.computed = 0
         self.skipped = 0
+        # Where several processes run one pass together, the one decision they all follow (first rank's).
+        self.agree: Callable[[bool], bool] = lambda decision: decision
 
     @abstractmethod
     def should_compute(
@@ -65,7 +68,7 @@ class _HeadHook(ModelHook):
         if cache.threshold is None:
             return self.fn_ref.original_forward(hidden_states, encoder_hidden_states, temb, *args, **kwargs)
         state = cache.state.get_state()
-        state.skip = not cache.should_compute(state, cache.state.context, module, hidden_states, temb)
+        state.skip = not cache.agree(cache.should_compute(state, cache.state.context, module, hidden_states, temb))
         if state.skip:
             cache.skipped += 1
             return hidden_states + state.residual, encoder_hidden_states

@@ -4,7 +4,8 @@ Hooks on the transformer's blocks nest in registration order, so the order is th
 1. the TensorRT block stack (innermost: the first block runs the stack's engines; where the plan streams blocks, the
    stack takes the resident ones only; where it runs in PyTorch, its blocks go through torch.compile's compiled
    forwards as `--backend` says), and those compiled forwards as the hooks of the blocks outside the stack,
-2. streaming (a streamed block's weights arrive just before it runs),
+2. streaming (a streamed block's weights arrive just before it runs), and, with `--gpus`, the context-parallel split
+   and gather (parallel/context_parallel.py),
 3. the step caches (outermost: TeaCache and MagCache decide around the stack, compiled or streamed, so a skipped
    step calls no streamed block and moves no weights; TeaCache reads the first block, which therefore always stays
    resident). Both are installed once; each job's settings switch one of them on (or neither).
@@ -29,6 +30,7 @@ from ..acceleration.fp8 import fp8_unavailable, quantize_block_fp8
 from ..acceleration.speed_records import SPEED_RECORDS_FILE, SpeedRecords
 from ..caching.magcache import MAG_RATIOS, MagCache, apply_magcache
 from ..caching.teacache import TeaCache, apply_teacache, modules_read
+from ..parallel.context_parallel import enable_context_parallel, first_rank_decides
 from ..settings import ModelSettings, TensorRTOptions
 from ..tensorrt_runtime import (
     TensorRTCLIPTextEncoder,
@@ -141,9 +143,13 @@ def assemble(
     attention = AttentionKernels(settings.attention, plan.device, SpeedRecords(default_cache_dir() / SPEED_RECORDS_FILE)
                                  if settings.attention == "auto" else None)  # fmt: skip
     attention.install(components.transformer, first=engine_blocks)
+    if settings.gpus > 1:
+        enable_context_parallel(components.transformer, settings.gpus)
     placement = place_components(components, plan)
     teacache = apply_teacache(components.transformer)
     magcache = apply_magcache(components.transformer, MAG_RATIOS[components.variant])
+    if settings.gpus > 1:
+        teacache.agree = magcache.agree = first_rank_decides
     loras = FusedLoras(components.transformer, FP8_REFUSES_LORAS if in_fp8 else None)
     return AssembledModels(components, plan, placement, teacache, magcache, settings, runtime, loras, compiled, fp8,
                            engine_blocks, attention)  # fmt: skip

@@ -1,0 +1,1 @@
+"""Several GPUs for one video: the transformer's context parallelism."""

@@ -1,0 +1,84 @@
+"""`--gpus`: one pass of the transformer split over processes (context parallelism) gives the single process's
+output, with the step caches deciding alike on every rank; here two CPU processes over gloo, the tiny preset."""
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from diffusers_helper.acceleration.measure import relative_error
+from diffusers_helper.models.transformer_blocks import transformer_blocks
+from diffusers_helper.parallel.context_parallel import enable_context_parallel, gather_plan, split_plan
+from diffusers_helper.settings import InvalidSettings, ModelSettings, TensorRTOptions
+from tests.support import parallel_worker
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_ranks(ranks: int, teacache: float | None) -> list[tuple]:
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=parallel_worker.run_rank, args=(rank, ranks, port, teacache, results))
+                 for rank in range(ranks)]  # fmt: skip
+    for process in processes:
+        process.start()
+    outputs = sorted((results.get(timeout=600) for _ in processes), key=lambda output: output[0])
+    for process in processes:
+        process.join(timeout=60)
+    assert all(process.exitcode == 0 for process in processes)
+    return [(rank, torch.from_numpy(latents), *counts) for rank, latents, *counts in outputs]
+
+
+@pytest.mark.parametrize("teacache", [None, 0.3], ids=["every step", "teacache"])
+def test_two_processes_sample_the_single_process_section(teacache):
+    single = parallel_worker.assembled(1, teacache)
+    expected = parallel_worker.section(single)
+    outputs = run_ranks(2, teacache)
+    (_, first, computed, skipped), (_, second, *counts) = outputs
+    print(
+        f"2 ranks against 1: relative error {relative_error(first, expected):.2e}; "
+        f"computed {computed}, skipped {skipped}"
+    )
+    assert torch.equal(first, second)  # every rank ends with the gathered output
+    assert relative_error(first, expected) < 1e-5  # float32: the attention's sums in another order
+    assert [computed, skipped] == counts == [single.teacache.computed, single.teacache.skipped]
+    assert skipped > 0 if teacache else skipped == 0
+
+
+def test_the_plan_splits_the_first_blocks_inputs_and_every_blocks_rotary_embedding_and_gathers_the_last(tiny_root):
+    from diffusers_helper.models.components import load_components
+    from diffusers_helper.models.placement import plan_memory
+
+    transformer = load_components("framepack", tiny_root, plan_memory("cpu").dtypes()).transformer
+    plan, blocks = split_plan(transformer), transformer_blocks(transformer)
+    assert len(plan) == len(blocks)
+    assert set(plan["transformer_blocks.0"]) == {"hidden_states", "encoder_hidden_states", "freqs_cis"}
+    assert set(plan["transformer_blocks.1"]) == {"freqs_cis"} and set(plan["single_transformer_blocks.0"]) == {
+        "image_rotary_emb"
+    }
+    last = f"single_transformer_blocks.{len(transformer.single_transformer_blocks) - 1}"
+    assert list(gather_plan(transformer)) == [last]
+
+
+def test_gpus_without_the_processes_to_match_is_one_line(tiny_root):
+    from diffusers_helper.models.components import load_components
+    from diffusers_helper.models.placement import plan_memory
+
+    transformer = load_components("framepack", tiny_root, plan_memory("cpu").dtypes()).transformer
+    with pytest.raises(
+        InvalidSettings, match="--gpus 2 needs 2 processes, one per GPU, and 1 started: run it with torchrun"
+    ):
+        enable_context_parallel(transformer, 2)
+
+
+def test_gpus_is_refused_with_the_tensorrt_transformer_and_below_one():
+    with pytest.raises(InvalidSettings, match="a TensorRT engine takes a whole pass"):
+        ModelSettings(gpus=2, tensorrt=TensorRTOptions(transformer=True))
+    with pytest.raises(InvalidSettings, match="--gpus must be a whole number of at least 1, got 0"):
+        ModelSettings(gpus=0)
