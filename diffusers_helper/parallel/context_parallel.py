@@ -11,20 +11,22 @@ Where the sequence splits, and where it joins again:
 - attention is Ulysses over the heads (an all-to-all: each rank attends over every token for its share of the heads;
   shards of uneven length are allowed). A joint attention over latents and text does not depend on the order in
   which the shards arrive, since no mask applies to a batch of one;
-- the last single block's outputs are gathered, before the forward keeps the noisy tokens and runs the output head
-  on every rank, which therefore all return the whole output.
+- the last single block's latent output is gathered, before the forward keeps the noisy tokens and runs the output
+  head on every rank, which therefore all return the whole output.
 Its hooks sit on the blocks inside the step caches' (models/assembly.py installs them before the caches), so a cache
 sees whole tensors, and a skipped pass, which calls no block, splits and gathers nothing.
 """
 
 import torch
 import torch.distributed as dist
-from diffusers.hooks.context_parallel import apply_context_parallel
+from diffusers.hooks import HookRegistry
+from diffusers.hooks.context_parallel import ContextParallelGatherHook
 from diffusers.models._modeling_parallel import ContextParallelConfig, ContextParallelInput, ContextParallelOutput
 
-from ..models.transformer_blocks import BLOCK_LISTS
+from ..models.transformer_blocks import BLOCK_LISTS, transformer_blocks
 from ..settings import InvalidSettings
 
+GATHER_HOOK = "context_parallel_gather"
 # What each kind of block calls its rotary embedding argument (diffusers' HunyuanVideo blocks)
 ROTARY_ARGUMENT = {"transformer_blocks": "freqs_cis", "single_transformer_blocks": "image_rotary_emb"}
 
@@ -47,10 +49,11 @@ def split_plan(transformer: torch.nn.Module) -> dict[str, dict]:
     return plan
 
 
-def gather_plan(transformer: torch.nn.Module) -> dict[str, list[ContextParallelOutput]]:
-    """The last block's two outputs (latents and text), joined along the tokens."""
-    last = f"{BLOCK_LISTS[-1]}.{len(getattr(transformer, BLOCK_LISTS[-1])) - 1}"
-    return {last: [ContextParallelOutput(gather_dim=1, expected_dims=3)] * 2}
+def gather_latents(transformer: torch.nn.Module, config: ContextParallelConfig) -> None:
+    """Join the last block's latent output along the tokens on every rank. Its text output stays split: nothing reads
+    it, and shards of uneven length gather only where the process group can (NCCL can, gloo cannot)."""
+    hook = ContextParallelGatherHook([ContextParallelOutput(gather_dim=1, expected_dims=3), None], config)
+    HookRegistry.check_if_exists_or_initialize(transformer_blocks(transformer)[-1]).register_hook(hook, GATHER_HOOK)
 
 
 def enable_context_parallel(transformer: torch.nn.Module, ranks: int) -> None:
@@ -65,7 +68,7 @@ def enable_context_parallel(transformer: torch.nn.Module, ranks: int) -> None:
         raise InvalidSettings(f"the transformer's {heads} attention heads do not divide over {ranks} GPUs")
     config = ContextParallelConfig(ulysses_degree=ranks, ulysses_anything=True)
     transformer.enable_parallelism(config=config, cp_plan=split_plan(transformer))
-    apply_context_parallel(transformer, transformer._parallel_config.context_parallel_config, gather_plan(transformer))
+    gather_latents(transformer, transformer._parallel_config.context_parallel_config)
 
 
 def first_rank_decides(decision: bool) -> bool:

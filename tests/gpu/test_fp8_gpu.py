@@ -1,7 +1,6 @@
 """FP8 block linears on a GPU with FP8: full-width blocks quantized by the product's function, compiled by the
 product's CompiledBlocks, close to bf16."""
 
-import gc
 import importlib.util
 
 import pytest
@@ -78,8 +77,6 @@ def test_fp8_blocks_stream_compiled_with_one_pinned_host_copy_and_give_the_resid
     CompiledBlocks("compile", weights="float8").install(resident)
     reference = run_blocks(resident, inputs)
     del resident
-    torch._dynamo.reset()  # the compiled code held the resident weights
-    gc.collect()
     torch.cuda.empty_cache()
 
     transformer = mid_size_transformer()
@@ -88,6 +85,7 @@ def test_fp8_blocks_stream_compiled_with_one_pinned_host_copy_and_give_the_resid
     blocks = transformer_blocks(transformer)
     assert blocks[-1].attn.to_q.weight.qdata.device.type == "cpu"
     compiled = CompiledBlocks("compile", weights="float8")
+    torch._dynamo.reset()
     compiled.install(transformer)
     placement = Placement()
     stream_transformer(transformer, plan, placement)
