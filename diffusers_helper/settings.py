@@ -229,7 +229,8 @@ class ModelSettings:
             raise InvalidSettings(f"--gpus must be a whole number of at least 1, got {self.gpus!r}")
         if self.gpus > 1 and self.tensorrt.transformer:
             raise InvalidSettings(
-                "--gpus splits each pass of the transformer over GPUs, and a TensorRT engine takes a whole pass; pick one"
+                "--gpus splits each pass of the transformer over GPUs, and a TensorRT engine runs "
+                "whole passes: pick one"
             )
         if self.preset is not None and self.preset not in PRESETS:
             raise InvalidSettings(f"preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")

@@ -76,7 +76,7 @@ def test_gpus_without_the_processes_to_match_is_one_line(tiny_root):
 
 
 def test_gpus_is_refused_with_the_tensorrt_transformer_and_below_one():
-    with pytest.raises(InvalidSettings, match="a TensorRT engine takes a whole pass"):
+    with pytest.raises(InvalidSettings, match="a TensorRT engine runs whole passes"):
         ModelSettings(gpus=2, tensorrt=TensorRTOptions(transformer=True))
     with pytest.raises(InvalidSettings, match="--gpus must be a whole number of at least 1, got 0"):
         ModelSettings(gpus=0)

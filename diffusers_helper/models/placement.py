@@ -17,10 +17,10 @@ FramePack's low-VRAM mode, every large model goes through the GPU in pieces:
   weights (models/assembly.py puts the step cache outside the streaming).
 Streamed weights are pinned where they are, so the host holds one copy of them. FP8 blocks (`--fp8`) stream like
 bf16 ones, moving half the bytes: each block is quantized on the GPU and goes back where the plan keeps it, so the
-layout counts the FP8 sizes and the GPU never holds more than one block in both forms. The VAE decodes in tiles wherever room is not guaranteed: on the
-CPU and whenever the plan streams (as FramePack's low-VRAM mode does), so a large bucket never needs a whole decode's
-activations at once; with every weight resident on the GPU (FramePack's high-VRAM mode) it decodes untiled, as
-FramePack does there, and the video stays FramePack's.
+layout counts the FP8 sizes and the GPU never holds more than one block in both forms. The VAE decodes in tiles
+wherever room is not guaranteed: on the CPU and whenever the plan streams (as FramePack's low-VRAM mode does), so a
+large bucket never needs a whole decode's activations at once; with every weight resident on the GPU (FramePack's
+high-VRAM mode) it decodes untiled, as FramePack does there, and the video stays FramePack's.
 
 Two more moves are the memory policy's too: the weights a process makes itself (the full-size preset's) are stored
 where the plan keeps them, and while a TensorRT engine holds a model's weights on the GPU, PyTorch's copy waits in
