@@ -438,7 +438,7 @@ class TensorRTRuntime:
         try:
             with busy(component, status, "loading engine from the cache", metadata.get("load_seconds")), \
                     tensorrt_errors():  # fmt: skip
-                engine = self.backend.load(path)
+                engine = self.backend.load(path, self.cache.kernels(key.key))
         except TensorRTFailure as failure:
             self._bring_back(component, module)
             logger.debug("TensorRT %s engine %s will not load", component, path, exc_info=True)

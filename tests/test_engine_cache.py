@@ -114,6 +114,18 @@ def test_an_entry_removed_during_lookup_is_a_plain_miss(tmp_path, caplog, remove
     assert caplog.records == []
 
 
+def test_an_entrys_kernel_cache_goes_with_it(tmp_path):
+    """TensorRT-RTX's compiled kernels of an engine live beside it and leave with it: pruned, removed or rejected."""
+    cache = EngineCache(tmp_path / "engines")
+    for key in ("pruned", "removed", "rejected"):
+        store(cache, key)
+        cache.kernels(key).write_bytes(b"kernels")
+    assert cache.prune(["pruned"]) == ["pruned"]
+    cache.remove("removed", "engine file will not load")
+    cache.reject("rejected", "its output differs from PyTorch")
+    assert not list(cache.directory.glob("*.kernels"))
+
+
 # -- the size cap --------------------------------------------------------------------------------------------------
 
 

@@ -1,6 +1,10 @@
 """The Torch-TensorRT backend's own logic on the CPU: engine files, saving with progress and cancels, the build's
 engine count, and what counts as TensorRT failing. Real engines are built in tests/gpu."""
 
+import pickle
+import sys
+import types
+
 import pytest
 import torch
 
@@ -14,6 +18,8 @@ from diffusers_helper.acceleration.tensorrt_backend import (
     _pytorch_stretches,
     drop_host_copies,
     export,
+    pending_engines,
+    tensorrt_engine_from_raw,
     tensorrt_errors,
 )
 from tests.support.tensorrt_worker import seeded_mlp
@@ -64,6 +70,52 @@ def test_the_real_backend_round_trips_what_is_not_a_tensorrt_engine(tmp_path):
     TorchTensorRTBackend().save(module, (), tmp_path / "engine.engine")
     loaded = TorchTensorRTBackend().load(tmp_path / "engine.engine")
     assert torch.equal(loaded(torch.ones(2, 8)), module(torch.ones(2, 8)))
+
+
+class _EngineFields:
+    """Pickles as a TensorRT engine does in an engine file: Torch-TensorRT's serialization fields, the bytes raw."""
+
+    def __init__(self, fields: list) -> None:
+        self.fields = fields
+
+    def __reduce__(self):
+        return tensorrt_engine_from_raw, (self.fields,)
+
+
+class _FileEngineModule(torch.nn.Module):
+    def __init__(self, fields: list) -> None:
+        super().__init__()
+        self.engine = _EngineFields(fields)
+
+
+def test_a_loaded_files_engines_are_set_up_by_the_loader_with_the_entrys_kernel_cache(tmp_path, monkeypatch):
+    """Torch-TensorRT's own set-up (`tensorrt_engine_from_raw`) never runs on a load: each engine module is handed to
+    `tensorrt_loader` with its fields, where it is replaced; what the loader raises is the load's failure."""
+    compiled = torch.nn.Sequential(torch.nn.Sequential(_FileEngineModule(["a", b"engine a"])), torch.nn.ReLU(),
+                                   _FileEngineModule(["b", b"engine b"]))  # fmt: skip
+    path = tmp_path / "engine.engine"
+    with open(path, "wb") as file:
+        pickle.dump(compiled, file)
+    handed = []
+
+    def set_up_engines(pending, kernels):
+        handed.append((sorted(fields[1] for _, _, fields in pending), kernels))
+        for parent, name, _ in pending:
+            setattr(parent, name, torch.nn.Identity())
+
+    monkeypatch.setitem(sys.modules, "diffusers_helper.acceleration.tensorrt_loader",
+                        types.SimpleNamespace(set_up_engines=set_up_engines))  # fmt: skip
+    loaded = TorchTensorRTBackend().load(path, tmp_path / "engine.kernels")
+    assert handed == [([b"engine a", b"engine b"], tmp_path / "engine.kernels")]
+    assert not pending_engines(loaded) and isinstance(loaded[2], torch.nn.Identity)
+
+    def refuse(pending, kernels):
+        raise RuntimeError("TensorRT could not deserialize engine 'a' (its log above says why)")
+
+    monkeypatch.setitem(sys.modules, "diffusers_helper.acceleration.tensorrt_loader",
+                        types.SimpleNamespace(set_up_engines=refuse))  # fmt: skip
+    with pytest.raises(TensorRTFailure, match="could not deserialize engine 'a'"), tensorrt_errors():
+        TorchTensorRTBackend().load(path)
 
 
 def test_a_cancel_stops_the_real_backend_writing_an_engine_file(tmp_path):

@@ -332,7 +332,7 @@ def test_a_cached_engine_takes_the_place_of_the_pytorch_copy(tmp_path, monkeypat
     parking = RecordingParking(log)
     later.register(COMPONENT, parking=parking)
     load, refit, build = backend.load, backend.refit, backend.compile
-    backend.load = lambda path: log.append(("loading", parking.is_parked(module))) or load(path)
+    backend.load = lambda path, kernels: log.append(("loading", parking.is_parked(module))) or load(path)
     backend.refit = lambda *args: log.append(("refitting", parking.is_parked(module))) or refit(*args)
     backend.compile = lambda *args: log.append(("building", parking.is_parked(module))) or build(*args)
     actual, expected = call(later, module)
@@ -541,7 +541,7 @@ def test_a_load_says_how_long_the_last_load_of_that_engine_took(tmp_path):
     for _ in range(2):  # two later processes load it
         later, backend = make_runtime(tmp_path)
         load = backend.load
-        backend.load = lambda path: seen.append(later.status[COMPONENT].describe()) or load(path)  # noqa: B023
+        backend.load = lambda path, kernels: seen.append(later.status[COMPONENT].describe()) or load(path)  # noqa: B023
         call(later)
     [record] = later.cache.describe()
     assert "of about" not in seen[0] and re.fullmatch(

@@ -31,6 +31,7 @@ CACHE_DIR_VARIABLE = "FRAMEPACK_TENSORRT_CACHE_DIR"
 CACHE_LIMIT_VARIABLE = "FRAMEPACK_TENSORRT_CACHE_GB"
 
 ENGINE_SUFFIX = ".engine"
+KERNELS_SUFFIX = ".kernels"
 EARLIER_SUFFIXES = (".pt2",)  # engine files of an earlier format, which no key reaches any more
 STAGING_PREFIX = ".build-"  # a build stages its files in `.build-<key>-<random>/` here, holding the key's lock
 ABANDONED_AFTER_SECONDS = 3600  # staging that names no key: untouched for an hour, its writer was killed
@@ -99,6 +100,11 @@ class EngineCache:
 
     def _metadata(self, key: str) -> Path:
         return self.directory / f"{key}.json"
+
+    def kernels(self, key: str) -> Path:
+        """Where the entry's TensorRT-RTX runtime cache lives (the kernels its engines compiled when set up): part of
+        the entry, removed with it."""
+        return self.directory / f"{key}{KERNELS_SUFFIX}"
 
     def prepare(self) -> None:
         """Create the directory, prove it takes files (OSError names the problem) and clear what killed processes
@@ -247,6 +253,7 @@ class EngineCache:
         record = {**(ingredients or {}), **(self.metadata(key) or {}), "bytes": 0, "rejected": reason}
         write_bytes(self._metadata(key), json.dumps(record, indent=2, sort_keys=True, default=str).encode())
         self._engine(key).unlink(missing_ok=True)
+        self.kernels(key).unlink(missing_ok=True)
 
     def rejection(self, key: str) -> str | None:
         return (self.metadata(key) or {}).get("rejected")
@@ -273,6 +280,7 @@ class EngineCache:
         logger.log(level, "removing TensorRT engine %s from the cache: %s", key, reason)
         self._metadata(key).unlink(missing_ok=True)
         self._engine(key).unlink(missing_ok=True)
+        self.kernels(key).unlink(missing_ok=True)
 
     def entries(self) -> list[tuple[str, int, float]]:
         """(key, bytes, last used) of every complete entry, least recently used first."""

@@ -241,11 +241,18 @@ class TorchTensorRTBackend:
         drop_host_copies(refitted)
         return refitted
 
-    def load(self, path: Path) -> Callable:
+    def load(self, path: Path, kernels: Path | None = None) -> Callable:
         """An engine file of this cache, which this product wrote: unpickling runs code, so the cache directory must
-        be as trusted as the program."""
+        be as trusted as the program. Its TensorRT engines are set up on TensorRT's own API (`tensorrt_loader`), with
+        TensorRT-RTX's compiled kernels kept in `kernels`."""
         with open(path, "rb") as file:
-            return pickle.load(file)
+            loaded = _EngineFileUnpickler(file).load()
+        pending = pending_engines(loaded)
+        if pending:
+            from .tensorrt_loader import set_up_engines
+
+            set_up_engines(pending, kernels)
+        return loaded
 
 
 def export(module: torch.nn.Module, args: tuple) -> torch.export.ExportedProgram:
@@ -298,8 +305,34 @@ def _builder_outputs(compiled: torch.nn.Module) -> dict[int, list]:
 
 
 def tensorrt_engine_from_raw(info: list) -> torch.ScriptObject:
-    """A TensorRT engine from Torch-TensorRT's serialization fields, its engine field raw (what engine files hold)."""
+    """A TensorRT engine from Torch-TensorRT's serialization fields, its engine field raw (what engine files hold),
+    set up by Torch-TensorRT's own runtime: what a plain `pickle.load` of an engine file does. The backend's loads
+    leave these fields to `tensorrt_loader` instead."""
     return torch.classes.tensorrt.Engine(info)
+
+
+@dataclass
+class PendingEngine:
+    """A TensorRT engine read from an engine file and not yet set up: Torch-TensorRT's serialization fields."""
+
+    fields: list
+
+
+class _EngineFileUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if module == __name__ and name == tensorrt_engine_from_raw.__name__:
+            return PendingEngine
+        return super().find_class(module, name)
+
+
+def pending_engines(loaded: torch.nn.Module) -> list[tuple[torch.nn.Module, str, list]]:
+    """(parent, child name, serialization fields) of each module of a loaded file whose engine is not set up."""
+    return [
+        (parent, name, child.engine.fields)
+        for parent in loaded.modules()
+        for name, child in parent.named_children()
+        if isinstance(getattr(child, "engine", None), PendingEngine)
+    ]
 
 
 class _CheckedWrites:

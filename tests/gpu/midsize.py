@@ -52,6 +52,15 @@ def main() -> None:
                 "engine": status.engine,
                 "reason": status.reason,
                 "checksum": output.float().abs().mean().item(),
+                "engine_modules": sorted(
+                    {
+                        type(part).__name__
+                        for stretch in stack.stretches
+                        for engine in runtime.engines_of(stretch)
+                        for part in engine.modules()
+                        if getattr(part, "engine", None) is not None
+                    }
+                ),  # fmt: skip
             }
         )
     )

@@ -87,6 +87,12 @@ def test_a_second_process_loads_the_engine_without_compiling(cache_dir, transfor
     report = _mid_size_process(cache_dir)
     print("second process:", report)
     assert report["compiles"] == 0 and report["loads"] == STRETCHES and report["engine"] == "tensorrt"
+    assert report["engine_modules"] == ["TensorRTEngineModule"]  # set up on TensorRT's API, not Torch-TensorRT's
+    if torch_tensorrt.ENABLED_FEATURES.tensorrt_rtx:  # the kernels its set-up compiled, kept for the next process
+        assert len(list(cache_dir.glob("*.kernels"))) == STRETCHES
+        again = _mid_size_process(cache_dir)
+        print("third process, kernels cached:", again)
+        assert again["checksum"] == report["checksum"]
 
 
 def _block_lora(transformer, directory: Path):
@@ -153,8 +159,9 @@ def test_vae_decoder_engine_matches_pytorch(tmp_path):
 
 
 def test_engine_files_hold_the_engines_raw_and_load_back(tmp_path):
-    """Torch-TensorRT pickles an engine's bytes in base64 (a third larger); the cache's files carry them raw."""
-    import base64
+    """Torch-TensorRT pickles an engine's bytes in base64 (a third larger); the cache's files carry them raw, and a
+    load sets them up on TensorRT's own API."""
+    from diffusers_helper.acceleration.tensorrt_loader import TensorRTEngineModule
 
     runtime = TensorRTRuntime(EngineCache(tmp_path))
     wrapper, decoder = _tiny_vae_decoder(runtime)
@@ -164,10 +171,8 @@ def test_engine_files_hold_the_engines_raw_and_load_back(tmp_path):
         wrapper(latents)
         engine_file = next(tmp_path.glob("*.engine"))
         loaded = runtime.backend.load(engine_file)
-        engines = [m.engine for m in loaded.modules() if isinstance(getattr(m, "engine", None), torch.ScriptObject)]
-        raw = sum(
-            len(base64.b64decode(engine.__getstate__()[0][torch.ops.tensorrt.ENGINE_IDX()])) for engine in engines
-        )
+        engines = [m.engine for m in loaded.modules() if isinstance(m, TensorRTEngineModule)]
+        raw = sum(engine.serialize().nbytes for engine in engines)
         print(f"engine file {engine_file.stat().st_size} bytes for {len(engines)} engines of {raw} bytes")
         assert engines and engine_file.stat().st_size < raw * 1.1 + 2**20
         assert relative_error(loaded(latents), expected) < 0.05
@@ -222,12 +227,29 @@ def test_a_build_cancelled_inside_tensorrt_stops_there_and_caches_nothing(tmp_pa
     assert not list(tmp_path.glob("*.engine")) and not list(tmp_path.glob(".build-*"))
 
 
-def test_an_engine_file_that_will_not_load_is_rebuilt(tmp_path):
+def _damage_an_engine(engine_file: Path) -> None:
+    """The file still unpickles, but the first TensorRT engine in it starts with zeros where its header was."""
+    from diffusers_helper.acceleration.tensorrt_backend import _EngineFileUnpickler, pending_engines
+
+    with open(engine_file, "rb") as file:
+        raw = pending_engines(_EngineFileUnpickler(file).load())[0][2][torch.ops.tensorrt.ENGINE_IDX()]
+    data = bytearray(engine_file.read_bytes())
+    start = data.find(raw[:4096])
+    assert start > 0
+    data[start : start + 64] = bytes(64)
+    engine_file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["zeroed file", "engine bytes"])
+def test_an_engine_file_that_will_not_load_is_rebuilt(tmp_path, damage):
     latents = torch.randn(*LATENTS, device="cuda", dtype=torch.float16)
     with torch.no_grad():
         _tiny_vae_decoder(TensorRTRuntime(EngineCache(tmp_path)))[0](latents)
         engine_file = next(tmp_path.glob("*.engine"))
-        engine_file.write_bytes(b"\0" * engine_file.stat().st_size)
+        if damage == "zeroed file":
+            engine_file.write_bytes(b"\0" * engine_file.stat().st_size)
+        else:
+            _damage_an_engine(engine_file)
         runtime = TensorRTRuntime(EngineCache(tmp_path))
         wrapper, decoder = _tiny_vae_decoder(runtime)
         expected = decoder(latents)

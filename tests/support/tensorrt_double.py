@@ -87,7 +87,7 @@ class FakeBackend:
         self.refitted += 1
         return FakeEngine(export(module, args), self.refit_scale, False)
 
-    def load(self, path):
+    def load(self, path, kernels=None):
         if self.fail == "load":
             raise RuntimeError("Compatible cubin or ptx module for device target '90' not found")
         self.loaded += 1
