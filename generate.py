@@ -5,11 +5,16 @@ kept in both cases, and its JSON says "stopped").
 """
 
 import argparse
+import contextlib
 import dataclasses
 import itertools
 import logging
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from diffusers_helper.frontend.signals import EXIT_STOPPED, Interrupted, stop_on_signals
@@ -135,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--overwrite", action="store_true",
                         help="replace an earlier job's MP4, PNG and JSON at --output (default: refuse)")  # fmt: skip
     output.add_argument("--verbose", action="store_true", help="debug logging, with tracebacks (default: off)")
-    add_model_arguments(parser)
+    add_model_arguments(parser, several_gpus=True)
     return parser
 
 
@@ -286,20 +291,30 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers_helper").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from diffusers_helper.frontend.startup import model_settings, plan_for, quiet_libraries, runtime_for
+    from diffusers_helper.parallel.launch import check_gpus, launched_rank, ranks_joined, torchrun_command
     from diffusers_helper.settings import InvalidSettings
 
     quiet_libraries()
     try:
         models = model_settings(args)
+        check_gpus(models)
         settings = job_settings(args)
         image = checked_inputs(args, settings)
-        jobs = numbered_jobs(args, settings)
-        plan = plan_for(models)
-        runtime = runtime_for(models)
+        if models.gpus > 1 and launched_rank() is None:  # this process starts the job's processes, one per GPU
+            return subprocess.call(torchrun_command(__file__, sys.argv[1:] if argv is None else argv, models.gpus))
+        with ranks_joined(models) as rank, _outputs_of_rank(args, rank):
+            jobs = numbered_jobs(args, settings)
+            plan = plan_for(models)
+            runtime = runtime_for(models)
+            if rank:
+                return _follow(models, jobs, image, plan, runtime)
+            return _run_answering_signals(args, models, jobs, image, plan, runtime)
     except InvalidSettings as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT
 
+
+def _run_answering_signals(args, models, jobs, image, plan, runtime) -> int:
     stop, received = threading.Event(), []
     try:
         with stop_on_signals(stop, received):
@@ -307,6 +322,35 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as interrupted:
         print(f"stopped at once ({interrupted}); the video so far is kept", file=sys.stderr)
         return EXIT_STOPPED[interrupted.signum]
+
+
+@contextlib.contextmanager
+def _outputs_of_rank(args: argparse.Namespace, rank: int) -> Iterator[None]:
+    """The first rank writes the job's files where the flags say; another rank of a `--gpus` job makes the same video
+    (its latents are the first rank's) into a scratch directory that goes when it ends. Ctrl-C is the first rank's to
+    answer: torchrun then ends the others."""
+    if rank == 0:
+        yield
+        return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    with tempfile.TemporaryDirectory(prefix=f"framepack-rank{rank}-") as scratch:
+        args.outputs, args.output = Path(scratch), None
+        yield
+
+
+def _follow(models, jobs, image, plan, runtime) -> int:
+    """Another rank's share of a `--gpus` run: the same jobs, in silence, the first rank's exit codes."""
+    from diffusers_helper.frontend.startup import load_engine
+    from diffusers_helper.pipeline.events import Failed, Finished
+
+    engine = load_engine(models, plan, runtime)
+    for settings, paths in jobs:
+        for event in engine.generate(image, settings, paths, threading.Event(), overwrite=True):
+            if isinstance(event, Failed):
+                return _failed(event)
+            if isinstance(event, Finished) and event.video is None:
+                return EXIT_FAILURE
+    return EXIT_OK
 
 
 def _load_and_run(args, models, jobs, image, plan, runtime, stop: threading.Event, received: list) -> int:

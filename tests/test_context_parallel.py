@@ -1,15 +1,18 @@
 """`--gpus`: one pass of the transformer split over processes (context parallelism) gives the single process's
 output, with the step caches deciding alike on every rank; here two CPU processes over gloo, the tiny preset."""
 
+import argparse
 import socket
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
+import generate
 from diffusers_helper.acceleration.measure import relative_error
 from diffusers_helper.models.transformer_blocks import transformer_blocks
 from diffusers_helper.parallel.context_parallel import enable_context_parallel, split_plan
+from diffusers_helper.parallel.launch import TORCHRUN_VARIABLES, ranks_joined, torchrun_command
 from diffusers_helper.settings import InvalidSettings, ModelSettings, TensorRTOptions
 from tests.support import parallel_worker
 
@@ -80,3 +83,52 @@ def test_gpus_is_refused_with_the_tensorrt_transformer_and_below_one():
         ModelSettings(gpus=2, tensorrt=TensorRTOptions(transformer=True))
     with pytest.raises(InvalidSettings, match="--gpus must be a whole number of at least 1, got 0"):
         ModelSettings(gpus=0)
+
+
+# -- the CLI's launch: `generate.py --gpus N` ------------------------------------------------------------------
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages on machines without CUDA")
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--gpus", "2"], "error: --gpus 2 needs 2 CUDA GPUs; this machine has 0"),
+        (["--gpus", "2", "--device", "cpu"], "error: --gpus 2 splits the transformer over CUDA GPUs; --device is cpu"),
+        (["--gpus", "0"], "error: --gpus must be a whole number of at least 1, got 0"),
+    ],
+)
+def test_gpus_that_are_not_there_are_one_line_and_nothing_is_written(capsys, image_file, tmp_path, extra, message):
+    code = generate.main(["--preset", "tiny", "--image", str(image_file), "--output", str(tmp_path / "x.mp4"), *extra])
+    assert code == 2 and capsys.readouterr().err.strip() == message and list(tmp_path.iterdir()) == []
+
+
+def test_gpus_starts_one_process_per_gpu_through_torchrun_with_the_same_flags(image_file, tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(generate.subprocess, "call", lambda command: started.append(command) or 0)
+    for variable in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    argv = ["--preset", "tiny", "--image", str(image_file), "--output", str(tmp_path / "x.mp4"), "--gpus", "2"]
+    assert generate.main(argv) == 0
+    assert started == [torchrun_command(generate.__file__, argv, 2)]
+    assert started[0][1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+    assert list(tmp_path.iterdir()) == []  # the ranks write, not the launcher
+
+
+def test_a_rank_joins_only_as_many_processes_as_gpus_asks_for(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(InvalidSettings, match="--gpus 2 runs one process per GPU, and torchrun started 3"):
+        with ranks_joined(ModelSettings(gpus=2)):
+            pass
+    with ranks_joined(ModelSettings()) as rank:  # one GPU: no process group
+        assert rank == 0 and not torch.distributed.is_initialized()
+
+
+def test_the_first_rank_writes_the_job_and_the_others_into_scratch_that_goes(tmp_path):
+    args = argparse.Namespace(outputs=tmp_path, output=tmp_path / "x.mp4")
+    with generate._outputs_of_rank(args, 0):
+        assert (args.outputs, args.output) == (tmp_path, tmp_path / "x.mp4")
+    with generate._outputs_of_rank(args, 1):
+        scratch = args.outputs
+        assert args.output is None and scratch != tmp_path and scratch.is_dir()
+    assert not scratch.exists()

@@ -56,7 +56,8 @@ def run_script(main: Callable[[], int]) -> NoReturn:
     sys.exit(code)
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, several_gpus: bool = False) -> None:
+    """The model flags; `several_gpus`: also `--gpus` (one job over several GPUs, which only the CLI launches)."""
     models = parser.add_argument_group("models")
     models.add_argument(
         "--variant",
@@ -91,6 +92,15 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "size, streamed like bf16 ones where the GPU holds less, on GPUs with FP8 (Ada, Hopper, Blackwell); "
         "slightly different video; needs torchao; no LoRAs (default: off)",
     )
+    if several_gpus:
+        models.add_argument(
+            "--gpus",
+            type=int,
+            default=1,
+            help="split each pass of the transformer over this many CUDA GPUs of this machine (context parallelism: "
+            "one process per GPU, started through torchrun; every GPU also runs the encoders and the VAE) "
+            "(default: %(default)s)",
+        )
     tensorrt = parser.add_argument_group("TensorRT (see docs/tensorrt.md)")
     tensorrt.add_argument(
         "--enable-tensorrt", action="store_true", help="TensorRT engines for the VAE encoder and decoder (default: off)"
@@ -211,7 +221,7 @@ def model_settings(args: argparse.Namespace) -> ModelSettings:
     settings = ModelSettings(
         variant=args.variant, preset=args.preset, models_dir=args.models, device=args.device, tensorrt=tensorrt,
         gpu_memory_limit_gb=args.gpu_memory_limit, gpu_memory_preservation=args.gpu_memory_preservation,
-        backend=args.backend, attention=args.attention, fp8=args.fp8,
+        backend=args.backend, attention=args.attention, fp8=args.fp8, gpus=getattr(args, "gpus", 1),
     )  # fmt: skip
     if tensorrt.enabled or settings.backend != "eager":  # engines and measured speeds live in the cache directory
         default_cache_dir()

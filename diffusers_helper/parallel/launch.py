@@ -1,0 +1,60 @@
+"""One job on several GPUs: `--gpus N` starts N processes through torchrun (`torch.distributed.run`), one per GPU,
+joined in one NCCL process group. Every rank runs the whole job on the same seeded inputs; only the transformer's
+passes are split (parallel/context_parallel.py), so every rank ends each section with the same latents. The first
+rank is the job: its progress, its files. The others write theirs into a scratch directory that goes when they end.
+"""
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+
+from ..settings import InvalidSettings, ModelSettings
+
+TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
+def launched_rank() -> int | None:
+    """This process's rank when torchrun started it, else None."""
+    if not all(name in os.environ for name in TORCHRUN_VARIABLES):
+        return None
+    return int(os.environ["RANK"])
+
+
+def check_gpus(settings: ModelSettings) -> None:
+    """`--gpus N` needs N CUDA GPUs on this machine; InvalidSettings says what is missing."""
+    if settings.gpus == 1:
+        return
+    if settings.device not in ("auto", "cuda"):
+        raise InvalidSettings(f"--gpus {settings.gpus} splits the transformer over CUDA GPUs; --device is "
+                              f"{settings.device}")  # fmt: skip
+    found = torch.cuda.device_count()
+    if found < settings.gpus:
+        raise InvalidSettings(f"--gpus {settings.gpus} needs {settings.gpus} CUDA GPUs; this machine has {found}")
+
+
+def torchrun_command(script: str, argv: list[str], ranks: int) -> list[str]:
+    """The command that runs `script argv` as `ranks` processes of one machine, one per GPU."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", script, *argv]
+
+
+@contextlib.contextmanager
+def ranks_joined(settings: ModelSettings) -> Iterator[int]:
+    """This process's rank (0 without `--gpus`): with it, the process group torchrun prepared joined on this rank's GPU
+    for the block. InvalidSettings when torchrun started another number of processes than `--gpus` asks for."""
+    if settings.gpus == 1:
+        yield 0
+        return
+    world = int(os.environ["WORLD_SIZE"])
+    if world != settings.gpus:
+        raise InvalidSettings(f"--gpus {settings.gpus} runs one process per GPU, and torchrun started {world}: "
+                              f"--nproc-per-node {settings.gpus}")  # fmt: skip
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl")
+    try:
+        yield dist.get_rank()
+    finally:
+        dist.destroy_process_group()
