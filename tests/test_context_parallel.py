@@ -2,19 +2,29 @@
 output, with the step caches deciding alike on every rank; here two CPU processes over gloo, the tiny preset."""
 
 import argparse
+import os
 import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from PIL import Image
 
 import generate
-from diffusers_helper.acceleration.measure import relative_error
+from diffusers_helper.acceleration.measure import psnr, relative_error
+from diffusers_helper.media.images import example_image
+from diffusers_helper.media.video import read_video
 from diffusers_helper.models.transformer_blocks import transformer_blocks
 from diffusers_helper.parallel.context_parallel import enable_context_parallel, split_plan
 from diffusers_helper.parallel.launch import TORCHRUN_VARIABLES, ranks_joined, torchrun_command
 from diffusers_helper.settings import InvalidSettings, ModelSettings, TensorRTOptions
 from tests.support import parallel_worker
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def free_port() -> int:
@@ -132,3 +142,29 @@ def test_the_first_rank_writes_the_job_and_the_others_into_scratch_that_goes(tmp
         scratch = args.outputs
         assert args.output is None and scratch != tmp_path and scratch.is_dir()
     assert not scratch.exists()
+
+
+@pytest.mark.subprocess
+def test_a_cli_job_on_two_ranks_makes_the_one_process_video_and_writes_it_once(tmp_path):
+    """What torchrun starts for `--gpus 2`, here two CPU processes over gloo (tests/support/cpu_ranks.py): the first
+    writes the job's video, which is one process's video; the second leaves nothing behind. A square start image: its
+    bucket packs an even number of latent tokens, which gloo gathers (it cannot gather shards of uneven length). The
+    MP4s are lossless (`--crf 0`): the tiny preset's noise, encoded lossily, turns float32 rounding into a few dB."""
+    image_file = tmp_path / "start.png"
+    Image.fromarray(example_image(128, 128)).save(image_file)
+    job = ["--preset", "tiny", "--device", "cpu", "--image", str(image_file), "--prompt", "a cat walks",
+           "--seconds", "1", "--steps", "4", "--seed", "5", "--crf", "0"]  # fmt: skip
+    single = tmp_path / "single" / "video.mp4"
+    assert generate.main([*job, "--output", str(single)]) == 0
+    split = tmp_path / "split" / "video.mp4"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(REPO / "tests" / "support" / "cpu_ranks.py"), *job, "--gpus", "2", "--output", str(split)]  # fmt: skip
+    scratch_before = set(Path(tempfile.gettempdir()).glob("framepack-rank*"))
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(path.name for path in split.parent.iterdir()) == sorted(p.name for p in single.parent.iterdir())
+    frames = [read_video(path, 30, 1000, lambda frame: frame)[0] for path in (single, split)]
+    assert frames[0].shape == frames[1].shape and psnr(frames[1], frames[0]) > 60
+    assert set(Path(tempfile.gettempdir()).glob("framepack-rank*")) == scratch_before
+    assert result.stdout.count("video.mp4") == 1  # one rank reports the job

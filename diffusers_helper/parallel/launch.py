@@ -44,7 +44,8 @@ def torchrun_command(script: str, argv: list[str], ranks: int) -> list[str]:
 @contextlib.contextmanager
 def ranks_joined(settings: ModelSettings) -> Iterator[int]:
     """This process's rank (0 without `--gpus`): with it, the process group torchrun prepared joined on this rank's GPU
-    for the block. InvalidSettings when torchrun started another number of processes than `--gpus` asks for."""
+    (NCCL; gloo on the CPU, which only tests run) for the block. InvalidSettings when torchrun started another number
+    of processes than `--gpus` asks for."""
     if settings.gpus == 1:
         yield 0
         return
@@ -52,8 +53,10 @@ def ranks_joined(settings: ModelSettings) -> Iterator[int]:
     if world != settings.gpus:
         raise InvalidSettings(f"--gpus {settings.gpus} runs one process per GPU, and torchrun started {world}: "
                               f"--nproc-per-node {settings.gpus}")  # fmt: skip
-    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl")
+    on_gpus = settings.device != "cpu" and torch.cuda.is_available()
+    if on_gpus:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if on_gpus else "gloo")
     try:
         yield dist.get_rank()
     finally:

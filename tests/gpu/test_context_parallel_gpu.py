@@ -25,7 +25,7 @@ def _video(tmp_path: Path, gpus: int) -> Path:
         Image.fromarray(example_image(128, 128)).save(image)
     output = tmp_path / f"gpus{gpus}" / "video.mp4"
     result = subprocess.run([sys.executable, "generate.py", "--preset", "tiny", "--image", str(image), "--prompt",
-                             "a cat walks", "--seconds", "2", "--seed", "3", "--output", str(output), "--gpus",
+                             "a cat walks", "--seconds", "2", "--seed", "3", "--crf", "0", "--output", str(output), "--gpus",
                              str(gpus)], cwd=REPO, capture_output=True, text=True, timeout=900, check=False)  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     return output
