@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", type=device_list, metavar="0,1", help="the GPUs of the further workers, in "
                         "turn (this app's own runs on --device)")  # fmt: skip
     parser.add_argument("--verbose", action="store_true", help="debug logging, with tracebacks")
-    add_model_arguments(parser)
+    add_model_arguments(parser, several_gpus=True)
     return parser
 
 
@@ -111,7 +112,8 @@ class App:
     """The engine behind the page: one per process. Jobs go into the job store; its worker thread runs them one at a
     time, switching the loaded variant when a job asks for another, and each page follows its own."""
 
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, followers=None) -> None:
+        """`followers`: the JobChannel to the other ranks of a `--gpus` run, which run each job with this one."""
         from diffusers_helper.frontend.queue import AppWorker, LiveJobs
         from diffusers_helper.frontend.startup import (
             default_resolution,
@@ -130,6 +132,7 @@ class App:
         self.store_path = args.jobs_db or Path(args.outputs) / "jobs.sqlite3"
         JobStore(self.store_path).close()  # a bad or locked store is one line now, not when the first job comes
         self.models = model_settings(args)
+        self.followers = followers
         self.runtime = runtime_for(self.models)
         self._plan_for, self._load_engine = plan_for, load_engine
         plan = plan_for(self.models)
@@ -228,6 +231,8 @@ class App:
         logger.info("waiting up to %.0f s for the running job to stop", timeout)
         if not self.worker.join(timeout) and self.engine is not None:
             self.engine.record_interruption()
+        elif self.followers is not None:
+            self.followers.send(None)  # the other ranks end with this one
         for process in self.workers:
             try:
                 process.wait(timeout)
@@ -243,8 +248,12 @@ class App:
         """The job's events: loading first when its model settings change what is loaded or where it lives, then the
         engine's."""
         from diffusers_helper.models.components import ModelsUnavailable
+        from diffusers_helper.parallel.launch import AgreedStop
         from diffusers_helper.pipeline.events import LOADING, Failed, StageStarted
 
+        if self.followers is not None:
+            self.followers.send((image, settings, models))
+            stop = AgreedStop(stop)
         plan = self._plan_for(models, self.free_gb or None)
         engine = self.engine
         if engine is None or engine.components.variant != settings.variant or engine.plan != plan:
@@ -757,10 +766,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers_helper").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from diffusers_helper.frontend.startup import model_flags, quiet_libraries
+    from diffusers_helper.frontend.startup import model_flags, model_settings, quiet_libraries
     from diffusers_helper.jobs.store import JobStoreError
     from diffusers_helper.media.job_files import ensure_writable_dir
     from diffusers_helper.models.components import ModelsUnavailable
+    from diffusers_helper.parallel.launch import JobChannel, check_gpus, launched_rank, ranks_joined, torchrun_command
     from diffusers_helper.settings import InvalidSettings
 
     if args.tensorrt_info:
@@ -768,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return print_tensorrt_info()
     quiet_libraries()
+    flags = sys.argv[1:] if argv is None else argv
     try:
         problem = port_problem(args.server, args.port)
         if problem:
@@ -775,14 +786,27 @@ def main(argv: list[str] | None = None) -> int:
         ensure_writable_dir(args.outputs)
         if args.workers < 1:
             raise InvalidSettings(f"--workers must be 1 or more, got {args.workers}")
-        app = App(args)
-        app.start_workers(args.workers - 1, args.devices, model_flags(sys.argv[1:] if argv is None else argv))
+        models = model_settings(args)
+        check_gpus(models)
+        if models.gpus > 1 and args.workers > 1:
+            raise InvalidSettings("--gpus runs each job over several GPUs, --workers several jobs at once: pick one")
+        if models.gpus > 1 and launched_rank() is None:  # this process starts the app's processes, one per GPU
+            return subprocess.call(torchrun_command(__file__, flags, models.gpus))
+        with ranks_joined(models) as rank:
+            if rank:
+                return _follow(JobChannel())
+            app = App(args, JobChannel() if models.gpus > 1 else None)
+            app.start_workers(args.workers - 1, args.devices, model_flags(flags))
+            return _serve(args, app)
     except InvalidSettings as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except (ModelsUnavailable, JobStoreError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+
+
+def _serve(args: argparse.Namespace, app: App) -> int:
     ui = build_ui(app)
     ui.queue(default_concurrency_limit=1)
     shutdown = Shutdown(app)
@@ -796,6 +820,35 @@ def main(argv: list[str] | None = None) -> int:
         ui.block_thread()
     finally:
         app.shutdown()
+    return 0
+
+
+def _follow(jobs) -> int:
+    """Another rank's share of an app run over several GPUs: each job the first rank hands over, run with it in
+    silence (its files into a scratch directory), the models loaded again when a job asks for others; until the app
+    closes. Ctrl-C is the first rank's to answer."""
+    from diffusers_helper.frontend.startup import load_engine, plan_for, runtime_for
+    from diffusers_helper.media.job_files import JobPaths
+    from diffusers_helper.models.components import ModelsUnavailable
+    from diffusers_helper.parallel.launch import AgreedStop
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    engine, loaded, free_gb = None, None, None
+    with tempfile.TemporaryDirectory(prefix="framepack-rank-") as scratch:
+        while (job := jobs.receive()) is not None:
+            image, settings, models = job
+            plan = plan_for(models, free_gb)
+            free_gb = free_gb or plan.budget_gb  # measured once, before the models take their share, as the app does
+            if engine is None or loaded != (models, plan):
+                engine = None
+                release_memory()
+                try:
+                    engine, loaded = load_engine(models, plan, runtime_for(models)), (models, plan)
+                except ModelsUnavailable:
+                    continue  # the first rank says why
+            paths = JobPaths.new_job(Path(scratch))
+            for _ in engine.generate(image, settings, paths, AgreedStop(threading.Event()), overwrite=True):
+                pass
     return 0
 
 

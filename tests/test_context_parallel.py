@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -158,7 +159,7 @@ def test_a_cli_job_on_two_ranks_makes_the_one_process_video_and_writes_it_once(t
     assert generate.main([*job, "--output", str(single)]) == 0
     split = tmp_path / "split" / "video.mp4"
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-               str(REPO / "tests" / "support" / "cpu_ranks.py"), *job, "--gpus", "2", "--output", str(split)]  # fmt: skip
+               str(REPO / "tests" / "support" / "cpu_ranks.py"), "generate", *job, "--gpus", "2", "--output", str(split)]  # fmt: skip
     scratch_before = set(Path(tempfile.gettempdir()).glob("framepack-rank*"))
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900, check=False,
                             env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
@@ -168,3 +169,53 @@ def test_a_cli_job_on_two_ranks_makes_the_one_process_video_and_writes_it_once(t
     assert frames[0].shape == frames[1].shape and psnr(frames[1], frames[0]) > 60
     assert set(Path(tempfile.gettempdir()).glob("framepack-rank*")) == scratch_before
     assert result.stdout.count("video.mp4") == 1  # one rank reports the job
+
+
+@pytest.mark.subprocess
+def test_the_app_on_two_ranks_runs_a_queued_job_as_one_process_would_and_closes_them_all(tmp_path):
+    """`demo_gradio.py --gpus 2` as torchrun runs it, on two CPU processes: the first rank serves the page and the
+    queue and hands each job to the second, which runs it beside it; a SIGTERM to torchrun closes both."""
+    import jobs
+    from diffusers_helper.jobs.store import JobState, JobStore
+
+    image_file = tmp_path / "start.png"
+    Image.fromarray(example_image(128, 128)).save(image_file)
+    job = ["--preset", "tiny", "--image", str(image_file), "--prompt", "a cat walks", "--seconds", "1", "--steps",
+           "4", "--seed", "5", "--crf", "0"]  # fmt: skip
+    single = tmp_path / "single" / "video.mp4"
+    assert generate.main([*job, "--device", "cpu", "--output", str(single)]) == 0
+    store = tmp_path / "jobs.sqlite3"
+    assert jobs.main(["--jobs-db", str(store), "add", *job, "--outputs", str(tmp_path / "app")]) == 0
+    port = free_port()
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               str(REPO / "tests" / "support" / "cpu_ranks.py"), "demo_gradio", "--preset", "tiny", "--device", "cpu",
+               "--gpus", "2", "--port", str(port), "--jobs-db", str(store), "--outputs", str(tmp_path / "app")]  # fmt: skip
+    log = tmp_path / "app.log"
+    with open(log, "w") as output:
+        app = subprocess.Popen(command, cwd=REPO, stdout=output, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 600
+        while JobStore(store).get(1).state in (JobState.QUEUED, JobState.RUNNING):
+            assert app.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+    finally:
+        app.terminate()
+        app.wait(timeout=120)
+    done = JobStore(store).get(1)
+    assert done.state == JobState.DONE, (done.error, log.read_text()[-3000:])
+    frames = [read_video(path, 30, 1000, lambda frame: frame)[0] for path in (single, done.video)]
+    assert frames[0].shape == frames[1].shape and psnr(frames[1], frames[0]) > 60
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages on machines without CUDA")
+def test_the_apps_gpus_that_are_not_there_or_with_workers_are_one_line(capsys, monkeypatch, tmp_path):
+    import demo_gradio
+
+    base = ["--preset", "tiny", "--outputs", str(tmp_path), "--port", str(free_port())]
+    assert demo_gradio.main([*base, "--gpus", "2"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --gpus 2 needs 2 CUDA GPUs; this machine has 0"
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert demo_gradio.main([*base, "--gpus", "2", "--workers", "2"]) == 2
+    message = "error: --gpus runs each job over several GPUs, --workers several jobs at once: pick one"
+    assert capsys.readouterr().err.strip() == message

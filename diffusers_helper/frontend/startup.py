@@ -4,7 +4,6 @@ Light at import (the flags are parsed before torch and the models load); the hea
 """
 
 import argparse
-import os
 import signal
 import sys
 from collections.abc import Callable
@@ -242,11 +241,9 @@ def plan_for(settings: ModelSettings, free_gb: float | None = None) -> "MemoryPl
     """The memory plan for these models; InvalidSettings when it cannot work (a bad limit, the full-size preset
     without a GPU, whose float32 weights would need about 90 GB of RAM)."""
     from ..acceleration.attention import check_attention
-    from ..models.placement import plan_memory
+    from ..models.placement import grow_cuda_segments, plan_memory
 
-    # Growing segments instead of fixed blocks: activations of many sizes then leave no unusable gaps, which
-    # matters most under a memory limit. Read when CUDA first allocates, so it must be set before that.
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    grow_cuda_segments()
     plan = plan_memory(settings.device, settings.gpu_memory_preservation, settings.gpu_memory_limit_gb, free_gb,
                        tensorrt_transformer=settings.tensorrt.enabled and settings.tensorrt.transformer)  # fmt: skip
     if settings.preset == "full-random" and plan.device.type == "cpu":

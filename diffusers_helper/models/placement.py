@@ -30,6 +30,7 @@ what the engines hold (`EngineHeldMemory`).
 
 import ctypes
 import ctypes.util
+import os
 import sys
 import weakref
 from collections.abc import Callable
@@ -113,6 +114,12 @@ def free_cuda_memory_gb(device: torch.device) -> float:
     free, _total = torch.cuda.mem_get_info(device)
     reserved_unused = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     return (free + reserved_unused) / GIB
+
+
+def grow_cuda_segments() -> None:
+    """Growing segments instead of fixed blocks in PyTorch's CUDA allocator: activations of many sizes then leave no
+    unusable gaps, which matters most under a memory limit. Read when CUDA initializes, so called before that."""
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 
 def plan_memory(

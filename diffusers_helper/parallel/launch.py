@@ -2,19 +2,26 @@
 joined in one NCCL process group. Every rank runs the whole job on the same seeded inputs; only the transformer's
 passes are split (parallel/context_parallel.py), so every rank ends each section with the same latents. The first
 rank is the job: its progress, its files. The others write theirs into a scratch directory that goes when they end.
+In the app the first rank hands each job to the others (`JobChannel`) and a stop request reaches them all at the same
+step (`AgreedStop`).
 """
 
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Iterator
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from ..models.placement import grow_cuda_segments
 from ..settings import InvalidSettings, ModelSettings
+from .context_parallel import first_rank_decides
 
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
+IDLE_TIMEOUT = timedelta(days=365)  # an app's other ranks wait for its next job this long
 
 
 def launched_rank() -> int | None:
@@ -55,9 +62,41 @@ def ranks_joined(settings: ModelSettings) -> Iterator[int]:
                               f"--nproc-per-node {settings.gpus}")  # fmt: skip
     on_gpus = settings.device != "cpu" and torch.cuda.is_available()
     if on_gpus:
+        grow_cuda_segments()
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if on_gpus else "gloo")
     try:
         yield dist.get_rank()
     finally:
         dist.destroy_process_group()
+
+
+class AgreedStop:
+    """A job's stop request as the first rank sees it, on every rank: each `is_set` is a one-byte broadcast, so all
+    ranks stop at the same step (a rank that stopped alone would leave the others waiting in an all-to-all)."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self._stop = stop
+
+    def is_set(self) -> bool:
+        return first_rank_decides(self._stop.is_set())
+
+    def set(self) -> None:
+        self._stop.set()
+
+
+class JobChannel:
+    """The first rank's jobs, handed to the other ranks of an app run over several GPUs. Made by every rank at once;
+    its own gloo group, on the host, waits between jobs for as long as the app stays idle."""
+
+    def __init__(self) -> None:
+        self._group = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+
+    def send(self, job: object) -> None:
+        """Hand `job` to every other rank (None: the app is closing)."""
+        dist.broadcast_object_list([job], src=0, group=self._group)
+
+    def receive(self) -> object:
+        box = [None]
+        dist.broadcast_object_list(box, src=0, group=self._group)
+        return box[0]
