@@ -770,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers_helper.jobs.store import JobStoreError
     from diffusers_helper.media.job_files import ensure_writable_dir
     from diffusers_helper.models.components import ModelsUnavailable
-    from diffusers_helper.parallel.launch import JobChannel, check_gpus, launched_rank, ranks_joined, torchrun_command
+    from diffusers_helper.parallel.launch import JobChannel, check_gpus, launched_rank, ranks_joined, run_ranks
     from diffusers_helper.settings import InvalidSettings
 
     if args.tensorrt_info:
@@ -791,7 +791,7 @@ def main(argv: list[str] | None = None) -> int:
         if models.gpus > 1 and args.workers > 1:
             raise InvalidSettings("--gpus runs each job over several GPUs, --workers several jobs at once: pick one")
         if models.gpus > 1 and launched_rank() is None:  # this process starts the app's processes, one per GPU
-            return subprocess.call(torchrun_command(__file__, flags, models.gpus))
+            return run_ranks(__file__, flags, models.gpus)
         with ranks_joined(models) as rank:
             if rank:
                 return _follow(JobChannel())
@@ -826,13 +826,14 @@ def _serve(args: argparse.Namespace, app: App) -> int:
 def _follow(jobs) -> int:
     """Another rank's share of an app run over several GPUs: each job the first rank hands over, run with it in
     silence (its files into a scratch directory), the models loaded again when a job asks for others; until the app
-    closes. Ctrl-C is the first rank's to answer."""
+    closes. Ctrl-C and SIGTERM are the first rank's to answer: it stops the running job on every rank, then closes."""
     from diffusers_helper.frontend.startup import load_engine, plan_for, runtime_for
     from diffusers_helper.media.job_files import JobPaths
     from diffusers_helper.models.components import ModelsUnavailable
     from diffusers_helper.parallel.launch import AgreedStop
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_IGN)
     engine, loaded, free_gb = None, None, None
     with tempfile.TemporaryDirectory(prefix="framepack-rank-") as scratch:
         while (job := jobs.receive()) is not None:

@@ -10,7 +10,6 @@ import dataclasses
 import itertools
 import logging
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -291,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("diffusers_helper").setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from diffusers_helper.frontend.startup import model_settings, plan_for, quiet_libraries, runtime_for
-    from diffusers_helper.parallel.launch import check_gpus, launched_rank, ranks_joined, torchrun_command
+    from diffusers_helper.parallel.launch import check_gpus, launched_rank, ranks_joined, run_ranks
     from diffusers_helper.settings import InvalidSettings
 
     quiet_libraries()
@@ -301,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = job_settings(args)
         image = checked_inputs(args, settings)
         if models.gpus > 1 and launched_rank() is None:  # this process starts the job's processes, one per GPU
-            return subprocess.call(torchrun_command(__file__, sys.argv[1:] if argv is None else argv, models.gpus))
+            return run_ranks(__file__, sys.argv[1:] if argv is None else argv, models.gpus)
         with ranks_joined(models) as rank, _outputs_of_rank(args, rank):
             jobs = numbered_jobs(args, settings)
             plan = plan_for(models)

@@ -20,6 +20,7 @@ from diffusers_helper.acceleration.measure import psnr, relative_error
 from diffusers_helper.media.images import example_image
 from diffusers_helper.media.video import read_video
 from diffusers_helper.models.transformer_blocks import transformer_blocks
+from diffusers_helper.parallel import launch
 from diffusers_helper.parallel.context_parallel import enable_context_parallel, split_plan
 from diffusers_helper.parallel.launch import TORCHRUN_VARIABLES, ranks_joined, torchrun_command
 from diffusers_helper.settings import InvalidSettings, ModelSettings, TensorRTOptions
@@ -116,7 +117,7 @@ def test_gpus_that_are_not_there_are_one_line_and_nothing_is_written(capsys, ima
 def test_gpus_starts_one_process_per_gpu_through_torchrun_with_the_same_flags(image_file, tmp_path, monkeypatch):
     started = []
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(generate.subprocess, "call", lambda command: started.append(command) or 0)
+    monkeypatch.setattr(launch.subprocess, "call", lambda command: started.append(command) or 0)
     for variable in TORCHRUN_VARIABLES:
         monkeypatch.delenv(variable, raising=False)
     argv = ["--preset", "tiny", "--image", str(image_file), "--output", str(tmp_path / "x.mp4"), "--gpus", "2"]

@@ -8,6 +8,8 @@ step (`AgreedStop`).
 
 import contextlib
 import os
+import signal
+import subprocess
 import sys
 import threading
 from collections.abc import Iterator
@@ -46,6 +48,17 @@ def check_gpus(settings: ModelSettings) -> None:
 def torchrun_command(script: str, argv: list[str], ranks: int) -> list[str]:
     """The command that runs `script argv` as `ranks` processes of one machine, one per GPU."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", script, *argv]
+
+
+def run_ranks(script: str, argv: list[str], ranks: int) -> int:
+    """Run `script argv` as `ranks` processes through torchrun and wait for them: torchrun's exit code. Ctrl-C is
+    torchrun's to answer (it reaches it from the terminal too), so this process waits for it to end them all; its
+    handler here is a no-op, not an ignore, since an ignored signal would stay ignored in torchrun."""
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: None)
+    try:
+        return subprocess.call(torchrun_command(script, argv, ranks))
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
