@@ -12,6 +12,7 @@ import contextlib
 import inspect
 import logging
 import pickle
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -245,13 +246,18 @@ class TorchTensorRTBackend:
         """An engine file of this cache, which this product wrote: unpickling runs code, so the cache directory must
         be as trusted as the program. Its TensorRT engines are set up on TensorRT's own API (`tensorrt_loader`), with
         TensorRT-RTX's compiled kernels kept in `kernels`."""
+        started = time.perf_counter()
         with open(path, "rb") as file:
             loaded = _EngineFileUnpickler(file).load()
+        read = time.perf_counter()
         pending = pending_engines(loaded)
         if pending:
             from .tensorrt_loader import set_up_engines
 
             set_up_engines(pending, kernels)
+        logger.debug("engine file %s read in %.2fs, its %d TensorRT engines set up in %.2fs (kernel cache %s)",
+                     path.name, read - started, len(pending), time.perf_counter() - read,
+                     "found" if kernels is not None and kernels.exists() else "none")  # fmt: skip
         return loaded
 
 
